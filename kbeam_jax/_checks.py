@@ -1,0 +1,89 @@
+"""Input checks shared by the solvers: each raises an error that says what is
+wrong and how to fix it, at trace time, before any numerics run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def check_num_beams(K: Any) -> int:
+  """Returns ``K`` as an int, or raises if it is not a positive integer."""
+  if isinstance(K, bool) or not isinstance(K, int | jnp.integer):
+    raise TypeError(f"K (the number of beams) must be a Python int, got {K!r}.")
+  if K < 1:
+    raise ValueError(f"K (the number of beams) must be >= 1, got K={K}.")
+  return int(K)
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  """Raises if a concrete ``value`` is negative; traced values pass unchecked."""
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return
+  if jnp.any(jnp.asarray(value) < 0):
+    raise ValueError(f"{name} must be >= 0, got {name}={value}.")
+
+
+def check_steps(name: str, value: Any) -> int:
+  """Returns a step count as an int, or raises if it is not a non-negative int."""
+  if isinstance(value, bool) or not isinstance(value, int | jnp.integer):
+    raise TypeError(f"{name} must be a Python int, got {value!r}.")
+  if value < 0:
+    raise ValueError(f"{name} must be >= 0, got {name}={value}.")
+  return int(value)
+
+
+def check_same_structure(a: Any, b: Any, what_a: str, what_b: str) -> None:
+  """Raises if two pytrees do not share one tree structure."""
+  ta, tb = jax.tree.structure(a), jax.tree.structure(b)
+  if ta != tb:
+    raise ValueError(
+        f"{what_a} and {what_b} must have the same pytree structure.\n"
+        f"  {what_a}: {ta}\n  {what_b}: {tb}\n"
+        "Pass pytrees built the same way (same container types, keys and order)."
+    )
+
+
+def check_leading_axis(tree: Any, K: int, what: str) -> None:
+  """Raises unless every leaf of ``tree`` has a leading axis of size ``K``."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  if not leaves:
+    raise ValueError(f"{what} is an empty pytree; it needs at least one array leaf.")
+  for path, leaf in leaves:
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] != K:
+      raise ValueError(
+          f"{what} must be stacked on a leading axis of size K={K}, but the leaf at "
+          f"{jax.tree_util.keystr(path) or '<root>'} has shape {shape}. Stack the K "
+          "beams with jax.tree.map(lambda *xs: jnp.stack(xs), *beams), or pass an "
+          "initializer function key -> v instead."
+      )
+
+
+def scalar_output(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+  """Wraps ``fn`` so that a non-scalar return value raises a clear error."""
+
+  def wrapped(*args, **kwargs):
+    out = fn(*args, **kwargs)
+    shape = jnp.shape(out)
+    if shape != ():
+      raise ValueError(
+          f"{name} must return a scalar, but it returned an array of shape {shape}. "
+          "Reduce it (for example with .mean() over the batch) before returning."
+      )
+    return out
+
+  return wrapped
+
+
+def check_float_leaves(tree: Any, what: str) -> None:
+  """Raises if a leaf of ``tree`` is not a floating-point array."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise TypeError(
+          f"{what} must hold floating-point arrays to be differentiated, but the leaf at "
+          f"{jax.tree_util.keystr(path) or '<root>'} has dtype {jnp.result_type(leaf)}."
+      )

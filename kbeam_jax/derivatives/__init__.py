@@ -1,0 +1,9 @@
+"""Hessian-vector products on pytrees (forward-over-reverse and mixed vjp)."""
+
+from kbeam_jax.derivatives._hvp import hvp as hvp
+from kbeam_jax.derivatives._hvp import hvp_joint as hvp_joint
+from kbeam_jax.derivatives._hvp import hvp_uv as hvp_uv
+from kbeam_jax.derivatives._hvp import hvp_vv as hvp_vv
+from kbeam_jax.derivatives._hvp import jvp_grad_v as jvp_grad_v
+
+__all__ = ["hvp", "hvp_joint", "hvp_uv", "hvp_vv", "jvp_grad_v"]

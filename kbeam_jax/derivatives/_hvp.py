@@ -1,0 +1,162 @@
+"""Hessian-vector products of ``g(u, v, *args)`` on pytrees, never forming a Hessian.
+
+Every second derivative in the package goes through these functions:
+
+* ``hvp_vv``   ``∇²_vv g · q``, forward-over-reverse (a ``jvp`` of ``∇_v g``);
+* ``hvp_uv``   ``∇²_uv g · q``, a ``vjp`` of ``∇_v g`` with respect to ``u``;
+* ``jvp_grad_v`` ``∇²_vu g · du + ∇²_vv g · dv``, the directional derivative of ``∇_v g``
+  (the forward-mode product that FMD carries);
+* ``hvp_joint`` ``(∇²_uv g · q, ∇²_vv g · q)`` in one ``vjp`` (the penalty method's
+  gradient of ``½|∇_v g|²`` when ``q = ∇_v g``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from kbeam_jax._checks import check_same_structure, scalar_output
+
+PyTree = Any
+
+
+def _grad_v(g: Callable[..., jax.Array]) -> Callable[..., PyTree]:
+  return jax.grad(scalar_output(g, "g"), argnums=1)
+
+
+def hvp(f: Callable[..., jax.Array], x: PyTree, q: PyTree, *args: Any) -> PyTree:
+  """Hessian-vector product ``∇²f(x) · q`` of a scalar function of one pytree.
+
+  Args:
+    f: scalar function ``f(x, *args)``.
+    x: point, a pytree.
+    q: direction, a pytree with the structure of ``x``.
+    *args: extra arguments passed to ``f``.
+
+  Returns:
+    ``∇²f(x) · q``, a pytree like ``x``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.derivatives import hvp
+    >>> hvp(lambda x: (x ** 3).sum(), jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
+    Array([ 6., 12.], dtype=float32)
+  """
+  check_same_structure(x, q, "x", "q")
+  grad_f = jax.grad(scalar_output(f, "f"))
+  return jax.jvp(lambda x_: grad_f(x_, *args), (x,), (q,))[1]
+
+
+def hvp_vv(g: Callable[..., jax.Array], u: PyTree, v: PyTree, q: PyTree, *args: Any) -> PyTree:
+  """``∇²_vv g(u, v) · q`` by forward-over-reverse differentiation.
+
+  Args:
+    g: scalar function ``g(u, v, *args)``.
+    u, v: the point.
+    q: direction, a pytree like ``v``.
+    *args: extra arguments passed to ``g``.
+
+  Returns:
+    A pytree like ``v``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.derivatives import hvp_vv
+    >>> g = lambda u, v: (u * v ** 2).sum()
+    >>> hvp_vv(g, jnp.array([3.0]), jnp.array([1.0]), jnp.array([1.0]))
+    Array([6.], dtype=float32)
+  """
+  check_same_structure(v, q, "v", "q")
+  grad_v = _grad_v(g)
+  return jax.jvp(lambda v_: grad_v(u, v_, *args), (v,), (q,))[1]
+
+
+def hvp_uv(g: Callable[..., jax.Array], u: PyTree, v: PyTree, q: PyTree, *args: Any) -> PyTree:
+  """``∇²_uv g(u, v) · q``: the vjp of ``∇_v g`` with respect to ``u``.
+
+  ``∇²_uv g`` is the ``dim(u) × dim(v)`` block ``∂²g / ∂u ∂v``, so the product maps a
+  ``v``-shaped direction to a ``u``-shaped vector.
+
+  Args:
+    g: scalar function ``g(u, v, *args)``.
+    u, v: the point.
+    q: direction, a pytree like ``v``.
+    *args: extra arguments passed to ``g``.
+
+  Returns:
+    A pytree like ``u``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.derivatives import hvp_uv
+    >>> g = lambda u, v: (u * v ** 2).sum()
+    >>> hvp_uv(g, jnp.array([3.0]), jnp.array([2.0]), jnp.array([1.0]))
+    Array([4.], dtype=float32)
+  """
+  check_same_structure(v, q, "v", "q")
+  grad_v = _grad_v(g)
+  _, pullback = jax.vjp(lambda u_: grad_v(u_, v, *args), u)
+  return pullback(q)[0]
+
+
+def jvp_grad_v(
+    g: Callable[..., jax.Array], u: PyTree, v: PyTree, du: PyTree, dv: PyTree, *args: Any
+) -> tuple[PyTree, PyTree]:
+  """``∇_v g`` and its directional derivative ``∇²_vu g · du + ∇²_vv g · dv``.
+
+  Forward mode: one ``jvp`` of ``(u, v) ↦ ∇_v g(u, v)``. This is the product FMD
+  propagates, one column of ``dv/du`` per call (``vmap`` it over the columns).
+
+  Args:
+    g: scalar function ``g(u, v, *args)``.
+    u, v: the point.
+    du: tangent of ``u``, a pytree like ``u``.
+    dv: tangent of ``v``, a pytree like ``v``.
+    *args: extra arguments passed to ``g``.
+
+  Returns:
+    ``(∇_v g(u, v), ∇²_vu g · du + ∇²_vv g · dv)``, both pytrees like ``v``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.derivatives import jvp_grad_v
+    >>> g = lambda u, v: (u * v ** 2).sum()
+    >>> one = jnp.array([1.0])
+    >>> jvp_grad_v(g, jnp.array([3.0]), jnp.array([2.0]), one, one)
+    (Array([12.], dtype=float32), Array([10.], dtype=float32))
+  """
+  check_same_structure(u, du, "u", "du")
+  check_same_structure(v, dv, "v", "dv")
+  grad_v = _grad_v(g)
+  return jax.jvp(lambda u_, v_: grad_v(u_, v_, *args), (u, v), (du, dv))
+
+
+def hvp_joint(
+    g: Callable[..., jax.Array], u: PyTree, v: PyTree, q: PyTree, *args: Any
+) -> tuple[PyTree, PyTree]:
+  """``(∇²_uv g · q, ∇²_vv g · q)`` in a single vjp of ``∇_v g``.
+
+  With ``q = ∇_v g`` this is the gradient of the penalty ``½|∇_v g|²`` in ``(u, v)``.
+
+  Args:
+    g: scalar function ``g(u, v, *args)``.
+    u, v: the point.
+    q: direction, a pytree like ``v``.
+    *args: extra arguments passed to ``g``.
+
+  Returns:
+    A pair of pytrees, like ``u`` and like ``v``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.derivatives import hvp_joint
+    >>> g = lambda u, v: (u * v ** 2).sum()
+    >>> hvp_joint(g, jnp.array([3.0]), jnp.array([2.0]), jnp.array([1.0]))
+    (Array([4.], dtype=float32), Array([6.], dtype=float32))
+  """
+  check_same_structure(v, q, "v", "q")
+  grad_v = _grad_v(g)
+  _, pullback = jax.vjp(lambda u_, v_: grad_v(u_, v_, *args), u, v)
+  return pullback(q)
