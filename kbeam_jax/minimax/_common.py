@@ -1,0 +1,90 @@
+"""Pieces shared by the minimax solvers and transforms: a player's optax step, the
+vmapped ascent of the beams, and the solver container."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kbeam_jax._checks import check_nonnegative
+
+PyTree = Any
+Projection = Callable[[PyTree], PyTree] | None
+
+
+class MinimaxSolver(NamedTuple):
+  """A pure solver: ``state = init(key, u, v, ...)``, ``state, info = step(state, *args)``."""
+
+  init: Callable[..., Any]
+  step: Callable[..., tuple[Any, Any]]
+
+
+def identity(tree: PyTree) -> PyTree:
+  return tree
+
+
+def descend(
+    optimizer: optax.GradientTransformation,
+    grads: PyTree,
+    opt_state: Any,
+    params: PyTree,
+    project: Callable[[PyTree], PyTree],
+) -> tuple[PyTree, Any]:
+  """One optimizer step downhill on ``grads`` followed by the projection."""
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return project(optax.apply_updates(params, updates)), opt_state
+
+
+def ascend(
+    optimizer: optax.GradientTransformation,
+    grads: PyTree,
+    opt_state: Any,
+    params: PyTree,
+    project: Callable[[PyTree], PyTree],
+) -> tuple[PyTree, Any]:
+  """One optimizer step uphill: the optimizer sees the negated gradient."""
+  return descend(optimizer, jax.tree.map(jnp.negative, grads), opt_state, params, project)
+
+
+def ascend_beams(
+    f: Callable[..., jax.Array],
+    follower: optax.GradientTransformation,
+    project_v: Callable[[PyTree], PyTree],
+    num_ascent: int,
+    u: PyTree,
+    beams: PyTree,
+    follower_state: Any,
+    args: tuple[Any, ...],
+) -> tuple[PyTree, Any]:
+  """``num_ascent`` ascent steps of every beam at a fixed ``u``, all beams in one vmap."""
+  grad_v = jax.grad(f, argnums=1)
+
+  def one_beam(v, opt_state):
+    def body(_, carry):
+      v, opt_state = carry
+      return ascend(follower, grad_v(u, v, *args), opt_state, v, project_v)
+
+    return jax.lax.fori_loop(0, num_ascent, body, (v, opt_state))
+
+  return jax.vmap(one_beam)(beams, follower_state)
+
+
+def resolve_epsilon(epsilon: float | Callable[[jax.Array], jax.Array], count: jax.Array):
+  """``epsilon`` as a scalar at step ``count`` (a constant or an optax-style schedule)."""
+  return epsilon(count) if callable(epsilon) else jnp.asarray(epsilon)
+
+
+def check_epsilon(epsilon: Any) -> None:
+  if not callable(epsilon):
+    check_nonnegative("epsilon", epsilon)
+
+
+def check_num_ascent(num_ascent: Any) -> int:
+  if isinstance(num_ascent, bool) or not isinstance(num_ascent, int) or num_ascent < 1:
+    raise ValueError(f"num_ascent (J, ascent steps per iteration) must be an int >= 1, "
+                     f"got {num_ascent!r}.")
+  return num_ascent

@@ -1,0 +1,200 @@
+"""K-beam minimax as an optax ``GradientTransformationExtraArgs`` for the leader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kbeam_jax._checks import check_same_structure, check_steps, scalar_output
+from kbeam_jax.minimax import _common, _rules
+from kbeam_jax.minimax._direction import direction
+from kbeam_jax.minimax._kbeam import init_beams
+
+PyTree = Any
+
+
+class ScaleByKBeamState(NamedTuple):
+  """State of ``scale_by_kbeam``: the beams and what the last update saw.
+
+  ``values``, ``best``, ``eps_set_size`` and ``certificate`` are those of the last
+  ``update`` (see ``KBeamInfo``); read them with ``optax.tree.get(opt_state, "certificate")``.
+  """
+
+  beams: PyTree
+  follower_state: Any
+  key: jax.Array
+  count: jax.Array
+  values: jax.Array
+  best: jax.Array
+  eps_set_size: jax.Array
+  certificate: jax.Array
+
+
+def scale_by_kbeam(
+    follower: optax.GradientTransformation,
+    beams: PyTree | Callable[[jax.Array], PyTree],
+    *,
+    num_beams: int | None = None,
+    key: jax.Array | None = None,
+    num_ascent: int = 1,
+    rule: str = "best",
+    epsilon: float | Callable[[jax.Array], jax.Array] = 0.0,
+    project_v: Callable[[PyTree], PyTree] | None = None,
+    qp_iters: int = 300,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Replaces the leader's gradient by the K-beam direction ``z``; the beams live in the state.
+
+  ``update(grads, state, params, *, value_fn, **extra_args)`` with
+  ``value_fn(u, v) -> scalar`` the minimax objective (close over the batch):
+
+  1. from the second call on, every beam takes ``num_ascent`` ascent steps of
+     ``follower`` on ``value_fn(params, ·)`` (one vmap; these are the max steps at the
+     leader's new point);
+  2. returns ``z = Σ_k λ_k ∇_u value_fn(params, v_k)`` with the weights of ``rule``
+     over the ε-set, exactly as the ``kbeam`` solver's min step.
+
+  The incoming ``grads`` are ignored (only their structure is checked against
+  ``params``): they are a gradient at some follower the caller chose, while K-beam
+  needs the gradient at the best beams, which only the transform knows. Chain a
+  learning rate or any optimizer after it: ``optax.chain(scale_by_kbeam(...),
+  optax.adam(1e-3))`` runs the K-beam step with Adam on ``z``; a sequence of updates is
+  then the same as the ``kbeam`` solver's steps with that leader. Rule ``kiwiel`` gives
+  Kiwiel's weights but no line search (a transform cannot evaluate the objective
+  at trial points of the leader; use the solver for the line search).
+
+  Args:
+    follower: optax optimizer for one beam (it receives ``-∇_v``, so it ascends).
+    beams: the K beams stacked on a leading axis, or an initializer ``key -> v``
+      (then ``num_beams`` and ``key`` are required).
+    num_beams: K, when ``beams`` is an initializer.
+    key: random key for the initializer and the ``random`` rule.
+    num_ascent: J, ascent steps per beam per update.
+    rule: ``"best"``, ``"random"``, ``"min_norm"`` or ``"kiwiel"``.
+    epsilon: ε >= 0 or a schedule ``count -> ε``.
+    project_v: optional projection of each beam after every ascent step.
+    qp_iters: iterations of the simplex QP solver.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from kbeam_jax import minimax
+    >>> f = lambda u, v: jnp.sum(-u ** 2 + v ** 2 + 2 * u * v)  # anti-saddle, u* = 0
+    >>> box = lambda x: jnp.clip(x, -0.5, 0.5)
+    >>> tx = optax.chain(
+    ...     minimax.scale_by_kbeam(optax.sgd(0.05), jnp.array([[-0.4], [0.4]]),
+    ...                            project_v=box),
+    ...     optax.sgd(0.05))
+    >>> u = jnp.array([0.3])
+    >>> opt_state = tx.init(u)
+    >>> for _ in range(300):
+    ...   updates, opt_state = tx.update(jnp.zeros_like(u), opt_state, u, value_fn=f)
+    ...   u = optax.apply_updates(u, updates)
+    >>> bool(abs(u[0]) < 0.02)
+    True
+
+  References:
+    Hamm & Noh, K-Beam Minimax: Efficient Optimization for Deep Adversarial Learning,
+    ICML 2018.
+  """
+  rule = _rules.check_rule(rule)
+  _common.check_epsilon(epsilon)
+  if rule == "best" and not callable(epsilon) and float(epsilon) != 0.0:
+    raise ValueError(f"rule='best' needs epsilon=0, got epsilon={epsilon}.")
+  num_ascent = _common.check_num_ascent(num_ascent)
+  qp_iters = check_steps("qp_iters", qp_iters)
+  project_v = project_v or _common.identity
+  if callable(beams):
+    if num_beams is None or key is None:
+      raise ValueError("beams is an initializer key -> v: pass num_beams=K and key=... too.")
+    key, beam_key = jax.random.split(key)
+    K = num_beams
+  else:
+    beam_key = None
+    K = jax.tree.leaves(beams)[0].shape[0] if num_beams is None else num_beams
+    if key is None:
+      key = jax.random.key(0)
+
+  def init_fn(params: PyTree) -> ScaleByKBeamState:
+    del params
+    stacked = init_beams(beam_key, beams, K)
+    dtype = jnp.result_type(*jax.tree.leaves(stacked))
+    return ScaleByKBeamState(
+        beams=stacked,
+        follower_state=jax.vmap(follower.init)(stacked),
+        key=key,
+        count=jnp.zeros([], jnp.int32),
+        values=jnp.zeros((K,), dtype),
+        best=jnp.zeros([], jnp.int32),
+        eps_set_size=jnp.zeros([], jnp.int32),
+        certificate=jnp.zeros([], dtype),
+    )
+
+  def update_fn(updates, state, params=None, *, value_fn, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("scale_by_kbeam needs params: call tx.update(grads, state, params, ...).")
+    if updates is not None:
+      check_same_structure(updates, params, "grads", "params")
+    f = scalar_output(value_fn, "value_fn(u, v)")
+
+    def max_step(carry):
+      return _common.ascend_beams(f, follower, project_v, num_ascent, params, *carry, ())
+
+    beams, follower_state = jax.lax.cond(
+        state.count > 0, max_step, lambda carry: carry, (state.beams, state.follower_state)
+    )
+    key, rule_key = jax.random.split(state.key)
+    eps = _common.resolve_epsilon(epsilon, state.count)
+    d = direction(f, rule, params, beams, eps, rule_key, (), qp_iters)
+    z = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), d.z, params)
+    new_state = ScaleByKBeamState(
+        beams=beams,
+        follower_state=follower_state,
+        key=key,
+        count=optax.safe_increment(state.count),
+        values=d.values.astype(state.values.dtype),
+        best=d.best.astype(jnp.int32),
+        eps_set_size=d.eps_set_size,
+        certificate=d.certificate.astype(state.certificate.dtype),
+    )
+    return z, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def kbeam_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    follower: optax.GradientTransformation,
+    beams: PyTree | Callable[[jax.Array], PyTree],
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """K-beam leader with plain gradient steps: ``chain(scale_by_kbeam, scale_by_learning_rate)``.
+
+  Args:
+    learning_rate: the leader's step size ρ, a float or an optax schedule.
+    follower: optax optimizer for one beam.
+    beams: stacked beams or an initializer (see ``scale_by_kbeam``).
+    **kwargs: the keyword arguments of ``scale_by_kbeam``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``value_fn=``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from kbeam_jax import minimax
+    >>> tx = minimax.kbeam_sgd(0.1, optax.sgd(0.1), jnp.zeros((3, 2)))
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(None, state, jnp.ones(2),
+    ...                            value_fn=lambda u, v: jnp.sum(u * v + u ** 2))
+    >>> updates
+    Array([-0.2, -0.2], dtype=float32)
+  """
+  return optax.chain(
+      scale_by_kbeam(follower, beams, **kwargs), optax.scale_by_learning_rate(learning_rate)
+  )
