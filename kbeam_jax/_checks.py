@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_num_beams(K: Any) -> int:
@@ -23,7 +24,7 @@ def check_nonnegative(name: str, value: Any) -> None:
   """Raises if a concrete ``value`` is negative; traced values pass unchecked."""
   if isinstance(value, jax.core.Tracer) or callable(value):
     return
-  if jnp.any(jnp.asarray(value) < 0):
+  if np.any(np.asarray(value) < 0):
     raise ValueError(f"{name} must be >= 0, got {name}={value}.")
 
 
@@ -41,9 +42,9 @@ def check_same_structure(a: Any, b: Any, what_a: str, what_b: str) -> None:
   ta, tb = jax.tree.structure(a), jax.tree.structure(b)
   if ta != tb:
     raise ValueError(
-        f"{what_a} and {what_b} must have the same pytree structure.\n"
-        f"  {what_a}: {ta}\n  {what_b}: {tb}\n"
-        "Pass pytrees built the same way (same container types, keys and order)."
+      f"{what_a} and {what_b} must have the same pytree structure.\n"
+      f"  {what_a}: {ta}\n  {what_b}: {tb}\n"
+      "Pass pytrees built the same way (same container types, keys and order)."
     )
 
 
@@ -56,10 +57,10 @@ def check_leading_axis(tree: Any, K: int, what: str) -> None:
     shape = jnp.shape(leaf)
     if not shape or shape[0] != K:
       raise ValueError(
-          f"{what} must be stacked on a leading axis of size K={K}, but the leaf at "
-          f"{jax.tree_util.keystr(path) or '<root>'} has shape {shape}. Stack the K "
-          "beams with jax.tree.map(lambda *xs: jnp.stack(xs), *beams), or pass an "
-          "initializer function key -> v instead."
+        f"{what} must be stacked on a leading axis of size K={K}, but the leaf at "
+        f"{jax.tree_util.keystr(path) or '<root>'} has shape {shape}. Stack the K "
+        "beams with jax.tree.map(lambda *xs: jnp.stack(xs), *beams), or pass an "
+        "initializer function key -> v instead."
       )
 
 
@@ -71,8 +72,8 @@ def scalar_output(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     shape = jnp.shape(out)
     if shape != ():
       raise ValueError(
-          f"{name} must return a scalar, but it returned an array of shape {shape}. "
-          "Reduce it (for example with .mean() over the batch) before returning."
+        f"{name} must return a scalar, but it returned an array of shape {shape}. "
+        "Reduce it (for example with .mean() over the batch) before returning."
       )
     return out
 
@@ -84,6 +85,6 @@ def check_float_leaves(tree: Any, what: str) -> None:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       raise TypeError(
-          f"{what} must hold floating-point arrays to be differentiated, but the leaf at "
-          f"{jax.tree_util.keystr(path) or '<root>'} has dtype {jnp.result_type(leaf)}."
+        f"{what} must hold floating-point arrays to be differentiated, but the leaf at "
+        f"{jax.tree_util.keystr(path) or '<root>'} has dtype {jnp.result_type(leaf)}."
       )

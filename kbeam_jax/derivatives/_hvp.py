@@ -102,7 +102,7 @@ def hvp_uv(g: Callable[..., jax.Array], u: PyTree, v: PyTree, q: PyTree, *args: 
 
 
 def jvp_grad_v(
-    g: Callable[..., jax.Array], u: PyTree, v: PyTree, du: PyTree, dv: PyTree, *args: Any
+  g: Callable[..., jax.Array], u: PyTree, v: PyTree, du: PyTree, dv: PyTree, *args: Any
 ) -> tuple[PyTree, PyTree]:
   """``∇_v g`` and its directional derivative ``∇²_vu g · du + ∇²_vv g · dv``.
 
@@ -134,7 +134,7 @@ def jvp_grad_v(
 
 
 def hvp_joint(
-    g: Callable[..., jax.Array], u: PyTree, v: PyTree, q: PyTree, *args: Any
+  g: Callable[..., jax.Array], u: PyTree, v: PyTree, q: PyTree, *args: Any
 ) -> tuple[PyTree, PyTree]:
   """``(∇²_uv g · q, ∇²_vv g · q)`` in a single vjp of ``∇_v g``.
 

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kbeam_jax._checks import check_nonnegative
@@ -24,15 +25,16 @@ class MinimaxSolver(NamedTuple):
 
 
 def identity(tree: PyTree) -> PyTree:
+  """The default projection: none."""
   return tree
 
 
 def descend(
-    optimizer: optax.GradientTransformation,
-    grads: PyTree,
-    opt_state: Any,
-    params: PyTree,
-    project: Callable[[PyTree], PyTree],
+  optimizer: optax.GradientTransformation,
+  grads: PyTree,
+  opt_state: Any,
+  params: PyTree,
+  project: Callable[[PyTree], PyTree],
 ) -> tuple[PyTree, Any]:
   """One optimizer step downhill on ``grads`` followed by the projection."""
   updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -40,25 +42,25 @@ def descend(
 
 
 def ascend(
-    optimizer: optax.GradientTransformation,
-    grads: PyTree,
-    opt_state: Any,
-    params: PyTree,
-    project: Callable[[PyTree], PyTree],
+  optimizer: optax.GradientTransformation,
+  grads: PyTree,
+  opt_state: Any,
+  params: PyTree,
+  project: Callable[[PyTree], PyTree],
 ) -> tuple[PyTree, Any]:
   """One optimizer step uphill: the optimizer sees the negated gradient."""
   return descend(optimizer, jax.tree.map(jnp.negative, grads), opt_state, params, project)
 
 
 def ascend_beams(
-    f: Callable[..., jax.Array],
-    follower: optax.GradientTransformation,
-    project_v: Callable[[PyTree], PyTree],
-    num_ascent: int,
-    u: PyTree,
-    beams: PyTree,
-    follower_state: Any,
-    args: tuple[Any, ...],
+  f: Callable[..., jax.Array],
+  follower: optax.GradientTransformation,
+  project_v: Callable[[PyTree], PyTree],
+  num_ascent: int,
+  u: PyTree,
+  beams: PyTree,
+  follower_state: Any,
+  args: tuple[Any, ...],
 ) -> tuple[PyTree, Any]:
   """``num_ascent`` ascent steps of every beam at a fixed ``u``, all beams in one vmap."""
   grad_v = jax.grad(f, argnums=1)
@@ -68,6 +70,8 @@ def ascend_beams(
       v, opt_state = carry
       return ascend(follower, grad_v(u, v, *args), opt_state, v, project_v)
 
+    if num_ascent == 1:  # no loop: the same program as one alternating-GDA ascent step
+      return body(0, (v, opt_state))
     return jax.lax.fori_loop(0, num_ascent, body, (v, opt_state))
 
   return jax.vmap(one_beam)(beams, follower_state)
@@ -84,7 +88,8 @@ def check_epsilon(epsilon: Any) -> None:
 
 
 def check_num_ascent(num_ascent: Any) -> int:
-  if isinstance(num_ascent, bool) or not isinstance(num_ascent, int) or num_ascent < 1:
-    raise ValueError(f"num_ascent (J, ascent steps per iteration) must be an int >= 1, "
-                     f"got {num_ascent!r}.")
+  if isinstance(num_ascent, bool) or not isinstance(num_ascent, int | np.integer) or num_ascent < 1:
+    raise ValueError(
+      f"num_ascent (J, ascent steps per iteration) must be an int >= 1, got {num_ascent!r}."
+    )
   return num_ascent

@@ -46,12 +46,12 @@ def _norm(tree: PyTree) -> jax.Array:
 
 
 def _gda(
-    f: Callable[..., jax.Array],
-    leader: optax.GradientTransformation,
-    follower: optax.GradientTransformation,
-    project_u: Callable[[PyTree], PyTree] | None,
-    project_v: Callable[[PyTree], PyTree] | None,
-    mode: str,
+  f: Callable[..., jax.Array],
+  leader: optax.GradientTransformation,
+  follower: optax.GradientTransformation,
+  project_u: Callable[[PyTree], PyTree] | None,
+  project_v: Callable[[PyTree], PyTree] | None,
+  mode: str,
 ) -> _common.MinimaxSolver:
   f = scalar_output(f, "the objective f(u, v)")
   project_u = project_u or _common.identity
@@ -71,7 +71,10 @@ def _gda(
     return (u, v, ls, fs), (value, gu, gv)
 
   def alternating(state, args):
-    value, (gu, gv) = value_and_grads(state.u, state.v, *args)
+    # The same calls, in the same order, as kbeam's step with K = 1.
+    value = f(state.u, state.v, *args)
+    gu = jax.grad(f)(state.u, state.v, *args)
+    gv = jax.grad(f, argnums=1)(state.u, state.v, *args)
     u, ls = _common.descend(leader, gu, state.leader_state, state.u, project_u)
     gv_new = jax.grad(f, argnums=1)(u, state.v, *args)
     v, fs = _common.ascend(follower, gv_new, state.follower_state, state.v, project_v)
@@ -86,8 +89,11 @@ def _gda(
     v, fs = _common.ascend(follower, gv_half, state.follower_state, state.v, project_v)
     return (u, v, ls, fs), (value, gu, gv)
 
-  update = {"simultaneous": simultaneous, "alternating": alternating,
-            "extragradient": extragradient}[mode]
+  update = {
+    "simultaneous": simultaneous,
+    "alternating": alternating,
+    "extragradient": extragradient,
+  }[mode]
 
   def step(state: GDAState, *args: Any) -> tuple[GDAState, GDAInfo]:
     (u, v, ls, fs), (value, gu, gv) = update(state, args)
@@ -97,76 +103,129 @@ def _gda(
   return _common.MinimaxSolver(init, step)
 
 
-_EXAMPLE = """
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from kbeam_jax import minimax
-    >>> f = lambda u, v: 5 * (u ** 2 - v ** 2)  # saddle at (0, 0)
-    >>> solver = minimax.{name}(f, optax.sgd(0.02), optax.sgd(0.02))
-    >>> state = solver.init(jax.random.key(0), jnp.array(0.4), jnp.array(-0.3))
-    >>> state, _ = minimax.run(solver.step, state, 200)
-    >>> bool(abs(state.u) < 1e-3 and abs(state.v) < 1e-3)
-    True
-"""
+def simultaneous_gda(
+  f: Callable[..., jax.Array],
+  leader: optax.GradientTransformation,
+  follower: optax.GradientTransformation,
+  *,
+  project_u: Callable[[PyTree], PyTree] | None = None,
+  project_v: Callable[[PyTree], PyTree] | None = None,
+) -> _common.MinimaxSolver:
+  """Simultaneous gradient descent-ascent: both players step from the same point.
 
-_ARGS = """
+  ``u ← u - ρ ∇_u f(u, v)``, ``v ← v + η ∇_v f(u, v)`` (with any optax optimizers).
+
   Args:
-    f: objective ``f(u, v, *args) -> scalar``, minimized in ``u`` and maximized in ``v``.
+    f: objective ``f(u, v, *args) -> scalar``, minimized in ``u``, maximized in ``v``.
     leader: optax optimizer for ``u``.
     follower: optax optimizer for ``v`` (it receives ``-∇_v f``, so it ascends).
     project_u: optional projection applied to ``u`` after every step.
     project_v: optional projection applied to ``v`` after every step.
 
   Returns:
-    ``MinimaxSolver(init, step)`` with ``init(key, u, v) -> GDAState`` (the key is
-    unused; it keeps the signature of ``kbeam``) and
-    ``step(state, *args) -> (GDAState, GDAInfo)``.
-"""
+    ``MinimaxSolver(init, step)``: ``init(key, u, v) -> GDAState`` (the key is unused;
+    it keeps the signature of ``kbeam``), ``step(state, *args) -> (GDAState, GDAInfo)``.
 
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from kbeam_jax import minimax
+    >>> f = lambda u, v: 5 * (u ** 2 - v ** 2)  # saddle at (0, 0)
+    >>> solver = minimax.simultaneous_gda(f, optax.sgd(0.02), optax.sgd(0.02))
+    >>> state = solver.init(jax.random.key(0), jnp.array(0.4), jnp.array(-0.3))
+    >>> state, _ = minimax.run(solver.step, state, 200)
+    >>> bool(abs(state.u) < 1e-3 and abs(state.v) < 1e-3)
+    True
 
-def simultaneous_gda(f, leader, follower, *, project_u=None, project_v=None):
+  References:
+    Arrow, Hurwicz & Uzawa, Studies in Linear and Non-linear Programming, 1958.
+  """
   return _gda(f, leader, follower, project_u, project_v, "simultaneous")
 
 
-def alternating_gda(f, leader, follower, *, project_u=None, project_v=None):
+def alternating_gda(
+  f: Callable[..., jax.Array],
+  leader: optax.GradientTransformation,
+  follower: optax.GradientTransformation,
+  *,
+  project_u: Callable[[PyTree], PyTree] | None = None,
+  project_v: Callable[[PyTree], PyTree] | None = None,
+) -> _common.MinimaxSolver:
+  """Alternating gradient descent-ascent: the leader steps, then the follower at the new u.
+
+  ``u ← u - ρ ∇_u f(u, v)``, then ``v ← v + η ∇_v f(u_new, v)``. The same steps as
+  ``kbeam`` with K = 1 and ``num_ascent=1``. Arguments and return value as in
+  ``simultaneous_gda``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from kbeam_jax import minimax
+    >>> f = lambda u, v: 5 * (u ** 2 - v ** 2)
+    >>> solver = minimax.alternating_gda(f, optax.sgd(0.02), optax.sgd(0.02))
+    >>> state = solver.init(jax.random.key(0), jnp.array(0.4), jnp.array(-0.3))
+    >>> state, _ = minimax.run(solver.step, state, 200)
+    >>> bool(abs(state.u) < 1e-3 and abs(state.v) < 1e-3)
+    True
+  """
   return _gda(f, leader, follower, project_u, project_v, "alternating")
 
 
 def optimistic_gda(
-    f, leader, follower, *, alpha=1.0, beta=1.0, project_u=None, project_v=None
-):
+  f: Callable[..., jax.Array],
+  leader: optax.GradientTransformation,
+  follower: optax.GradientTransformation,
+  *,
+  alpha: float = 1.0,
+  beta: float = 1.0,
+  project_u: Callable[[PyTree], PyTree] | None = None,
+  project_v: Callable[[PyTree], PyTree] | None = None,
+) -> _common.MinimaxSolver:
+  """Optimistic gradient descent-ascent: simultaneous steps on ``α g_t + β (g_t - g_{t-1})``.
+
+  Built from ``optax.scale_by_optimistic_gradient(alpha, beta)`` chained before each
+  player's optimizer. Other arguments and the return value as in ``simultaneous_gda``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from kbeam_jax import minimax
+    >>> solver = minimax.optimistic_gda(lambda u, v: u * v, optax.sgd(0.2), optax.sgd(0.2))
+    >>> state = solver.init(jax.random.key(0), jnp.array(0.4), jnp.array(-0.3))
+    >>> state, _ = minimax.run(solver.step, state, 2000)  # plain GDA spirals out here
+    >>> bool(abs(state.u) < 1e-3 and abs(state.v) < 1e-3)
+    True
+
+  References:
+    Daskalakis, Ilyas, Syrgkanis & Zeng, Training GANs with Optimism, ICLR 2018.
+  """
   leader = optax.chain(optax.scale_by_optimistic_gradient(alpha, beta), leader)
   follower = optax.chain(optax.scale_by_optimistic_gradient(alpha, beta), follower)
   return _gda(f, leader, follower, project_u, project_v, "simultaneous")
 
 
-def extragradient(f, leader, follower, *, project_u=None, project_v=None):
+def extragradient(
+  f: Callable[..., jax.Array],
+  leader: optax.GradientTransformation,
+  follower: optax.GradientTransformation,
+  *,
+  project_u: Callable[[PyTree], PyTree] | None = None,
+  project_v: Callable[[PyTree], PyTree] | None = None,
+) -> _common.MinimaxSolver:
+  """Extragradient: look ahead one step, then step from the start with the look-ahead gradients.
+
+  ``(u', v') = (u - ρ∇_u f(u, v), v + η∇_v f(u, v))``, then
+  ``(u, v) ← (u - ρ∇_u f(u', v'), v + η∇_v f(u', v'))``. The look-ahead step's optimizer
+  state is discarded; the real step updates it. Arguments and return value as in
+  ``simultaneous_gda``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from kbeam_jax import minimax
+    >>> solver = minimax.extragradient(lambda u, v: u * v, optax.sgd(0.2), optax.sgd(0.2))
+    >>> state = solver.init(jax.random.key(0), jnp.array(0.4), jnp.array(-0.3))
+    >>> state, _ = minimax.run(solver.step, state, 2000)
+    >>> bool(abs(state.u) < 1e-3 and abs(state.v) < 1e-3)
+    True
+
+  References:
+    Korpelevich, The extragradient method for finding saddle points, 1976.
+  """
   return _gda(f, leader, follower, project_u, project_v, "extragradient")
-
-
-simultaneous_gda.__doc__ = (
-    "Simultaneous gradient descent-ascent: ``u ← u - ρ∇_u f(u, v)``, "
-    "``v ← v + η∇_v f(u, v)``.\n" + _ARGS + _EXAMPLE.format(name="simultaneous_gda")
-)
-alternating_gda.__doc__ = (
-    "Alternating gradient descent-ascent: ``u ← u - ρ∇_u f(u, v)``, then "
-    "``v ← v + η∇_v f(u_new, v)``.\n\n  Equal to ``kbeam`` with K = 1 step for step.\n"
-    + _ARGS + _EXAMPLE.format(name="alternating_gda")
-)
-optimistic_gda.__doc__ = (
-    "Optimistic gradient descent-ascent: simultaneous steps on "
-    "``α g_t + β (g_t - g_{t-1})``.\n\n  Built from ``optax.scale_by_optimistic_gradient`` "
-    "chained before each player's optimizer.\n"
-    + _ARGS.replace("    project_u:", "    alpha, beta: the optimism weights of optax's "
-                    "``scale_by_optimistic_gradient``.\n    project_u:")
-    + _EXAMPLE.format(name="optimistic_gda")
-    + "\n  References:\n    Daskalakis et al., Training GANs with Optimism, ICLR 2018.\n"
-)
-extragradient.__doc__ = (
-    "Extragradient: look ahead to ``(u - ρ∇_u f, v + η∇_v f)``, then step from "
-    "``(u, v)`` with the look-ahead gradients.\n\n  The look-ahead step's optimizer state "
-    "is discarded; the real step updates it.\n"
-    + _ARGS + _EXAMPLE.format(name="extragradient")
-    + "\n  References:\n    Korpelevich, The extragradient method for finding saddle "
-    "points, 1976.\n"
-)

@@ -67,19 +67,19 @@ def init_beams(key: jax.Array, v: PyTree | Callable[[jax.Array], PyTree], K: int
 
 
 def kbeam(
-    f: Callable[..., jax.Array],
-    leader: optax.GradientTransformation,
-    follower: optax.GradientTransformation,
-    *,
-    num_ascent: int = 1,
-    rule: str = "best",
-    epsilon: float | Callable[[jax.Array], jax.Array] = 0.0,
-    project_u: Callable[[PyTree], PyTree] | None = None,
-    project_v: Callable[[PyTree], PyTree] | None = None,
-    qp_iters: int = 300,
-    armijo: float = 1e-4,
-    backtrack: float = 0.5,
-    max_backtracks: int = 10,
+  f: Callable[..., jax.Array],
+  leader: optax.GradientTransformation,
+  follower: optax.GradientTransformation,
+  *,
+  num_ascent: int = 1,
+  rule: str = "best",
+  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0,
+  project_u: Callable[[PyTree], PyTree] | None = None,
+  project_v: Callable[[PyTree], PyTree] | None = None,
+  qp_iters: int = 300,
+  armijo: float = 1e-4,
+  backtrack: float = 0.5,
+  max_backtracks: int = 10,
 ) -> _common.MinimaxSolver:
   r"""K-beam minimax solver for ``min_u max_v f(u, v, *args)``.
 
@@ -93,14 +93,16 @@ def kbeam(
   2. max step: every beam takes ``num_ascent`` ascent steps of ``follower`` at the new
      ``u``, all beams in one ``vmap`` with a vmapped follower state (then ``project_v``).
 
-  With K = 1 (any rule) this is exactly alternating gradient descent-ascent.
+  With K = 1, ``num_ascent=1`` and any rule but ``kiwiel`` (whose line search may shorten
+  the step) this is exactly alternating gradient descent-ascent.
 
   Rules (see ``kbeam_jax.minimax`` for the math): ``best`` (the basic K-beam step:
   gradient at the best beam only, ε must be 0), ``random`` (random convex combination
   on R, Algorithm 2 of the paper), ``min_norm`` (minimum-norm element of the hull:
   steepest ε-descent), ``kiwiel`` (Kiwiel's linearization weights, followed by an
   Armijo backtracking line search on ``F(u) = max_k f(u, v_k)`` over the scale of the
-  leader's proposed step; if no scale passes, the step is null and ``u`` stays).
+  leader's proposed step; if no scale passes, the step is null and ``u`` stays, while the
+  leader's optimizer state keeps its update).
 
   Args:
     f: objective ``f(u, v, *args) -> scalar``; ``u``, ``v`` any pytrees of floats.
@@ -148,12 +150,14 @@ def kbeam(
   _common.check_epsilon(epsilon)
   if rule == "best" and not callable(epsilon) and float(epsilon) != 0.0:
     raise ValueError(
-        f"rule='best' uses the best beam only and needs epsilon=0, got epsilon={epsilon}. "
-        "Pick rule='random', 'min_norm' or 'kiwiel' to use an ε-set."
+      f"rule='best' uses the best beam only and needs epsilon=0, got epsilon={epsilon}. "
+      "Pick rule='random', 'min_norm' or 'kiwiel' to use an ε-set."
     )
   num_ascent = _common.check_num_ascent(num_ascent)
   qp_iters = check_steps("qp_iters", qp_iters)
   max_backtracks = check_steps("max_backtracks", max_backtracks)
+  if max_backtracks < 1:
+    raise ValueError(f"max_backtracks must be >= 1, got max_backtracks={max_backtracks}.")
   f = scalar_output(f, "the objective f(u, v)")
   project_u = project_u or _common.identity
   project_v = project_v or _common.identity
@@ -163,37 +167,44 @@ def kbeam(
     key, beam_key = jax.random.split(key)
     beams = init_beams(beam_key, v, K)
     return KBeamState(
-        u=u,
-        beams=beams,
-        leader_state=leader.init(u),
-        follower_state=jax.vmap(follower.init)(beams),
-        key=key,
-        count=jnp.zeros([], jnp.int32),
+      u=u,
+      beams=beams,
+      leader_state=leader.init(u),
+      follower_state=jax.vmap(follower.init)(beams),
+      key=key,
+      count=jnp.zeros([], jnp.int32),
     )
 
   def line_search(state, d, u_new, args):
     """Largest scale ``t = backtrack**i`` whose point passes Armijo on ``max_k f``."""
-    F = lambda u: jnp.max(jax.vmap(f, in_axes=(None, 0) + (None,) * len(args))(u, state.beams,
-                                                                              *args))
+    F = lambda u: jnp.max(
+      jax.vmap(f, in_axes=(None, 0) + (None,) * len(args))(u, state.beams, *args)
+    )
     scales = backtrack ** jnp.arange(max_backtracks, dtype=d.values.dtype)
     step = jax.tree.map(jnp.subtract, u_new, state.u)
-    trial = jax.vmap(lambda t: project_u(jax.tree.map(lambda x, s: x + t * s, state.u, step)))(
-        scales
-    )
+    trial = jax.vmap(
+      lambda t: project_u(jax.tree.map(lambda x, s: x + t.astype(x.dtype) * s, state.u, step))
+    )(scales)
     F_trial = jax.vmap(F)(trial)
     moved = jax.vmap(
-        lambda ut: sum(
-            jnp.vdot(z, a - b)
-            for z, a, b in zip(jax.tree.leaves(d.z), jax.tree.leaves(ut),
-                               jax.tree.leaves(state.u), strict=True)
+      lambda ut: sum(
+        jnp.vdot(z, a - b)
+        for z, a, b in zip(
+          jax.tree.leaves(d.z), jax.tree.leaves(ut), jax.tree.leaves(state.u), strict=True
         )
+      )
     )(trial)
     F0 = jnp.max(d.values)
-    ok = F_trial <= F0 + armijo * moved.astype(F_trial.dtype)
+    # Armijo on the aggregate gradient; a trial that does not move downhill along z is
+    # never accepted (with momentum or Adam the proposed step need not follow -z).
+    moved = moved.astype(F_trial.dtype)
+    ok = (F_trial <= F0 + armijo * moved) & (moved < 0)
     first = jnp.argmax(ok)
     accepted = jnp.any(ok)
     chosen = jax.tree.map(lambda x: x[first], trial)
-    u = jax.tree.map(lambda new, old: jnp.where(accepted, new, old), chosen, state.u)
+    u = jax.tree.map(
+      lambda new, old: jnp.where(accepted, new, old).astype(old.dtype), chosen, state.u
+    )
     return u, jnp.where(accepted, scales[first], 0.0)
 
   def step(state: KBeamState, *args: Any) -> tuple[KBeamState, KBeamInfo]:
@@ -205,9 +216,11 @@ def kbeam(
     if rule == "kiwiel":
       u, scale = line_search(state, d, u, args)
     beams, follower_state = _common.ascend_beams(
-        f, follower, project_v, num_ascent, u, state.beams, state.follower_state, args
+      f, follower, project_v, num_ascent, u, state.beams, state.follower_state, args
     )
-    new_state = KBeamState(u, beams, leader_state, follower_state, key, state.count + 1)
+    new_state = KBeamState(
+      u, beams, leader_state, follower_state, key, optax.safe_increment(state.count)
+    )
     info = KBeamInfo(d.values, d.best, d.eps_set_size, d.certificate, scale)
     return new_state, info
 

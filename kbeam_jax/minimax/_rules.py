@@ -108,12 +108,17 @@ def gram_matrix(z: PyTree) -> jax.Array:
   leaves = jax.tree.leaves(z)
   K = leaves[0].shape[0]
   flat = [leaf.reshape(K, -1) for leaf in leaves]
-  return sum(x @ x.T for x in flat)
+  return sum(jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST) for x in flat)
 
 
 def combine(weights: jax.Array, z: PyTree) -> PyTree:
   """``Σ_k λ_k z_k`` for a pytree stacked on a leading axis K."""
-  return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), z)
+  return jax.tree.map(
+    lambda x: jnp.tensordot(
+      weights.astype(x.dtype), x, axes=1, precision=jax.lax.Precision.HIGHEST
+    ),
+    z,
+  )
 
 
 def min_norm_weights(gram: jax.Array, mask: jax.Array, num_iters: int) -> jax.Array:
@@ -122,7 +127,7 @@ def min_norm_weights(gram: jax.Array, mask: jax.Array, num_iters: int) -> jax.Ar
 
 
 def kiwiel_weights(
-    gram: jax.Array, values: jax.Array, mask: jax.Array, num_iters: int
+  gram: jax.Array, values: jax.Array, mask: jax.Array, num_iters: int
 ) -> jax.Array:
   """Weights of Kiwiel's linearization step: ``max_λ Σλ_k (f_k - f_max) - ½λᵀGλ``."""
   gap = (values - jnp.max(values)).astype(gram.dtype)
@@ -131,17 +136,19 @@ def kiwiel_weights(
 
 def random_weights(key: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
   """Weights drawn uniformly from the simplex of the masked-in entries (Dirichlet(1))."""
-  e = jax.random.exponential(key, mask.shape, dtype)
+  # -log of a uniform in [tiny, 1): exponential draws that are never exactly zero.
+  e = -jnp.log(jax.random.uniform(key, mask.shape, dtype, minval=jnp.finfo(dtype).tiny))
   e = jnp.where(mask, e, 0.0)
   return e / jnp.sum(e)
 
 
-def hull_norm(gram: jax.Array, weights: jax.Array) -> jax.Array:
-  """``|Σ_k λ_k z_k|`` from the Gram matrix, without forming the combination."""
-  return jnp.sqrt(jnp.maximum(weights @ gram @ weights, 0.0))
+def tree_norm(tree: PyTree) -> jax.Array:
+  """Euclidean norm of all leaves of a pytree together."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def check_rule(rule: str) -> str:
+  """Returns ``rule`` if it is one of ``RULES``, else raises naming the choices."""
   if rule not in RULES:
     raise ValueError(f"rule must be one of {RULES}, got rule={rule!r}.")
   return rule

@@ -11,11 +11,11 @@ from kbeam_jax._checks import check_steps
 
 
 def run(
-    step: Callable[..., tuple[Any, Any]],
-    state: Any,
-    num_steps: int,
-    *args: Any,
-    trace: Callable[[Any, Any], Any] | None = None,
+  step: Callable[..., tuple[Any, Any]],
+  state: Any,
+  num_steps: int,
+  *args: Any,
+  trace: Callable[[Any, Any], Any] | None = None,
 ) -> tuple[Any, Any]:
   """Runs ``num_steps`` of ``step(state, *args)`` in one ``lax.scan``.
 

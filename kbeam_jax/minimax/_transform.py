@@ -35,16 +35,16 @@ class ScaleByKBeamState(NamedTuple):
 
 
 def scale_by_kbeam(
-    follower: optax.GradientTransformation,
-    beams: PyTree | Callable[[jax.Array], PyTree],
-    *,
-    num_beams: int | None = None,
-    key: jax.Array | None = None,
-    num_ascent: int = 1,
-    rule: str = "best",
-    epsilon: float | Callable[[jax.Array], jax.Array] = 0.0,
-    project_v: Callable[[PyTree], PyTree] | None = None,
-    qp_iters: int = 300,
+  follower: optax.GradientTransformation,
+  beams: PyTree | Callable[[jax.Array], PyTree],
+  *,
+  num_beams: int | None = None,
+  key: jax.Array | None = None,
+  num_ascent: int = 1,
+  rule: str = "best",
+  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0,
+  project_v: Callable[[PyTree], PyTree] | None = None,
+  qp_iters: int = 300,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the leader's gradient by the K-beam direction ``z``; the beams live in the state.
 
@@ -62,7 +62,9 @@ def scale_by_kbeam(
   needs the gradient at the best beams, which only the transform knows. Chain a
   learning rate or any optimizer after it: ``optax.chain(scale_by_kbeam(...),
   optax.adam(1e-3))`` runs the K-beam step with Adam on ``z``; a sequence of updates is
-  then the same as the ``kbeam`` solver's steps with that leader. Rule ``kiwiel`` gives
+  then the same as the ``kbeam`` solver's steps with that leader and the same ``key``
+  (the solver's ``project_u`` has no counterpart here: project the parameters yourself
+  after ``apply_updates``). Rule ``kiwiel`` gives
   Kiwiel's weights but no line search (a transform cannot evaluate the objective
   at trial points of the leader; use the solver for the line search).
 
@@ -90,11 +92,14 @@ def scale_by_kbeam(
     ...     minimax.scale_by_kbeam(optax.sgd(0.05), jnp.array([[-0.4], [0.4]]),
     ...                            project_v=box),
     ...     optax.sgd(0.05))
+    >>> @jax.jit
+    ... def step(u, opt_state):
+    ...   updates, opt_state = tx.update(jnp.zeros_like(u), opt_state, u, value_fn=f)
+    ...   return optax.apply_updates(u, updates), opt_state
     >>> u = jnp.array([0.3])
     >>> opt_state = tx.init(u)
     >>> for _ in range(300):
-    ...   updates, opt_state = tx.update(jnp.zeros_like(u), opt_state, u, value_fn=f)
-    ...   u = optax.apply_updates(u, updates)
+    ...   u, opt_state = step(u, opt_state)
     >>> bool(abs(u[0]) < 0.02)
     True
 
@@ -115,24 +120,22 @@ def scale_by_kbeam(
     key, beam_key = jax.random.split(key)
     K = num_beams
   else:
-    beam_key = None
     K = jax.tree.leaves(beams)[0].shape[0] if num_beams is None else num_beams
-    if key is None:
-      key = jax.random.key(0)
+    key, beam_key = jax.random.split(jax.random.key(0) if key is None else key)
 
   def init_fn(params: PyTree) -> ScaleByKBeamState:
     del params
     stacked = init_beams(beam_key, beams, K)
     dtype = jnp.result_type(*jax.tree.leaves(stacked))
     return ScaleByKBeamState(
-        beams=stacked,
-        follower_state=jax.vmap(follower.init)(stacked),
-        key=key,
-        count=jnp.zeros([], jnp.int32),
-        values=jnp.zeros((K,), dtype),
-        best=jnp.zeros([], jnp.int32),
-        eps_set_size=jnp.zeros([], jnp.int32),
-        certificate=jnp.zeros([], dtype),
+      beams=stacked,
+      follower_state=jax.vmap(follower.init)(stacked),
+      key=key,
+      count=jnp.zeros([], jnp.int32),
+      values=jnp.zeros((K,), dtype),
+      best=jnp.zeros([], jnp.int32),
+      eps_set_size=jnp.zeros([], jnp.int32),
+      certificate=jnp.zeros([], dtype),
     )
 
   def update_fn(updates, state, params=None, *, value_fn, **extra_args):
@@ -147,21 +150,21 @@ def scale_by_kbeam(
       return _common.ascend_beams(f, follower, project_v, num_ascent, params, *carry, ())
 
     beams, follower_state = jax.lax.cond(
-        state.count > 0, max_step, lambda carry: carry, (state.beams, state.follower_state)
+      state.count > 0, max_step, lambda carry: carry, (state.beams, state.follower_state)
     )
     key, rule_key = jax.random.split(state.key)
     eps = _common.resolve_epsilon(epsilon, state.count)
     d = direction(f, rule, params, beams, eps, rule_key, (), qp_iters)
     z = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), d.z, params)
     new_state = ScaleByKBeamState(
-        beams=beams,
-        follower_state=follower_state,
-        key=key,
-        count=optax.safe_increment(state.count),
-        values=d.values.astype(state.values.dtype),
-        best=d.best.astype(jnp.int32),
-        eps_set_size=d.eps_set_size,
-        certificate=d.certificate.astype(state.certificate.dtype),
+      beams=beams,
+      follower_state=follower_state,
+      key=key,
+      count=optax.safe_increment(state.count),
+      values=d.values.astype(state.values.dtype),
+      best=d.best.astype(jnp.int32),
+      eps_set_size=d.eps_set_size,
+      certificate=d.certificate.astype(state.certificate.dtype),
     )
     return z, new_state
 
@@ -169,10 +172,10 @@ def scale_by_kbeam(
 
 
 def kbeam_sgd(
-    learning_rate: optax.ScalarOrSchedule,
-    follower: optax.GradientTransformation,
-    beams: PyTree | Callable[[jax.Array], PyTree],
-    **kwargs: Any,
+  learning_rate: optax.ScalarOrSchedule,
+  follower: optax.GradientTransformation,
+  beams: PyTree | Callable[[jax.Array], PyTree],
+  **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """K-beam leader with plain gradient steps: ``chain(scale_by_kbeam, scale_by_learning_rate)``.
 
@@ -196,5 +199,5 @@ def kbeam_sgd(
     Array([-0.2, -0.2], dtype=float32)
   """
   return optax.chain(
-      scale_by_kbeam(follower, beams, **kwargs), optax.scale_by_learning_rate(learning_rate)
+    scale_by_kbeam(follower, beams, **kwargs), optax.scale_by_learning_rate(learning_rate)
   )

@@ -1,0 +1,1 @@
+"""The papers' problems as reusable definitions: objective, domain, known solution."""

@@ -1,0 +1,77 @@
+"""The tables the parametrized tests run over: every solver and every transform."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from kbeam_jax import minimax
+
+K = 3
+
+
+def game(u, v, scale=1.0):
+  """``½|u|² + scale·<u, v> - ½|v|²`` on dict/list pytrees of 3 numbers: saddle at 0."""
+  uf, vf = ravel_pytree(u)[0], ravel_pytree(v)[0]
+  return 0.5 * jnp.sum(uf**2) + scale * jnp.dot(uf, vf) - 0.5 * jnp.sum(vf**2)
+
+
+def u0(dtype=jnp.float32):
+  return {"w": jnp.array([0.4, -0.3], dtype), "b": [jnp.array(0.2, dtype)]}
+
+
+def v0(dtype=jnp.float32):
+  return [jnp.array([0.1, 0.25], dtype), {"c": jnp.array(-0.35, dtype)}]
+
+
+def stacked_beams(dtype=jnp.float32):
+  scales = jnp.linspace(-1.0, 1.0, K, dtype=dtype)
+  return jax.tree.map(lambda x: scales.reshape((K,) + (1,) * x.ndim) * x[None], v0(dtype))
+
+
+def _kbeam(rule):
+  def make(f):
+    return minimax.kbeam(
+      f, optax.sgd(0.2), optax.sgd(0.2), rule=rule, epsilon=0.0 if rule == "best" else 0.05
+    )
+
+  return make
+
+
+SOLVERS = {
+  **{f"kbeam_{rule}": (_kbeam(rule), True) for rule in minimax.RULES},
+  "simultaneous_gda": (
+    lambda f: minimax.simultaneous_gda(f, optax.sgd(0.2), optax.sgd(0.2)),
+    False,
+  ),
+  "alternating_gda": (lambda f: minimax.alternating_gda(f, optax.sgd(0.2), optax.sgd(0.2)), False),
+  "optimistic_gda": (lambda f: minimax.optimistic_gda(f, optax.sgd(0.1), optax.sgd(0.1)), False),
+  "extragradient": (lambda f: minimax.extragradient(f, optax.sgd(0.2), optax.sgd(0.2)), False),
+}
+
+
+def init_solver(name, f, dtype=jnp.float32):
+  make, uses_beams = SOLVERS[name]
+  solver = make(f)
+  if uses_beams:
+    return solver, solver.init(jax.random.key(0), u0(dtype), stacked_beams(dtype), K)
+  return solver, solver.init(jax.random.key(0), u0(dtype), v0(dtype))
+
+
+def _transform(rule):
+  def make(beams):
+    eps = 0.0 if rule == "best" else 0.05
+    return optax.chain(
+      minimax.scale_by_kbeam(optax.sgd(0.2), beams, rule=rule, epsilon=eps), optax.sgd(0.2)
+    )
+
+  return make
+
+
+TRANSFORMS = {
+  **{f"scale_by_kbeam_{rule}": _transform(rule) for rule in minimax.RULES},
+  "kbeam_sgd": lambda beams: minimax.kbeam_sgd(0.2, optax.sgd(0.2), beams),
+  "kbeam_adam": lambda beams: optax.chain(
+    minimax.scale_by_kbeam(optax.adam(0.1), beams), optax.adam(0.02)
+  ),
+}

@@ -1,0 +1,97 @@
+"""Bad input gives an error that names the problem."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from _cases import K, game, stacked_beams, u0, v0
+
+from kbeam_jax import minimax
+
+sgd = optax.sgd(0.1)
+
+
+def test_k_below_one():
+  solver = minimax.kbeam(game, sgd, sgd)
+  with pytest.raises(ValueError, match=r"K \(the number of beams\) must be >= 1, got K=0"):
+    solver.init(jax.random.key(0), u0(), lambda key: v0(), 0)
+
+
+def test_k_not_an_int():
+  with pytest.raises(TypeError, match="K .* must be a Python int"):
+    minimax.kbeam(game, sgd, sgd).init(jax.random.key(0), u0(), lambda key: v0(), 2.0)
+
+
+@pytest.mark.parametrize("rule", ["random", "min_norm", "kiwiel"])
+def test_negative_epsilon(rule):
+  with pytest.raises(ValueError, match="epsilon must be >= 0, got epsilon=-0.1"):
+    minimax.kbeam(game, sgd, sgd, rule=rule, epsilon=-0.1)
+  with pytest.raises(ValueError, match="epsilon must be >= 0"):
+    minimax.scale_by_kbeam(sgd, stacked_beams(), rule=rule, epsilon=-0.1)
+
+
+def test_best_rule_with_epsilon():
+  with pytest.raises(ValueError, match="rule='best' .* epsilon=0"):
+    minimax.kbeam(game, sgd, sgd, rule="best", epsilon=0.1)
+
+
+def test_unknown_rule():
+  with pytest.raises(ValueError, match="rule must be one of"):
+    minimax.kbeam(game, sgd, sgd, rule="steepest")
+
+
+def test_num_ascent_below_one():
+  with pytest.raises(ValueError, match="num_ascent"):
+    minimax.kbeam(game, sgd, sgd, num_ascent=0)
+
+
+def test_beams_with_the_wrong_leading_axis():
+  solver = minimax.kbeam(game, sgd, sgd)
+  with pytest.raises(ValueError, match=r"leading axis of size K=4.*\[0\] has shape \(3, 2\)"):
+    solver.init(jax.random.key(0), u0(), stacked_beams(), 4)
+  with pytest.raises(ValueError, match="leading axis of size K=3"):
+    solver.init(jax.random.key(0), u0(), v0(), K)  # one v instead of K stacked beams
+
+
+def test_non_scalar_objective():
+  vector_game = lambda u, v: jnp.stack([game(u, v), game(u, v)])
+  solver = minimax.kbeam(vector_game, sgd, sgd)
+  state = solver.init(jax.random.key(0), u0(), stacked_beams(), K)
+  with pytest.raises(ValueError, match=r"objective f\(u, v\) must return a scalar.*\(2,\)"):
+    solver.step(state)
+  gda = minimax.simultaneous_gda(vector_game, sgd, sgd)
+  with pytest.raises(ValueError, match="must return a scalar"):
+    gda.step(gda.init(jax.random.key(0), u0(), v0()))
+  tx = minimax.kbeam_sgd(0.1, sgd, stacked_beams())
+  with pytest.raises(ValueError, match=r"value_fn\(u, v\) must return a scalar"):
+    tx.update(u0(), tx.init(u0()), u0(), value_fn=vector_game)
+
+
+def test_mismatched_grads_and_params():
+  tx = minimax.kbeam_sgd(0.1, sgd, stacked_beams())
+  wrong = {"w": jnp.zeros(2), "b": jnp.zeros(())}  # b is not a list
+  with pytest.raises(ValueError, match="grads and params must have the same pytree structure"):
+    tx.update(wrong, tx.init(u0()), u0(), value_fn=game)
+
+
+def test_integer_parameters():
+  with pytest.raises(TypeError, match="u must hold floating-point arrays.*int32"):
+    minimax.kbeam(game, sgd, sgd).init(jax.random.key(0), {"w": jnp.arange(2)}, stacked_beams(), K)
+
+
+def test_transform_initializer_needs_k_and_key():
+  with pytest.raises(ValueError, match="num_beams=K and key"):
+    minimax.scale_by_kbeam(sgd, lambda key: v0())
+
+
+def test_transform_without_params():
+  tx = minimax.kbeam_sgd(0.1, sgd, stacked_beams())
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(u0(), tx.init(u0()), None, value_fn=game)
+  with pytest.raises(TypeError, match="value_fn"):
+    tx.update(u0(), tx.init(u0()), u0())
+
+
+def test_negative_steps():
+  with pytest.raises(ValueError, match="num_steps must be >= 0"):
+    minimax.run(lambda s: (s, None), 0, -1)

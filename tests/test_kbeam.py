@@ -1,0 +1,221 @@
+"""K-beam solver: K = 1 is alternating GDA, vmapped beams equal a loop, the transform
+equals the solver, and it runs inside ``nnx.Optimizer``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from kbeam_jax import minimax
+from kbeam_jax.tasks import surfaces
+
+
+def objective(u, v, scale):
+  """A coupled non-quadratic game on dict/list pytrees."""
+  a, b = u["a"], u["b"]
+  x, y = v[0], v[1]
+  return (
+    scale * jnp.sum(jnp.tanh(a) * x)
+    + jnp.sum(b**2) * jnp.sum(y)
+    - 0.5 * jnp.sum(x**2)
+    - 0.5 * jnp.sum(y**2)
+    + 0.1 * jnp.sum(a**2)
+  )
+
+
+def leader_u():
+  return {"a": jnp.array([0.5, -1.0, 0.3]), "b": jnp.array([[0.2, 0.1]])}
+
+
+def beam_init(key):
+  k1, k2 = jax.random.split(key)
+  return [jax.random.normal(k1, (3,)), jax.random.normal(k2, (2,))]
+
+
+def test_k1_equals_alternating_gda_step_for_step():
+  leader, follower = optax.adam(0.05), optax.sgd(0.1, momentum=0.5)
+  kb = minimax.kbeam(objective, leader, follower)
+  gda = minimax.alternating_gda(objective, leader, follower)
+  key = jax.random.key(0)
+  s_k = kb.init(key, leader_u(), beam_init, K=1)
+  v0 = jax.tree.map(lambda x: x[0], s_k.beams)
+  s_g = gda.init(key, leader_u(), v0)
+  step_k, step_g = jax.jit(kb.step), jax.jit(gda.step)
+  for _ in range(25):
+    s_k, info = step_k(s_k, 1.5)
+    s_g, ginfo = step_g(s_g, 1.5)
+    for x, y in zip(jax.tree.leaves(s_k.u), jax.tree.leaves(s_g.u), strict=True):
+      np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(s_k.beams), jax.tree.leaves(s_g.v), strict=True):
+      np.testing.assert_array_equal(x[0], y)
+    # f itself is evaluated vmapped over one beam: the reported value may differ by an ulp.
+    np.testing.assert_allclose(info.values[0], ginfo.value, rtol=1e-6, atol=1e-7)
+
+
+def reference_step(f, leader, follower, state, *args):
+  """One K-beam step with a Python loop over the beams, for comparison."""
+  K = jax.tree.leaves(state.beams)[0].shape[0]
+  beam = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
+  values = [f(state.u, beam(state.beams, k), *args) for k in range(K)]
+  best = int(np.argmax(values))
+  z = jax.grad(f)(state.u, beam(state.beams, best), *args)
+  updates, leader_state = leader.update(z, state.leader_state, state.u)
+  u = optax.apply_updates(state.u, updates)
+  new_beams, new_states = [], []
+  for k in range(K):
+    v, s = beam(state.beams, k), beam(state.follower_state, k)
+    g = jax.tree.map(jnp.negative, jax.grad(f, argnums=1)(u, v, *args))
+    upd, s = follower.update(g, s, v)
+    new_beams.append(optax.apply_updates(v, upd))
+    new_states.append(s)
+  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  return state._replace(
+    u=u,
+    beams=stack(new_beams),
+    leader_state=leader_state,
+    follower_state=stack(new_states),
+    count=state.count + 1,
+  )
+
+
+def test_vmapped_beams_equal_a_loop_over_beams():
+  with jax.enable_x64(True):
+    leader, follower = optax.sgd(0.05), optax.adam(0.1)
+    kb = minimax.kbeam(objective, leader, follower)
+    state = kb.init(
+      jax.random.key(1), jax.tree.map(lambda x: x.astype(jnp.float64), leader_u()), beam_init, K=4
+    )
+    ref = state
+    for _ in range(10):
+      state, _ = kb.step(state, 2.0)
+      ref = reference_step(objective, leader, follower, ref, 2.0)
+      for x, y in zip(
+        jax.tree.leaves((state.u, state.beams, state.follower_state)),
+        jax.tree.leaves((ref.u, ref.beams, ref.follower_state)),
+        strict=True,
+      ):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_num_ascent_takes_j_steps_per_beam():
+  f = lambda u, v: u * v - 0.5 * v**2  # ∇_v f = u - v
+  kb = minimax.kbeam(f, optax.sgd(0.0), optax.sgd(0.5), num_ascent=3)
+  state = kb.init(jax.random.key(0), jnp.array(1.0), jnp.array([0.0, 2.0]), K=2)
+  state, _ = kb.step(state)
+  # v ← v + 0.5 (1 - v), three times: 0 → 0.875, 2 → 1.125.
+  np.testing.assert_allclose(state.beams, [0.875, 1.125], rtol=1e-6)
+
+
+def test_projections_are_applied():
+  f = lambda u, v: u * v
+  kb = minimax.kbeam(
+    f, optax.sgd(10.0), optax.sgd(10.0), project_u=surfaces.project, project_v=surfaces.project
+  )
+  state = kb.init(jax.random.key(0), jnp.array(0.1), jnp.array([0.3, -0.2]), K=2)
+  state, _ = kb.step(state)
+  assert float(state.u) == -0.5
+  np.testing.assert_allclose(state.beams, [-0.5, -0.5])
+
+
+def test_info_reports_all_beams():
+  f = lambda u, v: -((u - v) ** 2)
+  kb = minimax.kbeam(f, optax.sgd(0.1), optax.sgd(0.1), rule="min_norm", epsilon=0.5)
+  state = kb.init(jax.random.key(0), jnp.array(0.0), jnp.array([-1.0, 1.0, 3.0]), K=3)
+  _, info = kb.step(state)
+  np.testing.assert_allclose(info.values, [-1.0, -1.0, -9.0])
+  assert int(info.eps_set_size) == 2
+  # z = -2(u - v): (2, -2) in the ε-set; 0 is in their hull.
+  np.testing.assert_allclose(info.certificate, 0.0, atol=1e-6)
+  assert int(info.best) in (0, 1)
+
+
+def test_kiwiel_line_search_shrinks_a_too_long_step_and_null_steps():
+  f = lambda u, v: (u - v) ** 2 * 0.0 + u**2  # F(u) = u², one beam
+  long = minimax.kbeam(f, optax.sgd(4.0), optax.sgd(0.0), rule="kiwiel", epsilon=0.1)
+  state = long.init(jax.random.key(0), jnp.array(1.0), jnp.zeros((1,)), K=1)
+  state, info = long.step(state)
+  # sgd proposes u = 1 - 4·2 = -7; t = 1/4 lands on u = -1 (no decrease), t = 1/8 on 0.
+  np.testing.assert_allclose(info.step_scale, 0.125)
+  np.testing.assert_allclose(state.u, 0.0, atol=1e-7)
+  up = minimax.kbeam(f, optax.sgd(-1.0), optax.sgd(0.0), rule="kiwiel", epsilon=0.1)
+  state = up.init(jax.random.key(0), jnp.array(1.0), jnp.zeros((1,)), K=1)
+  state, info = up.step(state)  # an ascent proposal is never accepted
+  assert float(info.step_scale) == 0.0 and float(state.u) == 1.0
+
+
+def test_epsilon_schedule_is_used():
+  f = lambda u, v: -((u - v) ** 2)
+  eps = optax.linear_schedule(10.0, 0.0, 1)
+  kb = minimax.kbeam(f, optax.sgd(0.0), optax.sgd(0.0), rule="min_norm", epsilon=eps)
+  state = kb.init(jax.random.key(0), jnp.array(0.0), jnp.array([-1.0, 2.0]), K=2)
+  state, info = kb.step(state)
+  assert int(info.eps_set_size) == 2
+  _, info = kb.step(state)
+  assert int(info.eps_set_size) == 1
+
+
+@pytest.mark.parametrize("rule", minimax.RULES)
+def test_transform_matches_the_solver(rule):
+  leader, follower = optax.sgd(0.05), optax.sgd(0.1)
+  eps = 0.0 if rule == "best" else 0.3
+  kwargs = dict(rule=rule, epsilon=eps)
+  if rule == "kiwiel":  # the transform has no line search; compare on the weights only
+    kwargs["epsilon"] = 0.3
+  solver = minimax.kbeam(objective, leader, follower, **kwargs)
+  state = solver.init(jax.random.key(2), leader_u(), beam_init, K=3)
+  tx = optax.chain(
+    minimax.scale_by_kbeam(follower, state.beams, key=jax.random.key(2), **kwargs), leader
+  )
+  u, opt_state = leader_u(), tx.init(leader_u())
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=lambda a, b: objective(a, b, 1.0)))
+  for _ in range(8):
+    state, info = solver.step(state, 1.0)
+    if rule == "kiwiel":
+      assert float(info.step_scale) == 1.0  # so the solver took the plain step
+    updates, opt_state = update(u, opt_state, u)
+    u = optax.apply_updates(u, updates)
+    for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(state.u), strict=True):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(optax.tree.get(opt_state, "values"), info.values, rtol=1e-5)
+
+
+class Leader(nnx.Module):
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(2, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.linear(x)
+
+
+def test_transform_inside_nnx_optimizer():
+  x = jnp.array([[1.0, 0.5], [-0.3, 2.0]])
+  model = Leader(nnx.Rngs(0))
+  graphdef, params0 = nnx.split(model, nnx.Param)
+  params0 = nnx.as_pure(params0)  # plain arrays: the optimizer below updates model in place
+
+  def value_fn(params, v):
+    out = nnx.merge(graphdef, params)(x)
+    return jnp.mean(out @ v) + 0.5 * jnp.mean(out**2) - 0.5 * jnp.sum(v**2)
+
+  beams = jax.random.normal(jax.random.key(3), (4, 2))
+  tx = minimax.kbeam_sgd(0.1, optax.sgd(0.1), beams)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grads = nnx.grad(lambda m: jnp.mean(m(x)))(model)  # ignored by the transform
+  for _ in range(5):
+    optimizer.update(model, grads, value_fn=value_fn)
+
+  # The same five updates on the pure parameter arrays, outside nnx.
+  params = params0
+  opt_state = tx.init(params)
+  for _ in range(5):
+    updates, opt_state = tx.update(None, opt_state, params, value_fn=value_fn)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(model.linear.kernel[...], params["linear"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(
+    nnx.as_pure(optax.tree.get(optimizer.opt_state, "values")),
+    optax.tree.get(opt_state, "values"),
+    rtol=1e-6,
+  )
+  assert int(nnx.as_pure(optax.tree.get(optimizer.opt_state, "count"))) == 5

@@ -1,0 +1,28 @@
+"""Executes the notebooks at a small size (``KBEAM_JAX_QUICK=1``) so they cannot rot."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(path, monkeypatch):
+  monkeypatch.setenv("KBEAM_JAX_QUICK", "1")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  nb = nbformat.read(path, as_version=4)
+  assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+    f"{path.name} is stored with outputs; clear them before committing."
+  )
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+  ).execute()
+
+
+def test_there_are_notebooks():
+  assert NOTEBOOKS, "no notebooks found"
+  assert os.path.exists(NOTEBOOKS[0])

@@ -1,0 +1,129 @@
+"""Direction rules and the simplex subproblems against weights computed by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kbeam_jax.minimax import _rules
+from kbeam_jax.minimax._direction import direction
+
+
+def linear_objective(zs, values):
+  """``f(u, v_k) = values_k + <z_k, u>`` at ``u = 0``: gradients ``z_k``, values as given.
+
+  The beam ``v_k`` is the one-hot vector e_k, so ``f(u, v) = Σ_k v_k (values_k + z_k·u)``.
+  """
+  zs, values = jnp.asarray(zs), jnp.asarray(values)
+  f = lambda u, v: v @ (values + zs @ u)
+  beams = jnp.eye(len(values))
+  return f, jnp.zeros(zs.shape[1]), beams
+
+
+def weights(rule, zs, values, epsilon):
+  key = jax.random.key(0)
+  f, u, beams = linear_objective(zs, values)
+  return direction(f, rule, u, beams, jnp.asarray(epsilon), key, (), 2000)
+
+
+def test_project_simplex_by_hand():
+  mask = jnp.array([True, True, True])
+  np.testing.assert_allclose(
+    _rules.project_simplex(jnp.array([0.2, 0.3, 0.5]), mask), [0.2, 0.3, 0.5], atol=1e-7
+  )
+  # (2, 0, 0) -> (1, 0, 0); (1, 1, 0) -> (0.5, 0.5, 0); masked-out entries are zero.
+  np.testing.assert_allclose(
+    _rules.project_simplex(jnp.array([2.0, 0.0, 0.0]), mask), [1.0, 0.0, 0.0], atol=1e-7
+  )
+  np.testing.assert_allclose(
+    _rules.project_simplex(jnp.array([1.0, 1.0, 0.0]), mask), [0.5, 0.5, 0.0], atol=1e-7
+  )
+  np.testing.assert_allclose(
+    _rules.project_simplex(jnp.array([1.0, 5.0, 0.0]), jnp.array([True, False, True])),
+    [1.0, 0.0, 0.0],
+    atol=1e-7,
+  )
+
+
+# Two beams, z_1 = (1, 0), z_2 = (0, 1), f = (1.0, 0.9).
+TWO_Z, TWO_F = [[1.0, 0.0], [0.0, 1.0]], [1.0, 0.9]
+
+
+def test_best_two_beams():
+  d = weights("best", TWO_Z, TWO_F, 0.0)
+  np.testing.assert_allclose(d.weights, [1.0, 0.0])
+  np.testing.assert_allclose(d.z, [1.0, 0.0])
+  assert int(d.best) == 0 and int(d.eps_set_size) == 1
+  np.testing.assert_allclose(d.certificate, 1.0)
+
+
+def test_min_norm_two_beams():
+  # R = {1, 2}; the min-norm point of the segment is (0.5, 0.5), |z| = sqrt(0.5).
+  d = weights("min_norm", TWO_Z, TWO_F, 0.2)
+  np.testing.assert_allclose(d.weights, [0.5, 0.5], atol=1e-6)
+  np.testing.assert_allclose(d.z, [0.5, 0.5], atol=1e-6)
+  np.testing.assert_allclose(d.certificate, np.sqrt(0.5), atol=1e-6)
+  assert int(d.eps_set_size) == 2
+
+
+def test_kiwiel_two_beams():
+  # max_t -0.1 t - ((1 - t)^2 + t^2) / 2  ->  0.9 - 2t = 0, t = 0.45.
+  d = weights("kiwiel", TWO_Z, TWO_F, 0.2)
+  np.testing.assert_allclose(d.weights, [0.55, 0.45], atol=1e-6)
+
+
+def test_small_epsilon_keeps_only_the_best_beam():
+  for rule in ("random", "min_norm", "kiwiel"):
+    d = weights(rule, TWO_Z, TWO_F, 0.05)
+    np.testing.assert_allclose(d.weights, [1.0, 0.0], atol=1e-7)
+    np.testing.assert_allclose(d.certificate, 1.0, atol=1e-6)
+    assert int(d.eps_set_size) == 1
+
+
+def test_random_weights_are_normalized_exponentials_on_the_set():
+  key = jax.random.key(7)
+  zs, values = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [1.0, 0.95, 0.0]
+  f, u, beams = linear_objective(zs, values)
+  # direction() splits nothing: the rule key is used as given.
+  d = direction(f, "random", u, beams, jnp.asarray(0.1), key, (), 10)
+  e = -np.log(np.asarray(jax.random.uniform(key, (3,), minval=np.finfo(np.float32).tiny)))
+  expected = np.array([e[0], e[1], 0.0]) / (e[0] + e[1])
+  np.testing.assert_allclose(d.weights, expected, rtol=1e-6)
+  np.testing.assert_allclose(d.z, expected @ np.array(zs), rtol=1e-6)
+
+
+def test_zero_in_hull_certificate_is_zero():
+  # z = (1, 0), (-1, 1), (-1, -1): 0 = 0.5 z_1 + 0.25 z_2 + 0.25 z_3.
+  zs, values = [[1.0, 0.0], [-1.0, 1.0], [-1.0, -1.0]], [0.0, 0.0, 0.0]
+  d = weights("min_norm", zs, values, 0.0)
+  np.testing.assert_allclose(d.weights, [0.5, 0.25, 0.25], atol=1e-5)
+  np.testing.assert_allclose(d.certificate, 0.0, atol=1e-5)
+  np.testing.assert_allclose(d.z, [0.0, 0.0], atol=1e-5)
+  # With equal values Kiwiel's weights are the min-norm weights.
+  np.testing.assert_allclose(
+    weights("kiwiel", zs, values, 0.0).weights, [0.5, 0.25, 0.25], atol=1e-5
+  )
+
+
+def test_min_norm_three_beams_on_an_edge():
+  # Hull of (2, 0), (0, 2), (2, 2): the nearest point to 0 is (1, 1), on the first edge.
+  d = weights("min_norm", [[2.0, 0.0], [0.0, 2.0], [2.0, 2.0]], [0.0, 0.0, 0.0], 0.0)
+  np.testing.assert_allclose(d.weights, [0.5, 0.5, 0.0], atol=1e-5)
+  np.testing.assert_allclose(d.certificate, np.sqrt(2.0), atol=1e-5)
+
+
+def test_kiwiel_three_beams_drops_a_far_beam():
+  # f = (0, -0.1, -1): the third beam's gap outweighs its gradient; λ = (0.55, 0.45, 0).
+  d = weights("kiwiel", [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [0.0, -0.1, -1.0], 10.0)
+  np.testing.assert_allclose(d.weights, [0.55, 0.45, 0.0], atol=1e-5)
+  assert int(d.eps_set_size) == 3
+
+
+@pytest.mark.parametrize("rule", _rules.RULES)
+def test_weights_are_convex_and_on_the_set(rule):
+  zs = jax.random.normal(jax.random.key(1), (6, 4))
+  values = jnp.array([1.0, 0.99, 0.5, 0.98, 0.0, 1.0])
+  d = weights(rule, zs, values, 0.0 if rule == "best" else 0.05)
+  w = np.asarray(d.weights)
+  assert np.all(w >= 0) and np.isclose(w.sum(), 1.0, atol=1e-6)
+  assert np.all(w[[2, 4]] == 0)

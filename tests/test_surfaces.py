@@ -1,0 +1,60 @@
+"""The 2D surfaces task and the surfaces benchmark at a tiny size."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import numpy_reference
+from benchmarks import surfaces as study
+from kbeam_jax.tasks import surfaces
+
+
+@pytest.mark.parametrize("name", sorted(surfaces.SURFACES))
+def test_u_star_is_the_minimax_point(name):
+  s = surfaces.get(name)
+  us = jnp.linspace(-0.5, 0.5, 401)
+  F = jax.vmap(lambda u: surfaces.max_value(s, u, 401))(us)
+  assert abs(float(us[jnp.argmin(F)]) - s.u_star) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(surfaces.SURFACES))
+def test_saddle_flag(name):
+  """A saddle point exists iff max_u min_v f = min_u max_v f on the box."""
+  s = surfaces.get(name)
+  grid = jnp.linspace(-0.5, 0.5, 201)
+  F = jax.vmap(lambda u: jax.vmap(lambda v: s.f(u, v))(grid))(grid)  # F[u, v]
+  gap = float(F.max(axis=1).min() - F.min(axis=0).max())
+  assert (gap < 1e-6) == s.has_saddle
+
+
+@pytest.mark.parametrize("name", sorted(surfaces.SURFACES))
+def test_hand_gradients_of_the_numpy_reference(name):
+  f, du, dv = numpy_reference.SURFACES[name]
+  s = surfaces.get(name)
+  for u, v in [(0.3, -0.2), (-0.45, 0.1)]:
+    gu, gv = jax.grad(s.f, argnums=(0, 1))(jnp.float32(u), jnp.float32(v))
+    np.testing.assert_allclose([du(u, v), dv(u, v)], [gu, gv], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f(u, v), s.f(u, v), rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_surface():
+  with pytest.raises(KeyError, match="known surfaces"):
+    surfaces.get("banana")
+
+
+def test_study_writes_reports_and_matches_the_numpy_loop(tmp_path):
+  records = study.run_study(tmp_path, trials=3, num_iters=40, repeats=1, names=["seesaw"])
+  data = json.loads((tmp_path / "surfaces.json").read_text())
+  assert len(data["records"]) == len(records) == len(study.methods())
+  for r in data["records"]:
+    for field in ("surface", "method", "K", "error_mean", "error_std", "trials", "seconds"):
+      assert field in r
+    assert r["trials"] == 3 and r["seconds"] > 0 and np.isfinite(r["error_mean"])
+  timing = data["meta"]["timing"][0]
+  assert timing["max_abs_diff_u"] < 1e-4  # same algorithm, float32 against float64
+  md = (tmp_path / "surfaces.md").read_text()
+  assert "0.235 ± 0.127" in md and "seesaw" in md
+  assert (tmp_path / "surfaces.png").stat().st_size > 10_000
