@@ -1,4 +1,4 @@
-"""``python -m benchmarks {surfaces,all} [--quick] [--out results]``."""
+"""``python -m benchmarks SUITE [--quick] [--out DIR]``, SUITE one of SUITES or ``all``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("surfaces",)
+SUITES = ("surfaces", "bilevel_synthetic", "bilevel_scaling")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,21 @@ def main(argv: list[str] | None = None) -> int:
         repeats=1 if args.quick else 3,
         names=["seesaw", "anti_saddle"] if args.quick else None,
       )
-      print((args.out / "surfaces.md").read_text())
+    elif suite == "bilevel_synthetic":
+      from benchmarks import bilevel_synthetic
+
+      bilevel_synthetic.run_suite(
+        args.out,
+        trials=args.trials or (5 if args.quick else 20),
+        num_iters=300 if args.quick else 2000,
+        seed=args.seed,
+        repeats=1 if args.quick else 3,
+      )
+    elif suite == "bilevel_scaling":
+      from benchmarks import bilevel_scaling
+
+      bilevel_scaling.run_suite(args.out, quick=args.quick, repeats=1 if args.quick else 3)
+    print((args.out / f"{suite}.md").read_text())
     print(
       f"[{suite}] done in {time.perf_counter() - start:.1f} s; "
       f"results in {args.out}/{suite}.{{json,md,png}}"

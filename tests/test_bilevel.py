@@ -228,8 +228,10 @@ def test_transform_descends_to_the_bilevel_solution(name):
   p = Quadratic(7)
   p.D = jnp.zeros_like(p.D)  # F(u) = f(u, v*(u)) is then convex: a minimum exists
   options = dict(CONVERGED[name], num_steps=50)  # warm-started: 50 inner steps per update
-  tx = optax.chain(bilevel.scale_by_hypergradient(name.removesuffix("_checkpoint"), p.v0,
-                                                  **options), optax.sgd(0.2))
+  tx = optax.chain(
+    bilevel.scale_by_hypergradient(name.removesuffix("_checkpoint"), p.v0, **options),
+    optax.sgd(0.2),
+  )
   u, state = p.u, tx.init(p.u)
   update = jax.jit(lambda s, x: tx.update(None, s, x, outer_fn=p.f, inner_fn=p.g))
   for _ in range(300):

@@ -1,0 +1,193 @@
+"""Time and memory of one hypergradient vs T and vs the size of v, with fitted exponents.
+
+``python -m benchmarks bilevel_scaling [--quick] [--out results]``
+
+A separable strongly convex lower problem (so that v can reach 10^6) whose Hessian
+depends on v (so that RMD really needs the trajectory):
+``g = ½ Σ a_i v_i² + Σ softplus(v_i) + uᵀBv``, ``f = ½|v - 1|² + ½|u|²``, ``u`` in R^4.
+Every method is compiled, then timed (median of repeats); its peak memory is XLA's compiled memory
+analysis (temporaries + arguments + outputs, exact for the compiled program). Two sweeps:
+T in {1, 10, 100, 1000} at V = 10^4, and V in {10, ..., 10^6} at T = 10. The growth
+exponents are least-squares slopes in log-log, printed beside the design's table.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from benchmarks import _common
+from kbeam_jax import bilevel
+
+U = 4
+SOLVE_STEPS = 10
+METHODS = ("fmd", "rmd", "rmd_checkpoint", "approxgrad", "cg", "neumann")
+# Expected exponents (time in T, time in V, memory in T, memory in V), design table.
+EXPECTED = {
+  "fmd": (1, 1, 0, 1),
+  "rmd": (1, 1, 1, 1),
+  "rmd_checkpoint": (1, 1, 0.5, 1),
+  "approxgrad": (1, 1, 0, 1),
+  "cg": (1, 1, 0, 1),
+  "neumann": (1, 1, 0, 1),
+}
+
+
+def problem(V: int, seed: int = 0):
+  ka, kb = jax.random.split(jax.random.key(seed))
+  a = jax.random.uniform(ka, (V,), minval=1.0, maxval=2.0)
+  B = jax.random.normal(kb, (U, V)) / jnp.sqrt(V)
+  g = lambda u, v, a, B: 0.5 * jnp.sum(a * v**2) + jnp.sum(jax.nn.softplus(v)) + u @ B @ v
+  f = lambda u, v, a, B: 0.5 * jnp.sum((v - 1.0) ** 2) + 0.5 * jnp.sum(u**2)
+  return f, g, (jnp.ones(U), jnp.zeros(V), a, B)
+
+
+def hypergradient_fn(method: str, T: int):
+  f_g_opts = dict(num_steps=T, inner_lr=0.4)
+  name = method.removesuffix("_checkpoint")
+  if name in ("approxgrad", "neumann"):
+    f_g_opts.update(solve_steps=SOLVE_STEPS, solve_lr=0.2)
+  elif name == "cg":
+    f_g_opts.update(solve_steps=SOLVE_STEPS)
+  if method == "rmd_checkpoint":
+    f_g_opts.update(checkpoint=True)
+
+  def fn(f, g, u, v, a, B):
+    return getattr(bilevel, name)(f, g, u, v, a, B, **f_g_opts).grad
+
+  return fn
+
+
+def measure(method: str, T: int, V: int, repeats: int) -> dict[str, Any]:
+  f, g, (u, v, a, B) = problem(V)
+  fn = functools.partial(hypergradient_fn(method, T), f, g)
+  compiled = jax.jit(fn).lower(u, v, a, B).compile()
+  mem = compiled.memory_analysis()
+  peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+  _, compile_s, run_s = _common.compile_and_time(fn, u, v, a, B, repeats=repeats)
+  return dict(
+    method=method,
+    T=T,
+    V=V,
+    U=U,
+    seconds=run_s,
+    compile_seconds=compile_s,
+    peak_bytes=int(peak),
+    temp_bytes=int(mem.temp_size_in_bytes),
+  )
+
+
+def slope(x, y) -> float:
+  x, y = np.log(np.asarray(x, float)), np.log(np.maximum(np.asarray(y, float), 1e-12))
+  return float(np.polyfit(x, y, 1)[0])
+
+
+def run_suite(out_dir: Path, *, quick: bool = False, repeats: int = 3) -> list[dict[str, Any]]:
+  Ts = (1, 10, 100) if quick else (1, 10, 100, 1000)
+  Vs = (10, 1_000, 100_000) if quick else (10, 100, 1_000, 10_000, 100_000, 1_000_000)
+  jobs = [("T", m, T, 10_000) for m in METHODS for T in Ts]
+  jobs += [("V", m, 10, V) for m in METHODS for V in Vs]
+  records = []
+  for sweep, method, T, V in tqdm(jobs, desc="bilevel_scaling", unit="run"):
+    records.append(dict(measure(method, T, V, repeats), sweep=sweep))
+  fits = {}
+  for m in METHODS:
+    t = [r for r in records if r["method"] == m and r["sweep"] == "T"]
+    v = [r for r in records if r["method"] == m and r["sweep"] == "V"]
+    # Fit over the larger sizes, where fixed overheads no longer dominate.
+    t_fit, v_fit = t[1:], v[len(v) // 2 :]
+    fits[m] = dict(
+      time_T=slope([r["T"] for r in t_fit], [r["seconds"] for r in t_fit]),
+      time_V=slope([r["V"] for r in v_fit], [r["seconds"] for r in v_fit]),
+      memory_T=slope([r["T"] for r in t_fit], [r["temp_bytes"] + 1 for r in t_fit]),
+      memory_V=slope([r["V"] for r in v_fit], [r["peak_bytes"] for r in v_fit]),
+    )
+  meta = dict(U=U, solve_steps=SOLVE_STEPS, fits=fits, environment=_common.environment())
+  _common.write_json(out_dir / "bilevel_scaling.json", records, meta)
+  (out_dir / "bilevel_scaling.md").write_text(markdown(records, meta, Ts, Vs))
+  plot(records, out_dir / "bilevel_scaling.png")
+  return records
+
+
+def markdown(records, meta, Ts, Vs) -> str:
+  lines = [
+    "# One hypergradient: time and peak memory vs T and vs dim(v)",
+    "",
+    f"u in R^{meta['U']}; implicit methods use {meta['solve_steps']} solve steps. "
+    "Time: median after compiling. Memory: XLA compiled memory analysis.",
+    "",
+  ]
+  rows = []
+  for m in METHODS:
+    fit, exp = meta["fits"][m], EXPECTED[m]
+    rows.append(
+      [m]
+      + [
+        f"{fit[k]:.2f} ({e})"
+        for k, e in zip(("time_T", "time_V", "memory_T", "memory_V"), exp, strict=True)
+      ]
+    )
+  lines += [
+    "## Fitted growth exponents (design's expectation in parentheses)",
+    "",
+    "Memory in T is fitted on the temporaries (the arguments do not grow with T).",
+    "",
+    _common.markdown_table(
+      ["method", "time ~ T^", "time ~ V^", "memory ~ T^", "memory ~ V^"], rows
+    ),
+    "",
+  ]
+  for sweep, key, values in (("T", "T", Ts), ("V", "V", Vs)):
+    rows = []
+    for m in METHODS:
+      rs = {r[key]: r for r in records if r["method"] == m and r["sweep"] == sweep}
+      rows.append(
+        [m]
+        + [
+          f"{rs[x]['seconds'] * 1e3:.2f} ms / {rs[x]['peak_bytes'] / 2**20:.2f} MiB" for x in values
+        ]
+      )
+    title = "vs T (V = 10^4)" if sweep == "T" else "vs V (T = 10)"
+    lines += [
+      f"## Time / peak memory {title}",
+      "",
+      _common.markdown_table(["method"] + [f"{key} = {x}" for x in values], rows),
+      "",
+    ]
+  env = meta["environment"]
+  lines += [
+    f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}. The MLP inner "
+    "problem and the jaxopt comparison of the issue are not measured yet.",
+    "",
+  ]
+  return "\n".join(lines)
+
+
+def plot(records, path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+  for j, (sweep, key) in enumerate((("T", "T"), ("V", "V"))):
+    for m in METHODS:
+      rs = sorted(
+        (r for r in records if r["method"] == m and r["sweep"] == sweep), key=lambda r: r[key]
+      )
+      xs = [r[key] for r in rs]
+      axes[0, j].loglog(xs, [r["seconds"] for r in rs], "o-", label=m)
+      axes[1, j].loglog(xs, [r["peak_bytes"] for r in rs], "o-", label=m)
+    axes[0, j].set(xlabel=key, ylabel="seconds")
+    axes[1, j].set(xlabel=key, ylabel="peak bytes")
+  axes[0, 0].legend(fontsize=7)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

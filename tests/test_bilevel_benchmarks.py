@@ -1,0 +1,54 @@
+"""The bilevel benchmark suites' pieces at a tiny size."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import bilevel_scaling, bilevel_synthetic
+
+
+@pytest.mark.parametrize("method", ["cg", "penalty_al"])
+def test_synthetic_methods_reach_the_solution(method):
+  u0 = jnp.full((bilevel_synthetic.DIM,), 3.0)
+  v0 = jnp.full((bilevel_synthetic.DIM,), -2.0)
+  errors = jax.jit(bilevel_synthetic.run_method("sum", method, 5, 1500))(u0, v0)
+  assert float(errors[-1]) < 1e-2 * float(errors[0])
+
+
+def test_truncation_bias_of_rmd_shrinks_with_T():
+  """With warm starts RMD's fixed point is biased by the T-step truncation, less for larger T."""
+  u0 = jnp.full((bilevel_synthetic.DIM,), 3.0)
+  v0 = jnp.full((bilevel_synthetic.DIM,), -2.0)
+  final = [
+    float(jax.jit(bilevel_synthetic.run_method("sum", "rmd", T, 1500))(u0, v0)[-1])
+    for T in (1, 5, 20)
+  ]
+  assert final[0] > final[1] > final[2] > 0
+
+
+def test_naive_gd_stalls_on_the_difference_problem():
+  """``∇_u f = -2(u - v)`` vanishes at ``v = u``: without ``dv/du`` u never moves to 0."""
+  u0 = jnp.full((bilevel_synthetic.DIM,), 3.0)
+  v0 = jnp.full((bilevel_synthetic.DIM,), 3.0)
+  naive = jax.jit(bilevel_synthetic.run_method("difference", "gd", 10, 300))(u0, v0)
+  rmd = jax.jit(bilevel_synthetic.run_method("difference", "rmd", 10, 300))(u0, v0)
+  assert float(naive[-1]) > 0.5 * float(naive[0])
+  assert float(rmd[-1]) < 1e-3 * float(rmd[0])
+
+
+def test_unknown_problem():
+  with pytest.raises(KeyError, match="known: 'sum', 'difference'"):
+    bilevel_synthetic.problem("banana")
+
+
+def test_scaling_measurement_and_slope():
+  r = bilevel_scaling.measure("rmd", 5, 50, repeats=1)
+  assert r["seconds"] > 0 and r["peak_bytes"] > 50 * 4
+  # RMD stores the trajectory: its temporaries grow with T, FMD's do not.
+  rmd_long = bilevel_scaling.measure("rmd", 200, 50, repeats=1)
+  fmd_short = bilevel_scaling.measure("fmd", 5, 50, repeats=1)
+  fmd_long = bilevel_scaling.measure("fmd", 200, 50, repeats=1)
+  assert rmd_long["temp_bytes"] > 10 * r["temp_bytes"]
+  assert fmd_long["temp_bytes"] < 2 * fmd_short["temp_bytes"] + 1024
+  np.testing.assert_allclose(bilevel_scaling.slope([1, 10, 100], [2, 20, 200]), 1.0)
