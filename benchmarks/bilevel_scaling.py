@@ -39,13 +39,45 @@ EXPECTED = {
 }
 
 
-def problem(V: int, seed: int = 0):
+PROBLEMS = ("separable", "mlp")
+MLP_IN, MLP_N = 8, 64
+
+
+def problem(kind: str, V: int, seed: int = 0):
+  """``(f, g, (u, v0, *data))`` with ``dim(v) = V`` (about V for the MLP)."""
+  if kind == "mlp":
+    return mlp_problem(V, seed)
   ka, kb = jax.random.split(jax.random.key(seed))
   a = jax.random.uniform(ka, (V,), minval=1.0, maxval=2.0)
   B = jax.random.normal(kb, (U, V)) / jnp.sqrt(V)
   g = lambda u, v, a, B: 0.5 * jnp.sum(a * v**2) + jnp.sum(jax.nn.softplus(v)) + u @ B @ v
   f = lambda u, v, a, B: 0.5 * jnp.sum((v - 1.0) ** 2) + 0.5 * jnp.sum(u**2)
   return f, g, (jnp.ones(U), jnp.zeros(V), a, B)
+
+
+def mlp_problem(V: int, seed: int = 0):
+  """A one-hidden-layer tanh regression network as the inner problem.
+
+  ``v`` holds its weights (8 -> H -> 1, H chosen so that ``dim(v) ≈ V``); ``u`` scales the
+  first 4 input features by ``exp(u)``. ``g`` is the training loss plus ``1e-3|v|²``,
+  ``f`` the validation loss.
+  """
+  H = max(1, V // (MLP_IN + 2))
+  kx, ky, kv, kw = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(kx, (2, MLP_N, MLP_IN))
+  y = jnp.sin(x[..., 0]) + 0.1 * jax.random.normal(ky, (2, MLP_N))
+  v0 = jax.random.normal(kv, (H * (MLP_IN + 2) + 1,)) / jnp.sqrt(MLP_IN)
+
+  def predict(u, v, xs):
+    W1 = v[: MLP_IN * H].reshape(MLP_IN, H)
+    b1 = v[MLP_IN * H : MLP_IN * H + H]
+    w2, b2 = v[MLP_IN * H + H : -1], v[-1]
+    scale = jnp.concatenate([jnp.exp(u), jnp.ones(MLP_IN - U)])
+    return jnp.tanh((xs * scale[None, :]) @ W1 + b1[None, :]) @ w2 / jnp.sqrt(H) + b2
+
+  g = lambda u, v, x, y: jnp.mean((predict(u, v, x[0]) - y[0]) ** 2) + 1e-3 * jnp.sum(v**2)
+  f = lambda u, v, x, y: jnp.mean((predict(u, v, x[1]) - y[1]) ** 2)
+  return f, g, (jnp.zeros(U), v0, x, y)
 
 
 def hypergradient_fn(method: str, T: int):
@@ -58,23 +90,26 @@ def hypergradient_fn(method: str, T: int):
   if method == "rmd_checkpoint":
     f_g_opts.update(checkpoint=True)
 
-  def fn(f, g, u, v, a, B):
-    return getattr(bilevel, name)(f, g, u, v, a, B, **f_g_opts).grad
+  def fn(f, g, u, v, *data):
+    return getattr(bilevel, name)(f, g, u, v, *data, **f_g_opts).grad
 
   return fn
 
 
-def measure(method: str, T: int, V: int, repeats: int) -> dict[str, Any]:
-  f, g, (u, v, a, B) = problem(V)
+def measure(method: str, T: int, V: int, repeats: int, kind: str = "separable"):
+  """Compiled time and memory of one hypergradient of ``method`` on problem ``kind``."""
+  f, g, args = problem(kind, V)
   fn = functools.partial(hypergradient_fn(method, T), f, g)
-  compiled = jax.jit(fn).lower(u, v, a, B).compile()
+  compiled = jax.jit(fn).lower(*args).compile()
   mem = compiled.memory_analysis()
   peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-  _, compile_s, run_s = _common.compile_and_time(fn, u, v, a, B, repeats=repeats)
+  _, compile_s, run_s = _common.compile_and_time(fn, *args, repeats=repeats)
   return dict(
+    problem=kind,
     method=method,
     T=T,
-    V=V,
+    V=int(args[1].size),
+    V_target=V,
     U=U,
     seconds=run_s,
     compile_seconds=compile_s,
@@ -91,18 +126,19 @@ def slope(x, y) -> float:
 def run_suite(out_dir: Path, *, quick: bool = False, repeats: int = 3) -> list[dict[str, Any]]:
   Ts = (1, 10, 100) if quick else (1, 10, 100, 1000)
   Vs = (10, 1_000, 100_000) if quick else (10, 100, 1_000, 10_000, 100_000, 1_000_000)
-  jobs = [("T", m, T, 10_000) for m in METHODS for T in Ts]
-  jobs += [("V", m, 10, V) for m in METHODS for V in Vs]
+  jobs = [(k, "T", m, T, 10_000) for k in PROBLEMS for m in METHODS for T in Ts]
+  jobs += [(k, "V", m, 10, V) for k in PROBLEMS for m in METHODS for V in Vs]
   records = []
-  for sweep, method, T, V in tqdm(jobs, desc="bilevel_scaling", unit="run"):
-    records.append(dict(measure(method, T, V, repeats), sweep=sweep))
+  for kind, sweep, method, T, V in tqdm(jobs, desc="bilevel_scaling", unit="run"):
+    records.append(dict(measure(method, T, V, repeats, kind), sweep=sweep))
   fits = {}
-  for m in METHODS:
-    t = [r for r in records if r["method"] == m and r["sweep"] == "T"]
-    v = [r for r in records if r["method"] == m and r["sweep"] == "V"]
+  for k, m in ((k, m) for k in PROBLEMS for m in METHODS):
+    mine = [r for r in records if r["problem"] == k and r["method"] == m]
+    t = [r for r in mine if r["sweep"] == "T"]
+    v = [r for r in mine if r["sweep"] == "V"]
     # Fit over the larger sizes, where fixed overheads no longer dominate.
     t_fit, v_fit = t[1:], v[len(v) // 2 :]
-    fits[m] = dict(
+    fits[f"{k}/{m}"] = dict(
       time_T=slope([r["T"] for r in t_fit], [r["seconds"] for r in t_fit]),
       time_V=slope([r["V"] for r in v_fit], [r["seconds"] for r in v_fit]),
       memory_T=slope([r["T"] for r in t_fit], [r["temp_bytes"] + 1 for r in t_fit]),
@@ -120,50 +156,45 @@ def markdown(records, meta, Ts, Vs) -> str:
     "# One hypergradient: time and peak memory vs T and vs dim(v)",
     "",
     f"u in R^{meta['U']}; implicit methods use {meta['solve_steps']} solve steps. "
-    "Time: median after compiling. Memory: XLA compiled memory analysis.",
+    "Time: median after compiling. Memory: XLA compiled memory analysis. Problems: "
+    "`separable` (strongly convex, diagonal Hessian), `mlp` (8 -> H -> 1 tanh network, "
+    "dim(v) = 10H + 1).",
+    "",
+    "## Fitted growth exponents (design's expectation in parentheses)",
+    "",
+    "Least-squares slopes in log-log over T >= 10 and the upper half of the V sweep. "
+    "Memory in T is fitted on the temporaries (the arguments do not grow with T).",
     "",
   ]
   rows = []
-  for m in METHODS:
-    fit, exp = meta["fits"][m], EXPECTED[m]
-    rows.append(
-      [m]
-      + [
-        f"{fit[k]:.2f} ({e})"
-        for k, e in zip(("time_T", "time_V", "memory_T", "memory_V"), exp, strict=True)
-      ]
-    )
-  lines += [
-    "## Fitted growth exponents (design's expectation in parentheses)",
-    "",
-    "Memory in T is fitted on the temporaries (the arguments do not grow with T).",
-    "",
-    _common.markdown_table(
-      ["method", "time ~ T^", "time ~ V^", "memory ~ T^", "memory ~ V^"], rows
-    ),
-    "",
-  ]
-  for sweep, key, values in (("T", "T", Ts), ("V", "V", Vs)):
-    rows = []
+  for k in PROBLEMS:
     for m in METHODS:
-      rs = {r[key]: r for r in records if r["method"] == m and r["sweep"] == sweep}
-      rows.append(
-        [m]
-        + [
-          f"{rs[x]['seconds'] * 1e3:.2f} ms / {rs[x]['peak_bytes'] / 2**20:.2f} MiB" for x in values
+      fit = meta["fits"][f"{k}/{m}"]
+      keys = ("time_T", "time_V", "memory_T", "memory_V")
+      rows.append([k, m] + [f"{fit[q]:.2f} ({e})" for q, e in zip(keys, EXPECTED[m], strict=True)])
+  header = ["problem", "method", "time ~ T^", "time ~ V^", "memory ~ T^", "memory ~ V^"]
+  lines += [_common.markdown_table(header, rows), ""]
+  for k in PROBLEMS:
+    for sweep, values in (("T", Ts), ("V", Vs)):
+      rows = []
+      for m in METHODS:
+        mine = [r for r in records if (r["problem"], r["method"], r["sweep"]) == (k, m, sweep)]
+        by = {r["T"] if sweep == "T" else r["V_target"]: r for r in mine}
+        cells = [
+          f"{by[x]['seconds'] * 1e3:.2f} ms / {by[x]['peak_bytes'] / 2**20:.2f} MiB" for x in values
         ]
-      )
-    title = "vs T (V = 10^4)" if sweep == "T" else "vs V (T = 10)"
-    lines += [
-      f"## Time / peak memory {title}",
-      "",
-      _common.markdown_table(["method"] + [f"{key} = {x}" for x in values], rows),
-      "",
-    ]
+        rows.append([m] + cells)
+      title = "vs T (V ≈ 10^4)" if sweep == "T" else "vs V (T = 10)"
+      lines += [
+        f"## {k}: time / peak memory {title}",
+        "",
+        _common.markdown_table(["method"] + [f"{sweep} = {x}" for x in values], rows),
+        "",
+      ]
   env = meta["environment"]
   lines += [
-    f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}. The MLP inner "
-    "problem and the jaxopt comparison of the issue are not measured yet.",
+    f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}. Not measured: "
+    "jaxopt's implicit differentiation (jaxopt is not installed here).",
     "",
   ]
   return "\n".join(lines)
@@ -175,17 +206,20 @@ def plot(records, path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-  for j, (sweep, key) in enumerate((("T", "T"), ("V", "V"))):
-    for m in METHODS:
-      rs = sorted(
-        (r for r in records if r["method"] == m and r["sweep"] == sweep), key=lambda r: r[key]
-      )
-      xs = [r[key] for r in rs]
-      axes[0, j].loglog(xs, [r["seconds"] for r in rs], "o-", label=m)
-      axes[1, j].loglog(xs, [r["peak_bytes"] for r in rs], "o-", label=m)
-    axes[0, j].set(xlabel=key, ylabel="seconds")
-    axes[1, j].set(xlabel=key, ylabel="peak bytes")
+  fig, axes = plt.subplots(2, 4, figsize=(18, 7))
+  for i, k in enumerate(PROBLEMS):
+    for j, (sweep, key) in enumerate((("T", "T"), ("V", "V"))):
+      col = 2 * i + j
+      for m in METHODS:
+        rs = sorted(
+          (r for r in records if (r["problem"], r["method"], r["sweep"]) == (k, m, sweep)),
+          key=lambda r: r[key],
+        )
+        xs = [r[key] for r in rs]
+        axes[0, col].loglog(xs, [r["seconds"] for r in rs], "o-", label=m)
+        axes[1, col].loglog(xs, [r["peak_bytes"] for r in rs], "o-", label=m)
+      axes[0, col].set(title=f"{k}: vs {key}", xlabel=key, ylabel="seconds")
+      axes[1, col].set(xlabel=key, ylabel="peak bytes")
   axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -101,18 +101,17 @@ def final_u(surface: surfaces.Surface, method: Method, num_iters: int):
 
 
 def trajectories(surface: surfaces.Surface, num_iters: int, key, u0, beams0, K: int = 5):
-  """The paths of trial 0 for the plot: GD and Alt-GD ``(u, v)``, K-beam ``(u, beams)``."""
-  out = {}
-  for method in (Method("gd", "gd", 1), Method("alt_gd", "alt_gd", 1)):
+  """The paths of trial 0 for the plot, starting points included: GD and Alt-GD
+  ``(u, v)``, K-beam ``(u, beams)``."""
+
+  def path(method, pick):
     solver = make_solver(surface, method)
     state = init_state(solver, method, key, u0, beams0)
-    _, out[method.name] = minimax.run(solver.step, state, num_iters, trace=lambda s, i: (s.u, s.v))
-  method = Method(f"kbeam_{K}", "kbeam", K)
-  solver = make_solver(surface, method)
-  state = init_state(solver, method, key, u0, beams0)
-  _, out[method.name] = minimax.run(
-    solver.step, state, num_iters, trace=lambda s, i: (s.u, s.beams, i.certificate)
-  )
+    _, trace = minimax.run(solver.step, state, num_iters, trace=lambda s, i: pick(s))
+    return jax.tree.map(lambda x0, xs: jnp.concatenate([x0[None], xs]), pick(state), trace)
+
+  out = {m: path(Method(m, m, 1), lambda s: (s.u, s.v)) for m in ("gd", "alt_gd")}
+  out[f"kbeam_{K}"] = path(Method(f"kbeam_{K}", "kbeam", K), lambda s: (s.u, s.beams))
   return out
 
 
@@ -322,7 +321,7 @@ def plot(paths: dict[str, Any], path: Path) -> None:
       u, v = (np.asarray(x) for x in p[key])
       ax.plot(u, v, color=color, lw=1, label=key)
     kname = next(k for k in p if k.startswith("kbeam"))
-    u, beams, _ = (np.asarray(x) for x in p[kname])
+    u, beams = (np.asarray(x) for x in p[kname])
     for k in range(beams.shape[1]):
       ax.plot(
         u,
