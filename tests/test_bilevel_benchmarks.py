@@ -52,3 +52,9 @@ def test_scaling_measurement_and_slope():
   assert rmd_long["temp_bytes"] > 10 * r["temp_bytes"]
   assert fmd_long["temp_bytes"] < 2 * fmd_short["temp_bytes"] + 1024
   np.testing.assert_allclose(bilevel_scaling.slope([1, 10, 100], [2, 20, 200]), 1.0)
+
+
+def test_jaxopt_peer_computes_the_same_estimate():
+  pytest.importorskip("jaxopt")
+  r = bilevel_scaling.jaxopt_peer(10, 100, 1, "separable")
+  assert r["relative_difference"] < 1e-5 and r["jaxopt_seconds"] > 0
