@@ -13,10 +13,6 @@ from typing import Any
 import jax
 
 
-def block(tree: Any) -> Any:
-  return jax.block_until_ready(tree)
-
-
 def compile_and_time(
   fn: Callable[..., Any], *args: Any, repeats: int = 3
 ) -> tuple[Any, float, float]:
@@ -31,7 +27,7 @@ def compile_and_time(
   times, out = [], None
   for _ in range(max(1, repeats)):
     start = time.perf_counter()
-    out = block(compiled(*args))
+    out = jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
   return out, compile_seconds, statistics.median(times)
 

@@ -144,7 +144,7 @@ def run_study(
       return {m.name: final_u(surface, m, num_iters)(keys, u0, beams0)[0] for m in all_methods}
 
     start = time.perf_counter()
-    finals = _common.block(jax.jit(study)(keys, u0, beams0))
+    finals = jax.block_until_ready(jax.jit(study)(keys, u0, beams0))
     study_seconds = time.perf_counter() - start
 
     per_method = {}

@@ -30,10 +30,10 @@ from kbeam_jax import derivatives
 from kbeam_jax._checks import (
   check_float_leaves,
   check_nonnegative,
-  check_same_structure,
   check_steps,
   scalar_output,
 )
+from kbeam_jax._tree import tree_axpy
 
 PyTree = Any
 StepSize = float | Callable[[jax.Array], jax.Array]
@@ -44,11 +44,6 @@ class Hypergradient(NamedTuple):
 
   grad: PyTree  # like u
   v: PyTree  # v_T
-
-
-def _tree_axpy(a, x, y):
-  """``a·x + y`` on pytrees."""
-  return jax.tree.map(lambda xi, yi: (a * xi + yi).astype(yi.dtype), x, y)
 
 
 def _lr(inner_lr: StepSize, t: jax.Array) -> jax.Array:
@@ -72,7 +67,7 @@ def inner_solve(g, u, v, args, num_steps: int, inner_lr: StepSize, *, keep: bool
   grad_v = jax.grad(g, argnums=1)
 
   def body(v, t):
-    v_next = _tree_axpy(-_lr(inner_lr, t), grad_v(u, v, *args), v)
+    v_next = tree_axpy(-_lr(inner_lr, t), grad_v(u, v, *args), v)
     return v_next, (v if keep else None)
 
   return jax.lax.scan(body, v, jnp.arange(num_steps))
@@ -120,7 +115,7 @@ def fmd(f, g, u, v, *args, num_steps: int, inner_lr: StepSize) -> Hypergradient:
     rho = _lr(inner_lr, t)
     grad_v = jax.grad(g, argnums=1)(u, v, *args)
     dP = jax.vmap(lambda du, dv: derivatives.jvp_grad_v(g, u, v, du, dv, *args)[1])(basis, P)
-    return (_tree_axpy(-rho, grad_v, v), _tree_axpy(-rho, dP, P)), None
+    return (tree_axpy(-rho, grad_v, v), tree_axpy(-rho, dP, P)), None
 
   (v_T, P), _ = jax.lax.scan(body, (v, P0), jnp.arange(num_steps))
   f_u, f_v = jax.grad(f, argnums=(0, 1))(u, v_T, *args)
@@ -139,7 +134,7 @@ def _reverse_step(g, u, args, inner_lr):
     v_t, t = vt
     rho = _lr(inner_lr, t)
     mixed, hq = derivatives.hvp_joint(g, u, v_t, q, *args)
-    return (_tree_axpy(-rho, mixed, p), _tree_axpy(-rho, hq, q)), None
+    return (tree_axpy(-rho, mixed, p), tree_axpy(-rho, hq, q)), None
 
   return step
 
@@ -191,7 +186,7 @@ def rmd(
 
   def forward(v, t):
     """One inner step, the identity past T (the last segment may be short)."""
-    v_next = _tree_axpy(-_lr(inner_lr, t), grad_v(u, v, *args), v)
+    v_next = tree_axpy(-_lr(inner_lr, t), grad_v(u, v, *args), v)
     return jax.tree.map(lambda a, b: jnp.where(t < num_steps, a, b), v_next, v)
 
   def segment(v, s):
@@ -272,11 +267,11 @@ def approxgrad(
   v_T, _ = inner_solve(g, u, v, args, num_steps, inner_lr)
 
   def solve(matvec, b):
-    A = lambda x: _tree_axpy(damping, x, matvec(x))
+    A = lambda x: tree_axpy(damping, x, matvec(x))
 
     def body(q, _):
       r = jax.tree.map(jnp.subtract, A(q), b)
-      return _tree_axpy(-solve_lr, A(r), q), None
+      return tree_axpy(-solve_lr, A(r), q), None
 
     return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, b), length=solve_steps)[0]
 
@@ -322,7 +317,7 @@ def cg(
   v_T, _ = inner_solve(g, u, v, args, num_steps, inner_lr)
 
   def solve(matvec, b):
-    A = lambda x: _tree_axpy(damping, x, matvec(x))
+    A = lambda x: tree_axpy(damping, x, matvec(x))
     return jax.scipy.sparse.linalg.cg(A, b, tol=0.0, atol=0.0, maxiter=solve_steps)[0]
 
   return Hypergradient(_implicit(f, g, u, v_T, args, solve), v_T)
@@ -364,16 +359,10 @@ def neumann(
   def solve(matvec, b):
     def body(carry, _):
       term, total = carry
-      term = _tree_axpy(-solve_lr, matvec(term), term)
+      term = tree_axpy(-solve_lr, matvec(term), term)
       return (term, jax.tree.map(jnp.add, total, term)), None
 
     (_, total), _ = jax.lax.scan(body, (b, b), length=solve_steps)
     return jax.tree.map(lambda x: solve_lr * x, total)
 
   return Hypergradient(_implicit(f, g, u, v_T, args, solve), v_T)
-
-
-def check_pair(u: PyTree, v: PyTree, u_like: PyTree, v_like: PyTree) -> None:
-  """Raises if ``u``/``v`` do not have the structures of ``u_like``/``v_like``."""
-  check_same_structure(u, u_like, "u", "the upper variable it was initialized with")
-  check_same_structure(v, v_like, "v", "the lower variable it was initialized with")

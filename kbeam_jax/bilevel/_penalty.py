@@ -24,6 +24,7 @@ import optax
 
 from kbeam_jax import derivatives
 from kbeam_jax._checks import check_float_leaves, check_nonnegative, check_steps, scalar_output
+from kbeam_jax._tree import tree_norm, tree_sq_norm
 
 PyTree = Any
 
@@ -53,10 +54,6 @@ class PenaltyInfo(NamedTuple):
   increased: jax.Array
 
 
-def sq_norm(tree: PyTree) -> jax.Array:
-  return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
-
-
 def lower_steps(f, g, lower, num_inner, lower_weight, u, v, lower_state, gamma, nu, args):
   """``num_inner`` steps of ``lower`` on ``v`` for ``L_γ + λ g`` at fixed ``u``."""
 
@@ -74,7 +71,7 @@ def tighten(
   grad_u, grad_v, g_v, gamma, epsilon, nu, gamma_factor, epsilon_factor, augmented, max_gamma
 ):
   """The schedule after a step: ``(γ, ε, ν, |∇L|², increased)``."""
-  sq = (sq_norm(grad_u) + sq_norm(grad_v)).astype(gamma.dtype)
+  sq = (tree_sq_norm(grad_u) + tree_sq_norm(grad_v)).astype(gamma.dtype)
   increase = sq < epsilon**2
   if augmented:
     nu = jax.tree.map(lambda n, x: jnp.where(increase, n + gamma * x, n), nu, g_v)
@@ -219,7 +216,7 @@ def penalty(
     )
     info = PenaltyInfo(
       value=f(u, v, *args),
-      grad_v_g_norm=jnp.sqrt(sq_norm(g_v)).astype(gam.dtype),
+      grad_v_g_norm=tree_norm(g_v).astype(gam.dtype),
       penalized_grad_sq=sq,
       gamma=new_state.gamma,
       epsilon=new_state.epsilon,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from kbeam_jax._checks import check_float_leaves, check_same_structure, scalar_output
+from kbeam_jax._tree import tree_norm
 from kbeam_jax.bilevel import _hypergrad, _penalty
 
 PyTree = Any
@@ -195,7 +196,7 @@ def scale_by_penalty(
       epsilon=new_eps,
       nu=nu,
       count=optax.safe_increment(state.count),
-      grad_v_g_norm=jnp.sqrt(_penalty.sq_norm(g_v)).astype(gam.dtype),
+      grad_v_g_norm=tree_norm(g_v).astype(gam.dtype),
     )
     grad_u = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), grad_u, params)
     return grad_u, new_state

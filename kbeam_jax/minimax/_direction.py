@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kbeam_jax._tree import tree_norm
 from kbeam_jax.minimax import _rules
 
 PyTree = Any
@@ -25,7 +26,6 @@ class Direction(NamedTuple):
   eps_set_size: jax.Array  # |R|
   certificate: jax.Array  # |min-norm element of co{z_k : k in R}|
   weights: jax.Array  # (K,) convex weights λ on R
-  gram: jax.Array  # (K, K) <z_j, z_k>, zeros for rule "best"
 
 
 def direction(
@@ -52,7 +52,7 @@ def direction(
     K = values.shape[0]
     weights = jax.nn.one_hot(best, K, dtype=values.dtype)
     del epsilon, key  # the best rule has no ε-set and no randomness
-    certificate = _rules.tree_norm(z).astype(values.dtype)
+    certificate = tree_norm(z).astype(values.dtype)
     return Direction(
       z=z,
       values=values,
@@ -60,7 +60,6 @@ def direction(
       eps_set_size=jnp.sum(_rules.epsilon_set(values, 0.0)).astype(jnp.int32),
       certificate=certificate,
       weights=weights,
-      gram=jnp.zeros((K, K), values.dtype),
     )
 
   values, zs = jax.vmap(jax.value_and_grad(f), in_axes=in_axes)(u, beams, *args)
@@ -80,7 +79,6 @@ def direction(
     best=best,
     eps_set_size=jnp.sum(mask).astype(jnp.int32),
     # |Σλz| from the combination itself: λᵀGλ cancels badly near zero.
-    certificate=_rules.tree_norm(_rules.combine(min_norm, zs)).astype(values.dtype),
+    certificate=tree_norm(_rules.combine(min_norm, zs)).astype(values.dtype),
     weights=weights,
-    gram=gram,
   )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from kbeam_jax._checks import check_float_leaves, scalar_output
+from kbeam_jax._tree import tree_norm
 from kbeam_jax.minimax import _common
 
 PyTree = Any
@@ -39,10 +40,6 @@ class GDAInfo(NamedTuple):
   value: jax.Array
   grad_u_norm: jax.Array
   grad_v_norm: jax.Array
-
-
-def _norm(tree: PyTree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def _gda(
@@ -97,7 +94,7 @@ def _gda(
 
   def step(state: GDAState, *args: Any) -> tuple[GDAState, GDAInfo]:
     (u, v, ls, fs), (value, gu, gv) = update(state, args)
-    info = GDAInfo(value, _norm(gu).astype(value.dtype), _norm(gv).astype(value.dtype))
+    info = GDAInfo(value, tree_norm(gu).astype(value.dtype), tree_norm(gv).astype(value.dtype))
     return GDAState(u, v, ls, fs, state.count + 1), info
 
   return _common.MinimaxSolver(init, step)

@@ -16,6 +16,7 @@ from kbeam_jax._checks import (
   check_steps,
   scalar_output,
 )
+from kbeam_jax._tree import tree_vdot
 from kbeam_jax.minimax import _common, _rules
 from kbeam_jax.minimax._direction import direction
 
@@ -186,14 +187,7 @@ def kbeam(
       lambda t: project_u(jax.tree.map(lambda x, s: x + t.astype(x.dtype) * s, state.u, step))
     )(scales)
     F_trial = jax.vmap(F)(trial)
-    moved = jax.vmap(
-      lambda ut: sum(
-        jnp.vdot(z, a - b)
-        for z, a, b in zip(
-          jax.tree.leaves(d.z), jax.tree.leaves(ut), jax.tree.leaves(state.u), strict=True
-        )
-      )
-    )(trial)
+    moved = jax.vmap(lambda ut: tree_vdot(d.z, jax.tree.map(jnp.subtract, ut, state.u)))(trial)
     F0 = jnp.max(d.values)
     # Armijo on the aggregate gradient; a trial that does not move downhill along z is
     # never accepted (with momentum or Adam the proposed step need not follow -z).

@@ -142,11 +142,6 @@ def random_weights(key: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
   return e / jnp.sum(e)
 
 
-def tree_norm(tree: PyTree) -> jax.Array:
-  """Euclidean norm of all leaves of a pytree together."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
 def check_rule(rule: str) -> str:
   """Returns ``rule`` if it is one of ``RULES``, else raises naming the choices."""
   if rule not in RULES:
