@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def compile_and_time(
@@ -57,3 +58,79 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def mean_std(mean: float, std: float) -> str:
   return f"{mean:.3f} ± {std:.3f}"
+
+
+def to_python(tree: Any) -> Any:
+  """Arrays to (nested lists of) Python floats/ints, for JSON and checkpoint metadata."""
+  return jax.tree.map(lambda x: np.asarray(x).tolist(), tree)
+
+
+def train_in_chunks(
+  chunk_fn: Callable[[Any], tuple[Any, Any]],
+  state: Any,
+  num_chunks: int,
+  *,
+  checkpoint: Path | None = None,
+  resume: bool = False,
+  stop_after: int | None = None,
+  desc: str = "train",
+) -> tuple[Any, list[Any], dict[str, Any]]:
+  """Runs ``state, metrics = chunk_fn(state)`` ``num_chunks`` times with a progress bar.
+
+  ``chunk_fn`` is one compiled program (typically a ``lax.scan`` over a fixed number of
+  iterations, all randomness drawn from keys in ``state``), so a run is deterministic and
+  can be cut anywhere between chunks. After every chunk the state and the metrics so far
+  are saved to ``checkpoint`` (if given); with ``resume=True`` an existing checkpoint is
+  loaded and the run continues from it, ending with the numbers of an uninterrupted run.
+
+  Args:
+    chunk_fn: ``state -> (state, metrics)``; jit it yourself (compiled once, reused).
+    state: the initial state (also the template the checkpoint is read into).
+    num_chunks: chunks in the whole run.
+    checkpoint: file for ``kbeam_jax.nn.save_checkpoint``.
+    resume: continue from ``checkpoint`` when it exists.
+    stop_after: stop after this many chunks of this call (simulates an interrupted run).
+    desc: progress-bar label.
+
+  Returns:
+    ``(state, history, timing)``: the metrics of every chunk done so far (as Python
+    lists), and ``{"compile_s", "run_s", "chunks_run"}`` for this call; ``compile_s``
+    is the first chunk's time minus the median of the others when the call ran more
+    than one chunk.
+  """
+  from tqdm.auto import tqdm
+
+  from kbeam_jax import nn
+
+  history: list[Any] = []
+  if resume and checkpoint is not None and Path(checkpoint).exists():
+    state, meta = nn.load_checkpoint(checkpoint, like=state)
+    history = list(meta["history"])
+  times = []
+  start_chunk = len(history)
+  for i in tqdm(range(start_chunk, num_chunks), desc=desc, initial=start_chunk, total=num_chunks):
+    if stop_after is not None and i - start_chunk >= stop_after:
+      break
+    start = time.perf_counter()
+    state, metrics = chunk_fn(state)
+    state = jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+    history.append(to_python(metrics))
+    if checkpoint is not None:
+      nn.save_checkpoint(checkpoint, state, history=history)
+  steady = statistics.median(times[1:]) if len(times) > 1 else (times[0] if times else 0.0)
+  timing = {
+    "compile_s": max(times[0] - steady, 0.0) if len(times) > 1 else None,
+    "chunk_s": steady,
+    "run_s": sum(times),
+    "chunks_run": len(times),
+  }
+  return state, history, timing
+
+
+def save_figure(fig: Any, path: Path) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  import matplotlib.pyplot as plt
+
+  plt.close(fig)

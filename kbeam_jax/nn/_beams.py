@@ -1,0 +1,74 @@
+"""K beams of a Flax NNX module: K independently initialized copies as one stacked state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from kbeam_jax._checks import check_num_beams
+
+PyTree = Any
+
+
+def stack_modules(
+  make: Callable[[nnx.Rngs], nnx.Module], key: jax.Array, num_beams: int
+) -> tuple[nnx.GraphDef, PyTree]:
+  """Builds ``num_beams`` copies of ``make(rngs)``, each from its own key, stacked on axis 0.
+
+  The copies are created in one ``jax.vmap`` (split inside, stacked states out), so K
+  initializations cost one trace. The result is what the K-beam solver and
+  ``scale_by_kbeam`` take as their beams; ``nnx.merge(graphdef, unstack(params, k))``
+  rebuilds beam k, and ``apply_beams`` evaluates all of them in one vmapped call.
+
+  Args:
+    make: ``rngs -> module``; every variable of the module must be an ``nnx.Param``
+      (modules with batch statistics or RNG streams need their own handling).
+    key: a ``jax.random.key``; beam k is built from ``jax.random.split(key, K)[k]``.
+    num_beams: K >= 1.
+
+  Returns:
+    ``(graphdef, params)``: the module's graph definition and its parameters as plain
+    arrays with a leading axis of size K.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from kbeam_jax import nn
+    >>> graphdef, beams = nn.stack_modules(lambda rngs: nnx.Linear(2, 1, rngs=rngs),
+    ...                                    jax.random.key(0), 5)
+    >>> beams["kernel"].shape
+    (5, 2, 1)
+    >>> nn.apply_beams(graphdef, beams, jnp.ones((3, 2))).shape
+    (5, 3, 1)
+  """
+  K = check_num_beams(num_beams)
+  graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))), nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(
+      "stack_modules needs a module whose variables are all nnx.Param; this one also holds "
+      f"{sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=_is_var)})}. "
+      "Split those out yourself (nnx.split(module, nnx.Param, ...)) and vmap over both."
+    )
+
+  def one(k):
+    _, params = nnx.split(make(nnx.Rngs(k)), nnx.Param)
+    return nnx.as_pure(params)
+
+  return graphdef, jax.vmap(one)(jax.random.split(key, K))
+
+
+def _is_var(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def unstack(params: PyTree, k: int | jax.Array) -> PyTree:
+  """Beam ``k`` of a stacked pytree (every leaf indexed at ``k`` on axis 0)."""
+  return jax.tree.map(lambda x: x[k], params)
+
+
+def apply_beams(graphdef: nnx.GraphDef, params: PyTree, *args: Any, **kwargs: Any) -> PyTree:
+  """Calls every beam on the same inputs in one ``jax.vmap``; outputs get a leading axis K."""
+  return jax.vmap(lambda p: nnx.merge(graphdef, p)(*args, **kwargs))(params)
