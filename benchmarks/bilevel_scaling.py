@@ -286,3 +286,8 @@ def plot(records, path: Path) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def main(args) -> None:
+  """``python -m benchmarks bilevel_scaling``."""
+  run_suite(args.out, quick=args.quick, repeats=1 if args.quick else 3)

@@ -207,3 +207,14 @@ def plot(records, curves, path: Path) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def main(args) -> None:
+  """``python -m benchmarks bilevel_synthetic``."""
+  run_suite(
+    args.out,
+    trials=args.trials or (5 if args.quick else 20),
+    num_iters=300 if args.quick else 2000,
+    seed=args.seed,
+    repeats=1 if args.quick else 3,
+  )

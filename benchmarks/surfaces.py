@@ -343,3 +343,15 @@ def plot(paths: dict[str, Any], path: Path) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def main(args) -> None:
+  """``python -m benchmarks surfaces``: the full study, or seesaw and anti-saddle only."""
+  run_study(
+    args.out,
+    trials=args.trials or (10 if args.quick else 100),
+    num_iters=1000,
+    seed=args.seed,
+    repeats=1 if args.quick else 3,
+    names=["seesaw", "anti_saddle"] if args.quick else None,
+  )
