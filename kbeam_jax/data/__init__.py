@@ -10,6 +10,7 @@ from kbeam_jax.data._mnistm import load_photos as load_photos
 from kbeam_jax.data._mnistm import mnist_m as mnist_m
 from kbeam_jax.data._mog import mog_centers as mog_centers
 from kbeam_jax.data._mog import sample_mog as sample_mog
+from kbeam_jax.data._omniglot import load_omniglot as load_omniglot
 from kbeam_jax.data._paths import data_dirs as data_dirs
 from kbeam_jax.data._paths import find_file as find_file
 
@@ -20,6 +21,7 @@ __all__ = [
   "find_file",
   "load_genki",
   "load_mnist",
+  "load_omniglot",
   "load_photos",
   "mnist_m",
   "mog_centers",
