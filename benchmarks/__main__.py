@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--trials", type=int, default=None, help="override the trial count")
   parser.add_argument(
+    "--iters", type=int, default=None, help="override the iteration count (suites that train)"
+  )
+  parser.add_argument(
     "--resume", action="store_true", help="continue from the checkpoints in --out if present"
   )
   args = parser.parse_args(argv)
