@@ -108,7 +108,8 @@ def objective(
 
 def standardize(train: jax.Array, test: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Zero mean, unit variance per feature, with the training set's statistics."""
-  mean, std = jnp.mean(train, axis=0), jnp.std(train, axis=0) + 1e-6
+  mean = jnp.mean(train, axis=0, keepdims=True)
+  std = jnp.std(train, axis=0, keepdims=True) + 1e-6
   return (train - mean) / std, (test - mean) / std
 
 
@@ -141,7 +142,7 @@ def retrain_accuracy(
 
   def loss(p):
     W, b = p
-    return cross_entropy(z_train @ W + b, y_train) + 0.5 * l2 * jnp.sum(W**2)
+    return cross_entropy(z_train @ W + b[None, :], y_train) + 0.5 * l2 * jnp.sum(W**2)
 
   solver = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)
@@ -154,12 +155,12 @@ def retrain_accuracy(
 
   (params, _), _ = jax.lax.scan(body, (params, solver.init(params)), length=steps)
   W, b = params
-  return jnp.mean(jnp.argmax(z_test @ W + b, axis=-1) == y_test)
+  return jnp.mean(jnp.argmax(z_test @ W + b[None, :], axis=-1) == y_test)
 
 
 def pca_filter(x: jax.Array, dim_out: int) -> jax.Array:
   """``(dim_in, dim_out)`` projection onto the top principal components of ``x``."""
-  centered = x - jnp.mean(x, axis=0)
+  centered = x - jnp.mean(x, axis=0, keepdims=True)
   _, _, vt = jnp.linalg.svd(centered, full_matrices=False)
   return vt[:dim_out].T
 
@@ -195,7 +196,7 @@ def retrain_mlp_accuracy(
     "W2": jax.random.normal(k2, (hidden, num_classes)) / jnp.sqrt(hidden),
     "b2": jnp.zeros(num_classes),
   }
-  net = lambda p, z: jnp.tanh(z @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
+  net = lambda p, z: jnp.tanh(z @ p["W1"] + p["b1"][None]) @ p["W2"] + p["b2"][None]
   tx = optax.adamw(1e-2, weight_decay=weight_decay)
 
   def body(carry, _):

@@ -1,0 +1,483 @@
+"""Few-shot learning as a bilevel problem: MNIST N-way K-shot and sinusoid regression.
+
+``KBEAM_JAX_DATA=../shared/data python -m benchmarks fewshot [--quick] [--out results]``
+
+The formulation of ``kbeam_jax.tasks.fewshot``: a shared representation ``T(x; u)`` (the
+upper variable), a linear head per task fitted on its support set (the lower variables,
+stacked over the meta-batch), the mean query loss as the upper objective.
+
+Problems:
+
+* ``mnist-5w1s``, ``mnist-5w5s``: 5-way 1-shot / 5-shot classification, 15 queries per
+  class. Meta-train classes: digits 0-4 of the training file, each rotated by 0, 90, 180
+  and 270 degrees (20 classes); meta-test classes: digits 5-9 of the test file, rotated the
+  same way (20 classes never seen in training). Representation: MLP 784-256-64, ReLU.
+* ``sine-5shot``, ``sine-10shot``: the sinusoid tasks of Finn et al. 2017 (amplitude in
+  [0.1, 5], phase in [0, pi], inputs in [-5, 5]), K support points, K query points in
+  training and 100 in testing. Representation: MLP 1-40-40, ReLU (MAML's network without
+  its last layer, which is our per-task head).
+
+Methods, each training ``u`` with Adam on fresh meta-batches (heads start at zero for
+every meta-batch: the tasks are new):
+
+* ``gd``: the naive baseline, T descent steps on the heads and ``∇_u f`` at ``v_T``
+  (the implicit term ``-∇²_uv g (∇²_vv g)⁻¹ ∇_v f`` dropped);
+* ``rmd``: reverse-mode through the T steps (``bilevel.rmd``);
+* ``approxgrad``: ``bilevel.approxgrad`` with T solve steps;
+* ``penalty``: ``bilevel.penalty`` (augmented Lagrangian, capped γ), heads warm-started
+  by T descent steps on the lower problem for every new meta-batch, then T penalty steps;
+* ``joint``: not bilevel; one shared head over all meta-train classes (classification)
+  or one shared regressor over all tasks (regression: the "pretrained" baseline of Finn
+  et al.), trained on the same number of examples per step;
+* ``untrained``: the representation at its random initialization.
+
+Every method is evaluated the same way on held-out tasks: each head fitted on its support
+set by ``EVAL_STEPS`` descent steps (the lower problem solved), the query accuracy / mean
+squared error averaged over the test tasks (95% interval); for classification also the
+nearest-centroid accuracy on the same representation. Training runs in compiled chunks
+with a progress bar (``--resume`` continues from the checkpoints in ``--out``); wall time
+is the steady per-chunk time times the number of chunks, compilation reported apart.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import _common
+from kbeam_jax import bilevel, data
+from kbeam_jax.tasks import fewshot
+
+METHODS = ("gd", "rmd", "approxgrad", "penalty", "joint", "untrained")
+BILEVEL = ("gd", "rmd", "approxgrad", "penalty")
+
+# MAML's sinusoid MSE as reported by Li et al. 2017 (Meta-SGD), Table 1 (MAML row, one
+# adaptation step, 40-40 ReLU network): K-shot -> MSE. Finn et al. 2017 show curves only.
+PUBLISHED_MAML_SINE = {5: 1.13, 10: 0.85}
+
+
+class Setting(NamedTuple):
+  name: str
+  kind: str
+  sizes: tuple[int, ...]
+  num_outputs: int
+  k_shot: int
+  num_query: int  # per class (classification) or per task (regression), in training
+  eval_query: int
+  meta_batch: int
+  iterations: int
+  eval_tasks: int
+  l2: float
+  feature_scale: float
+  inner_steps: int
+  inner_lr: float
+  solve_lr: float  # ApproxGrad's step on ½|Hq - ∇_v f|², stable below 2 / λ_max(H)²
+  upper_lr: float
+  penalty_lr: float  # the penalty method's step on v: ρ γ λ_max(H)² < 2 for stability
+  penalty_gamma: float  # γ_0 = the cap (fresh tasks every step: no schedule to carry)
+  penalty_lower_weight: float
+  penalty_steps: int  # steps on v of the penalized objective, after the T steps on g
+
+
+def settings(quick: bool) -> list[Setting]:
+  it = (lambda full: 40) if quick else (lambda full: full)
+  ev = 40 if quick else 600
+  mnist = dict(
+    kind="classification",
+    sizes=(784, 256, 64),
+    num_outputs=5,
+    num_query=15,
+    eval_query=15,
+    meta_batch=4 if quick else 16,
+    eval_tasks=ev,
+    l2=0.01,
+    feature_scale=3.0,
+    inner_steps=10,
+    inner_lr=0.5,
+    solve_lr=0.1,
+    upper_lr=1e-3,
+    penalty_lr=0.05,
+    penalty_gamma=1.0,
+    penalty_lower_weight=0.0,
+    penalty_steps=10,
+  )
+  sine = dict(
+    kind="regression",
+    sizes=(1, 40, 40),
+    num_outputs=1,
+    eval_query=100,
+    meta_batch=25,
+    eval_tasks=ev,
+    l2=1e-3,
+    feature_scale=1.0,
+    inner_steps=10,
+    inner_lr=0.5,
+    solve_lr=0.1,
+    upper_lr=1e-3,
+    penalty_lr=0.05,
+    penalty_gamma=1.0,
+    penalty_lower_weight=0.0,
+    penalty_steps=10,
+  )
+  return [
+    Setting("mnist-5w1s", k_shot=1, iterations=it(1000), **mnist),
+    Setting("mnist-5w5s", k_shot=5, iterations=it(1000), **mnist),
+    Setting("sine-5shot", k_shot=5, num_query=5, iterations=it(4000), **sine),
+    Setting("sine-10shot", k_shot=10, num_query=10, iterations=it(4000), **sine),
+  ]
+
+
+def sampler(s: Setting, *, train: bool):
+  """``(key, pool) -> Episodes`` for the setting (``pool`` unused for regression)."""
+  query = s.num_query if train else s.eval_query
+
+  def sample(key, pool, num_tasks):
+    if s.kind == "classification":
+      return fewshot.sample_classification(
+        key, pool, num_tasks=num_tasks, n_way=s.num_outputs, k_shot=s.k_shot, num_query=query
+      )
+    return fewshot.sample_sinusoid(key, num_tasks=num_tasks, k_shot=s.k_shot, num_query=query)
+
+  return sample
+
+
+class Trainer(NamedTuple):
+  init: Any  # (u, key) -> state
+  step: Any  # (state, pool) -> (state, metrics)
+  params: Any  # state -> u
+
+
+def penalty_solver(s: Setting, f, g):
+  return bilevel.penalty(
+    f,
+    g,
+    optax.adam(s.upper_lr),
+    optax.sgd(s.penalty_lr),
+    num_inner=s.penalty_steps,
+    gamma=s.penalty_gamma,
+    epsilon=1.0,
+    lower_weight=s.penalty_lower_weight,
+    max_gamma=s.penalty_gamma,
+  )
+
+
+def trainer(s: Setting, method: str) -> Trainer:
+  """The training loop's pieces for one method; ``step`` draws a fresh meta-batch."""
+  f, g = fewshot.objectives(s.kind, l2=s.l2, feature_scale=s.feature_scale)
+  sample = sampler(s, train=True)
+  heads0 = fewshot.init_heads(s.meta_batch, s.sizes[-1], s.num_outputs)
+  opt = optax.adam(s.upper_lr)
+
+  if method == "penalty":
+    solver = penalty_solver(s, f, g)
+
+    def init(u, key):
+      return solver.init(u, heads0), key
+
+    def step(state, pool):
+      ps, key = state
+      key, sub = jax.random.split(key)
+      ep = sample(sub, pool, s.meta_batch)
+      heads, _ = bilevel.inner_solve(g, ps.u, heads0, (ep,), s.inner_steps, s.inner_lr)
+      zeros = jax.tree.map(jnp.zeros_like, heads)
+      lower = optax.sgd(s.penalty_lr)
+      ps = ps._replace(v=heads, nu=zeros, lower_state=lower.init(heads))
+      ps, info = solver.step(ps, ep)
+      return (ps, key), {"query_loss": info.value, "gamma": info.gamma}
+
+    return Trainer(init, step, lambda state: state[0].u)
+
+  if method == "joint":
+
+    def init(u, key):
+      k1, key = jax.random.split(key)
+      out = s.num_outputs if s.kind == "regression" else joint_classes(s)
+      head = {
+        "w": jax.random.normal(k1, (s.sizes[-1], out)) * 0.01,
+        "b": jnp.zeros((out,)),
+      }
+      params = (u, head)
+      return params, opt.init(params), key
+
+    def loss(params, ep, labels):
+      u, head = params
+      z = fewshot.features(u, ep, s.feature_scale)
+      out = z @ head["w"] + head["b"][None, :]
+      if s.kind == "classification":
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), labels[:, None], 1))
+      return jnp.mean((out[:, 0] - labels) ** 2)
+
+    def step(state, pool):
+      params, opt_state, key = state
+      key, sub = jax.random.split(key)
+      x, y = joint_batch(s, sub, pool)
+      value, grad = jax.value_and_grad(loss)(params, x, y)
+      updates, opt_state = opt.update(grad, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state, key), {"query_loss": value}
+
+    return Trainer(init, step, lambda state: state[0][0])
+
+  opts = dict(num_steps=s.inner_steps, inner_lr=s.inner_lr)
+  if method == "approxgrad":
+    opts.update(solve_steps=s.inner_steps, solve_lr=s.solve_lr)
+
+  def init(u, key):
+    return u, opt.init(u), key
+
+  def step(state, pool):
+    u, opt_state, key = state
+    key, sub = jax.random.split(key)
+    ep = sample(sub, pool, s.meta_batch)
+    if method == "gd":
+      heads, _ = bilevel.inner_solve(g, u, heads0, (ep,), s.inner_steps, s.inner_lr)
+      grad = jax.grad(f)(u, heads, ep)
+    else:
+      grad, heads = getattr(bilevel, method)(f, g, u, heads0, ep, **opts)
+    updates, opt_state = opt.update(grad, opt_state, u)
+    return (optax.apply_updates(u, updates), opt_state, key), {"query_loss": f(u, heads, ep)}
+
+  return Trainer(init, step, lambda state: state[0])
+
+
+def joint_classes(s: Setting) -> int:
+  return 20  # digits 0-4, four rotations each
+
+
+def joint_batch(s: Setting, key, pool):
+  """The non-bilevel baseline's batch: as many labelled examples as one meta-batch holds."""
+  if s.kind == "classification":
+    n = s.meta_batch * s.num_outputs * (s.k_shot + s.num_query)
+    kc, ki = jax.random.split(key)
+    c = jax.random.randint(kc, (n,), 0, pool.shape[0])
+    i = jax.random.randint(ki, (n,), 0, pool.shape[1])
+    x = pool[c, i].reshape(n, -1).astype(jnp.float32) / 255.0
+    return x, c
+  ep = fewshot.sample_sinusoid(key, num_tasks=s.meta_batch, k_shot=s.k_shot, num_query=s.num_query)
+  x = jnp.concatenate([ep.support_x, ep.query_x], axis=1).reshape(-1, 1)
+  y = jnp.concatenate([ep.support_y, ep.query_y], axis=1).reshape(-1)
+  return x, y
+
+
+def evaluate(s: Setting, u, pool, key, num_tasks: int, batch: int = 100) -> dict[str, Any]:
+  """Per-task metrics on ``num_tasks`` held-out tasks, fitted heads (and nearest centroid)."""
+  sample = sampler(s, train=False)
+
+  @jax.jit
+  def one(key):
+    ep = sample(key, pool, batch)
+    out = {
+      "head": fewshot.evaluate(
+        s.kind,
+        u,
+        ep,
+        num_outputs=s.num_outputs,
+        l2=s.l2,
+        num_steps=EVAL_STEPS,
+        lr=s.inner_lr,
+        feature_scale=s.feature_scale,
+      )
+    }
+    if s.kind == "classification":
+      out["centroid"] = fewshot.nearest_centroid_accuracy(
+        u, ep, n_way=s.num_outputs, feature_scale=s.feature_scale
+      )
+    return out
+
+  keys = jax.random.split(key, -(-num_tasks // batch))
+  parts = [one(k) for k in keys]
+  return {m: np.concatenate([np.asarray(p[m]) for p in parts])[:num_tasks] for m in parts[0]}
+
+
+EVAL_STEPS = 200
+
+
+def pools(data_dir=None) -> tuple[np.ndarray, np.ndarray]:
+  """Meta-train pool (digits 0-4 of the training file) and meta-test pool (5-9, test file),
+  each digit rotated by 0/90/180/270 degrees as four classes."""
+  train = data.load_mnist("train", data_dir)
+  test = data.load_mnist("test", data_dir)
+  return (
+    fewshot.class_pool(train.images, train.labels, range(5)).images,
+    fewshot.class_pool(test.images, test.labels, range(5, 10)).images,
+  )
+
+
+def run_one(
+  s: Setting,
+  method: str,
+  seed: int,
+  train_pool,
+  test_pool,
+  out_dir: Path,
+  *,
+  resume: bool = False,
+  chunk: int = 100,
+) -> tuple[dict[str, Any], list[float]]:
+  key_init, key_train, key_eval = jax.random.split(jax.random.key(seed), 3)
+  u0 = fewshot.init_mlp(key_init, s.sizes)
+  t = trainer(s, method)
+  state = t.init(u0, key_train)
+  timing = {"compile_s": 0.0, "chunk_s": 0.0, "run_s": 0.0}
+  curve: list[float] = []
+  iterations = 0 if method == "untrained" else s.iterations
+  if iterations:
+    chunk = min(chunk, iterations)
+    num_chunks = -(-iterations // chunk)
+    iterations = num_chunks * chunk
+
+    @jax.jit
+    def run_chunk(state, pool):
+      return jax.lax.scan(lambda st, _: t.step(st, pool), state, length=chunk)
+
+    state, history, timing = _common.train_in_chunks(
+      lambda st: run_chunk(st, train_pool),
+      state,
+      num_chunks,
+      checkpoint=out_dir / "fewshot_checkpoints" / f"{s.name}_{method}_{seed}.msgpack",
+      resume=resume,
+      desc=f"{s.name} {method}",
+    )
+    curve = [float(np.mean(h["query_loss"])) for h in history]
+  start = time.perf_counter()
+  metrics = evaluate(s, t.params(state), test_pool, key_eval, s.eval_tasks)
+  eval_s = time.perf_counter() - start
+  record = dict(
+    problem=s.name,
+    method=method,
+    seed=seed,
+    iterations=iterations,
+    train_seconds=timing["chunk_s"] * (iterations // chunk if iterations else 0),
+    compile_seconds=timing["compile_s"],
+    eval_seconds=eval_s,
+    final_train_query_loss=curve[-1] if curve else None,
+  )
+  for name, values in metrics.items():
+    record[f"{name}_mean"], record[f"{name}_ci95"] = fewshot.mean_ci95(values)
+  return record, curve
+
+
+def run_suite(
+  out_dir: Path, *, quick: bool = False, seeds=(0,), resume: bool = False, data_dir=None
+) -> list[dict[str, Any]]:
+  from tqdm.auto import tqdm
+
+  train_pool, test_pool = pools(data_dir)
+  train_pool, test_pool = jnp.asarray(train_pool), jnp.asarray(test_pool)
+  records, curves = [], {}
+  jobs = [(s, m, seed) for s in settings(quick) for m in METHODS for seed in seeds]
+  for s, method, seed in tqdm(jobs, desc="fewshot", unit="run"):
+    record, curve = run_one(s, method, seed, train_pool, test_pool, out_dir, resume=resume)
+    records.append(record)
+    curves[(s.name, method, seed)] = curve
+  meta = dict(
+    seeds=list(seeds),
+    quick=quick,
+    eval_steps=EVAL_STEPS,
+    settings=[s._asdict() for s in settings(quick)],
+    published_maml_sine_mse=PUBLISHED_MAML_SINE,
+    published_source="Li et al. 2017, Meta-SGD, Table 1 (MAML, one adaptation step)",
+    environment=_common.environment(),
+  )
+  _common.write_json(out_dir / "fewshot.json", records, meta)
+  (out_dir / "fewshot.md").write_text(markdown(records, meta))
+  plot(curves, out_dir / "fewshot.png")
+  return records
+
+
+def _cell(records, problem, method, metric, scale=1.0):
+  rs = [r for r in records if (r["problem"], r["method"]) == (problem, method)]
+  if not rs or f"{metric}_mean" not in rs[0]:
+    return "-"
+  mean = np.mean([r[f"{metric}_mean"] for r in rs]) * scale
+  ci = np.mean([r[f"{metric}_ci95"] for r in rs]) * scale
+  return f"{mean:.3f} ± {ci:.3f}" if scale == 1.0 else f"{mean:.1f} ± {ci:.1f}"
+
+
+def markdown(records, meta) -> str:
+  names = [s["name"] for s in meta["settings"]]
+  mnist = [n for n in names if n.startswith("mnist")]
+  sine = [n for n in names if n.startswith("sine")]
+  lines = [
+    "# Few-shot learning: shared representation (upper), per-task linear heads (lower)",
+    "",
+    f"Seeds {meta['seeds']}; heads fitted by {meta['eval_steps']} descent steps on each "
+    "test task's support set; ± is the 95% interval over test tasks (mean of the seeds' "
+    "intervals).",
+    "",
+    "## MNIST N-way K-shot: query accuracy (%) on digits 5-9 (with rotations)",
+    "",
+  ]
+  header = ["method"]
+  for n in mnist:
+    header += [f"{n} head", f"{n} centroid"]
+  rows = []
+  for m in METHODS:
+    row = [m]
+    for n in mnist:
+      row += [_cell(records, n, m, "head", 100.0), _cell(records, n, m, "centroid", 100.0)]
+    rows.append(row)
+  lines += [_common.markdown_table(header, rows), ""]
+  lines += ["## Sinusoid regression: query mean squared error (100 points per task)", ""]
+  header = ["method"] + sine
+  rows = [[m] + [_cell(records, n, m, "head") for n in sine] for m in METHODS]
+  published = meta["published_maml_sine_mse"]
+  rows.append(
+    [f"MAML, published ({meta['published_source']})"]
+    + [str(published.get(int(n.split("-")[1].removesuffix("shot")), "-")) for n in sine]
+  )
+  lines += [_common.markdown_table(header, rows), ""]
+  lines += ["## Wall time (s): training (compilation apart) / evaluation", ""]
+  header = ["method"] + names
+  rows = []
+  for m in METHODS:
+    row = [m]
+    for n in names:
+      rs = [r for r in records if (r["problem"], r["method"]) == (n, m)]
+      row.append(
+        f"{np.mean([r['train_seconds'] for r in rs]):.1f} "
+        f"(+{np.mean([r['compile_seconds'] or 0.0 for r in rs]):.1f}) / "
+        f"{np.mean([r['eval_seconds'] for r in rs]):.1f}"
+        if rs
+        else "-"
+      )
+    rows.append(row)
+  lines += [_common.markdown_table(header, rows), ""]
+  env = meta["environment"]
+  lines += [f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}.", ""]
+  return "\n".join(lines)
+
+
+def plot(curves, path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  problems = sorted({p for p, _, _ in curves})
+  fig, axes = plt.subplots(1, len(problems), figsize=(4.5 * len(problems), 3.6), squeeze=False)
+  for ax, problem in zip(axes[0], problems, strict=True):
+    for method in METHODS:
+      runs = [c for (p, m, _), c in curves.items() if (p, m) == (problem, method) and c]
+      if runs:
+        ax.plot(np.mean(runs, axis=0), label=method)
+    ax.set(title=problem, xlabel="chunk of training steps", ylabel="training query loss")
+    ax.set_yscale("log")
+  axes[0, 0].legend(fontsize=7)
+  _common.save_figure(fig, path)
+
+
+def main(args) -> None:
+  """``python -m benchmarks fewshot``."""
+  trials = args.trials or 1
+  run_suite(
+    args.out,
+    quick=args.quick,
+    seeds=tuple(args.seed + i for i in range(trials)),
+    resume=args.resume,
+  )

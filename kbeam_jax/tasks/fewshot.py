@@ -1,0 +1,445 @@
+r"""Few-shot learning as a bilevel problem: a shared representation, one head per task.
+
+The formulation of the slides (Hamm, deep adversarial learning, "few-shot learning"):
+
+    min_u  Σ_i E_val(u, w_i*)   s.t.   w_i* = argmin_{w_i} E_tr(u, w_i),
+
+with ``T(x; u)`` a representation shared by all tasks (the upper variable ``u``) and
+``h_i(z; w_i)`` a linear head per task (the lower variables), ``E_tr`` the loss on task
+i's support set and ``E_val`` the loss on its query set.
+
+The heads of a meta-batch of B tasks are one lower variable stacked on a leading axis
+(``{"w": (B, d, n), "b": (B, n)}``) and the lower objective is the *sum* of the per-task
+objectives, ``g(u, W) = Σ_i [E_tr(u, w_i) + (λ/2)|w_i|²]``. The tasks do not interact,
+so ``∇²_WW g`` is block diagonal, one descent step on ``W`` is one step on every head with
+the same step size, and every hypergradient of the library (``bilevel.rmd``,
+``bilevel.approxgrad``, the penalty method) applies to the whole meta-batch in one call:
+the result equals the per-task hypergradients vmapped and averaged, because the upper
+objective is the *mean* query loss ``f(u, W) = (1/B) Σ_i E_val(u, w_i)``. The ridge term
+``λ`` makes each lower problem strongly convex (a 1-shot support set is separable, so
+without it the cross-entropy has no minimizer).
+
+The representation is a ReLU MLP whose output is rescaled to a fixed norm
+(``feature_scale``): the curvature of the lower problem then stays bounded while ``u``
+trains, so one fixed inner step size is stable throughout.
+
+Problems: N-way K-shot classification over a pool of classes (``class_pool`` makes one
+from labelled images, with the rotations by 90° as extra classes the way Omniglot is
+augmented; ``sample_classification`` draws episodes) and the sinusoid regression of
+Finn et al. 2017 (``sample_sinusoid``).
+
+References:
+  Hamm, deep adversarial learning slides (bilevel applications: few-shot learning);
+  Franceschi et al., Bilevel Programming for Hyperparameter Optimization and
+  Meta-Learning, ICML 2018 (shared representation, per-task linear heads);
+  Finn et al., Model-Agnostic Meta-Learning, ICML 2017 (the sinusoid tasks);
+  Santoro et al., Meta-Learning with Memory-Augmented Neural Networks, ICML 2016
+  (rotations of Omniglot characters as new classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+KINDS = ("classification", "regression")
+
+
+class Episodes(NamedTuple):
+  """A meta-batch of B tasks, each with a support and a query set.
+
+  ``support_x`` ``(B, S, D)`` float, ``support_y`` ``(B, S)`` (int32 class in
+  ``0..n_way-1``, or float targets), ``query_x`` ``(B, Q, D)``, ``query_y`` ``(B, Q)``.
+  """
+
+  support_x: jax.Array
+  support_y: jax.Array
+  query_x: jax.Array
+  query_y: jax.Array
+
+
+class ClassPool(NamedTuple):
+  """Images ``(C, M, H, W)`` uint8: M examples of each of C classes; ``names`` per class."""
+
+  images: np.ndarray
+  names: tuple[str, ...]
+
+
+def _check_kind(kind: str) -> None:
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+
+
+def _check_positive(**values: int) -> None:
+  for name, value in values.items():
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {name}={value!r}.")
+
+
+def class_pool(
+  images: np.ndarray,
+  labels: np.ndarray,
+  classes: Sequence[int],
+  *,
+  rotations: int = 4,
+  per_class: int | None = None,
+) -> ClassPool:
+  """The classes ``classes`` of a labelled image set, each rotated by 0°, 90°, ... as new classes.
+
+  Class ``c`` rotated by ``r·90°`` becomes class ``len(rotations)·i + r`` (for the i-th
+  entry of ``classes``). Every class keeps the same number of examples, the smallest count
+  among them (or ``per_class``), taken in file order, so the pool is one array.
+
+  Args:
+    images: ``(N, H, W)`` images (square when ``rotations > 1``).
+    labels: ``(N,)`` integer labels.
+    classes: the labels to keep.
+    rotations: 1 (no augmentation) to 4 (0°, 90°, 180°, 270°).
+    per_class: examples per class (default: the smallest count).
+
+  Returns:
+    ``ClassPool(images (C, M, H, W) uint8, names)``, ``C = len(classes)·rotations``.
+
+  Example:
+    >>> import numpy as np
+    >>> from kbeam_jax.tasks import fewshot
+    >>> images = np.arange(6 * 4, dtype=np.uint8).reshape(6, 2, 2)
+    >>> pool = fewshot.class_pool(images, np.array([0, 1, 0, 1, 2, 0]), [0, 1], rotations=2)
+    >>> pool.images.shape, pool.names
+    ((4, 2, 2, 2), ('0@0', '0@90', '1@0', '1@90'))
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  if images.ndim != 3 or labels.shape != images.shape[:1]:
+    raise ValueError(
+      f"need images (N, H, W) and labels (N,), got {images.shape} and {labels.shape}."
+    )
+  if not 1 <= rotations <= 4:
+    raise ValueError(f"rotations must be 1 to 4, got {rotations}.")
+  if rotations > 1 and images.shape[1] != images.shape[2]:
+    raise ValueError(f"rotating needs square images, got {images.shape[1:]}.")
+  if len(classes) == 0:
+    raise ValueError("classes is empty.")
+  counts = {c: int(np.sum(labels == c)) for c in classes}
+  missing = [c for c, n in counts.items() if n == 0]
+  if missing:
+    raise ValueError(f"no images with label(s) {missing}; labels present: {np.unique(labels)}.")
+  m = min(counts.values()) if per_class is None else per_class
+  if m < 1 or m > min(counts.values()):
+    raise ValueError(f"per_class={per_class} but the smallest class has {min(counts.values())}.")
+  pool, names = [], []
+  for c in classes:
+    chosen = images[labels == c][:m]
+    for r in range(rotations):
+      pool.append(np.rot90(chosen, r, axes=(1, 2)))
+      names.append(f"{c}@{90 * r}")
+  return ClassPool(np.ascontiguousarray(np.stack(pool)).astype(np.uint8), tuple(names))
+
+
+def sample_classification(
+  key: jax.Array, pool: jax.Array, *, num_tasks: int, n_way: int, k_shot: int, num_query: int
+) -> Episodes:
+  """N-way K-shot episodes from a class pool ``(C, M, H, W)``; jit-able, traced ``pool``.
+
+  Each task draws ``n_way`` distinct classes and ``k_shot + num_query`` distinct examples
+  of each; task label ``j`` is its j-th drawn class (a fresh random labelling per task).
+  Pixels are scaled to ``[0, 1]`` and flattened.
+
+  Returns:
+    ``Episodes``: ``support_x (B, N·K, H·W)``, ``support_y (B, N·K)`` int32 (class-major),
+    ``query_x (B, N·Q, H·W)``, ``query_y (B, N·Q)``.
+
+  Example:
+    >>> import jax, numpy as np
+    >>> from kbeam_jax.tasks import fewshot
+    >>> pool = np.zeros((6, 10, 4, 4), np.uint8)
+    >>> ep = fewshot.sample_classification(jax.random.key(0), pool, num_tasks=2, n_way=3,
+    ...                                    k_shot=1, num_query=2)
+    >>> ep.support_x.shape, ep.support_y[0].tolist(), ep.query_y.shape
+    ((2, 3, 16), [0, 1, 2], (2, 6))
+  """
+  _check_positive(num_tasks=num_tasks, n_way=n_way, k_shot=k_shot, num_query=num_query)
+  if jnp.ndim(pool) != 4:
+    raise ValueError(f"pool must be (classes, examples, H, W), got shape {jnp.shape(pool)}.")
+  num_classes, per_class, h, w = jnp.shape(pool)
+  if n_way > num_classes or k_shot + num_query > per_class:
+    raise ValueError(
+      f"the pool has {num_classes} classes of {per_class} examples; an episode needs "
+      f"n_way={n_way} classes of k_shot + num_query = {k_shot + num_query} examples."
+    )
+  per = k_shot + num_query
+  pool = jnp.asarray(pool)
+
+  def one(key):
+    kc, ki = jax.random.split(key)
+    classes = jax.random.choice(kc, num_classes, (n_way,), replace=False)
+    idx = jax.vmap(lambda k: jax.random.choice(k, per_class, (per,), replace=False))(
+      jax.random.split(ki, n_way)
+    )
+    x = pool[classes[:, None], idx].reshape(n_way, per, h * w).astype(jnp.float32) / 255.0
+    y = jnp.broadcast_to(jnp.arange(n_way, dtype=jnp.int32)[:, None], (n_way, per))
+    return Episodes(
+      x[:, :k_shot].reshape(n_way * k_shot, h * w),
+      y[:, :k_shot].reshape(-1),
+      x[:, k_shot:].reshape(n_way * num_query, h * w),
+      y[:, k_shot:].reshape(-1),
+    )
+
+  return jax.vmap(one)(jax.random.split(key, num_tasks))
+
+
+def sample_sinusoid(
+  key: jax.Array,
+  *,
+  num_tasks: int,
+  k_shot: int,
+  num_query: int,
+  amplitude: tuple[float, float] = (0.1, 5.0),
+  phase: tuple[float, float] = (0.0, float(np.pi)),
+  x_range: tuple[float, float] = (-5.0, 5.0),
+) -> Episodes:
+  """Sinusoid regression tasks ``y = A sin(x - φ)`` (Finn et al. 2017), uniform draws.
+
+  ``A`` uniform in ``amplitude``, ``φ`` in ``phase``, support and query inputs uniform
+  in ``x_range``, independently; no observation noise.
+
+  Returns:
+    ``Episodes``: ``support_x (B, K, 1)``, ``support_y (B, K)``, ``query_x (B, Q, 1)``,
+    ``query_y (B, Q)``, float32.
+
+  Example:
+    >>> import jax
+    >>> from kbeam_jax.tasks import fewshot
+    >>> ep = fewshot.sample_sinusoid(jax.random.key(0), num_tasks=4, k_shot=5, num_query=10)
+    >>> ep.support_x.shape, ep.query_y.shape, bool(abs(ep.query_y).max() <= 5.0)
+    ((4, 5, 1), (4, 10), True)
+  """
+  _check_positive(num_tasks=num_tasks, k_shot=k_shot, num_query=num_query)
+  for name, (lo, hi) in [("amplitude", amplitude), ("phase", phase), ("x_range", x_range)]:
+    if not lo <= hi:
+      raise ValueError(f"{name} must be (low, high) with low <= high, got {(lo, hi)}.")
+  ka, kp, ks, kq = jax.random.split(key, 4)
+  amp = jax.random.uniform(ka, (num_tasks, 1), minval=amplitude[0], maxval=amplitude[1])
+  ph = jax.random.uniform(kp, (num_tasks, 1), minval=phase[0], maxval=phase[1])
+  xs = jax.random.uniform(ks, (num_tasks, k_shot), minval=x_range[0], maxval=x_range[1])
+  xq = jax.random.uniform(kq, (num_tasks, num_query), minval=x_range[0], maxval=x_range[1])
+  return Episodes(xs[..., None], amp * jnp.sin(xs - ph), xq[..., None], amp * jnp.sin(xq - ph))
+
+
+def init_mlp(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32) -> list[dict[str, jax.Array]]:
+  """He-initialized layers ``[{"w": (m, n), "b": (n,)}, ...]`` for ``sizes = [in, ..., out]``.
+
+  Example:
+    >>> import jax
+    >>> from kbeam_jax.tasks import fewshot
+    >>> [p["w"].shape for p in fewshot.init_mlp(jax.random.key(0), [784, 64, 32])]
+    [(784, 64), (64, 32)]
+  """
+  if len(sizes) < 2 or min(sizes) < 1:
+    raise ValueError(f"sizes must list at least an input and an output size, got {sizes}.")
+  keys = jax.random.split(key, len(sizes) - 1)
+  return [
+    {
+      "w": jax.random.normal(k, (m, n), dtype) * jnp.sqrt(2.0 / m).astype(dtype),
+      "b": jnp.zeros((n,), dtype),
+    }
+    for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
+  ]
+
+
+def features(u: PyTree, x: jax.Array, feature_scale: float | None = 1.0) -> jax.Array:
+  """The representation ``T(x; u)``: a ReLU MLP (ReLU after every layer) on the last axis
+  of ``x``, rescaled to norm ``feature_scale`` (``None``: not rescaled).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kbeam_jax.tasks import fewshot
+    >>> u = fewshot.init_mlp(jax.random.key(0), [3, 8, 4])
+    >>> z = fewshot.features(u, jnp.ones((2, 5, 3)), feature_scale=2.0)
+    >>> z.shape, jnp.allclose(jnp.linalg.norm(z, axis=-1), 2.0)
+    ((2, 5, 4), Array(True, dtype=bool))
+  """
+  lead = x.shape[:-1]
+  z = x.reshape(-1, x.shape[-1])
+  for layer in u:
+    z = jax.nn.relu(z @ layer["w"] + layer["b"][None, :])
+  if feature_scale is not None:
+    z = feature_scale * z / jnp.sqrt(jnp.sum(z**2, axis=-1, keepdims=True) + 1e-6)
+  return z.reshape(*lead, z.shape[-1])
+
+
+def init_heads(num_tasks: int, feature_dim: int, num_outputs: int, dtype=jnp.float32) -> PyTree:
+  """Zero linear heads for ``num_tasks`` tasks: ``{"w": (B, d, n), "b": (B, n)}``."""
+  _check_positive(num_tasks=num_tasks, feature_dim=feature_dim, num_outputs=num_outputs)
+  return {
+    "w": jnp.zeros((num_tasks, feature_dim, num_outputs), dtype),
+    "b": jnp.zeros((num_tasks, num_outputs), dtype),
+  }
+
+
+def apply_heads(heads: PyTree, z: jax.Array) -> jax.Array:
+  """Per-task linear heads on per-task features ``(B, S, d)`` -> outputs ``(B, S, n)``."""
+  return jnp.einsum("bsd,bdn->bsn", z, heads["w"]) + heads["b"][:, None, :]
+
+
+def task_losses(kind: str, out: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean loss per task ``(B,)``: softmax cross-entropy (``y`` int labels) or squared error
+  (``out (B, S, 1)``, ``y (B, S)``)."""
+  _check_kind(kind)
+  if kind == "classification":
+    logp = jax.nn.log_softmax(out, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0], axis=-1)
+  return jnp.mean((out[..., 0] - y) ** 2, axis=-1)
+
+
+def _ridge(heads: PyTree) -> jax.Array:
+  return 0.5 * (jnp.sum(heads["w"] ** 2, axis=(1, 2)) + jnp.sum(heads["b"] ** 2, axis=1))
+
+
+def objectives(
+  kind: str, *, l2: float, feature_scale: float | None = 1.0
+) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+  r"""The bilevel pair ``(f, g)``, each ``(u, heads, episodes) -> scalar``.
+
+  ``g(u, W) = Σ_i [E_tr(u, w_i) + (λ/2)|w_i|²]`` (support loss, summed over tasks),
+  ``f(u, W) = (1/B) Σ_i E_val(u, w_i)`` (query loss, averaged).
+
+  Args:
+    kind: ``"classification"`` or ``"regression"``.
+    l2: λ > 0, the ridge weight that makes every lower problem strongly convex.
+    feature_scale: the norm of the features (see ``features``).
+
+  Example:
+    >>> import jax
+    >>> from kbeam_jax import bilevel
+    >>> from kbeam_jax.tasks import fewshot
+    >>> f, g = fewshot.objectives("regression", l2=1e-2)
+    >>> ep = fewshot.sample_sinusoid(jax.random.key(0), num_tasks=3, k_shot=5, num_query=5)
+    >>> u = fewshot.init_mlp(jax.random.key(1), [1, 16, 16])
+    >>> heads = fewshot.init_heads(3, 16, 1)
+    >>> out = bilevel.approxgrad(f, g, u, heads, ep, num_steps=20, inner_lr=0.5,
+    ...                          solve_steps=20, solve_lr=0.5)
+    >>> out.v["w"].shape, [p["w"].shape for p in out.grad]
+    ((3, 16, 1), [(1, 16), (16, 16)])
+  """
+  _check_kind(kind)
+  if not l2 > 0:
+    raise ValueError(f"l2 must be > 0 (it makes each lower problem strongly convex), got {l2}.")
+
+  def g(u, heads, ep: Episodes):
+    out = apply_heads(heads, features(u, ep.support_x, feature_scale))
+    return jnp.sum(task_losses(kind, out, ep.support_y) + l2 * _ridge(heads))
+
+  def f(u, heads, ep: Episodes):
+    out = apply_heads(heads, features(u, ep.query_x, feature_scale))
+    return jnp.mean(task_losses(kind, out, ep.query_y))
+
+  return f, g
+
+
+def fit_heads(
+  kind: str,
+  z: jax.Array,
+  y: jax.Array,
+  *,
+  num_outputs: int,
+  l2: float,
+  num_steps: int,
+  lr: float,
+) -> PyTree:
+  """Solves every task's lower problem on fixed features ``z (B, S, d)``: ``num_steps``
+  steps of gradient descent from zero heads (the lower problem is strongly convex).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.tasks import fewshot
+    >>> z = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])  # one task, two points
+    >>> heads = fewshot.fit_heads("regression", z, jnp.array([[1.0, -1.0]]), num_outputs=1,
+    ...                           l2=1e-3, num_steps=500, lr=0.5)
+    >>> jnp.round(fewshot.apply_heads(heads, z)[..., 0], 2)
+    Array([[ 1., -1.]], dtype=float32)
+  """
+  heads = init_heads(z.shape[0], z.shape[-1], num_outputs, z.dtype)
+  loss = lambda h: jnp.sum(task_losses(kind, apply_heads(h, z), y) + l2 * _ridge(h))
+  step = lambda h, _: (jax.tree.map(lambda a, b: a - lr * b, h, jax.grad(loss)(h)), None)
+  return jax.lax.scan(step, heads, length=num_steps)[0]
+
+
+def evaluate(
+  kind: str,
+  u: PyTree,
+  ep: Episodes,
+  *,
+  num_outputs: int,
+  l2: float,
+  num_steps: int,
+  lr: float,
+  feature_scale: float | None = 1.0,
+) -> jax.Array:
+  """Per-task query metric ``(B,)`` after fitting each head on its support set:
+  accuracy for classification, mean squared error for regression.
+
+  Example:
+    >>> import jax
+    >>> from kbeam_jax.tasks import fewshot
+    >>> ep = fewshot.sample_sinusoid(jax.random.key(0), num_tasks=3, k_shot=5, num_query=5)
+    >>> u = fewshot.init_mlp(jax.random.key(1), [1, 16, 16])
+    >>> fewshot.evaluate("regression", u, ep, num_outputs=1, l2=1e-2, num_steps=10,
+    ...                  lr=0.5).shape
+    (3,)
+  """
+  _check_kind(kind)
+  heads = fit_heads(
+    kind,
+    features(u, ep.support_x, feature_scale),
+    ep.support_y,
+    num_outputs=num_outputs,
+    l2=l2,
+    num_steps=num_steps,
+    lr=lr,
+  )
+  out = apply_heads(heads, features(u, ep.query_x, feature_scale))
+  if kind == "classification":
+    return jnp.mean(jnp.argmax(out, axis=-1) == ep.query_y, axis=-1)
+  return jnp.mean((out[..., 0] - ep.query_y) ** 2, axis=-1)
+
+
+def nearest_centroid_accuracy(
+  u: PyTree, ep: Episodes, *, n_way: int, feature_scale: float | None = 1.0
+) -> jax.Array:
+  """Per-task query accuracy ``(B,)`` of the nearest class mean of the support features
+  (Euclidean), a non-bilevel classifier on the same representation.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.tasks import fewshot
+    >>> x = jnp.array([[[0.0], [4.0]]])  # one task: class 0 at 0, class 1 at 4
+    >>> ep = fewshot.Episodes(x, jnp.array([[0, 1]]), jnp.array([[[1.0], [3.5]]]),
+    ...                       jnp.array([[0, 1]]))
+    >>> fewshot.nearest_centroid_accuracy([], ep, n_way=2, feature_scale=None)
+    Array([1.], dtype=float32)
+  """
+  zs = features(u, ep.support_x, feature_scale)
+  zq = features(u, ep.query_x, feature_scale)
+  onehot = jax.nn.one_hot(ep.support_y, n_way, dtype=zs.dtype)  # (B, S, N)
+  centroids = jnp.einsum("bsn,bsd->bnd", onehot, zs) / jnp.sum(onehot, axis=1)[..., None]
+  dist = jnp.sum((zq[:, :, None, :] - centroids[:, None, :, :]) ** 2, axis=-1)
+  return jnp.mean(jnp.argmin(dist, axis=-1) == ep.query_y, axis=-1)
+
+
+def mean_ci95(values: Any) -> tuple[float, float]:
+  """Mean and the half-width of its normal 95% interval, ``1.96·std/√n``.
+
+  Example:
+    >>> from kbeam_jax.tasks import fewshot
+    >>> fewshot.mean_ci95([1.0, 3.0, 1.0, 3.0])
+    (2.0, 0.98)
+  """
+  v = np.asarray(values, np.float64).ravel()
+  if v.size == 0:
+    raise ValueError("mean_ci95 needs at least one value.")
+  return float(v.mean()), float(1.96 * v.std() / np.sqrt(v.size))

@@ -1,0 +1,181 @@
+"""The importance-learning (data denoising) task on tiny synthetic digits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kbeam_jax import bilevel
+from kbeam_jax.tasks import denoising
+
+L2 = 1e-2  # makes the tiny lower problem strongly convex
+
+
+def tiny_digits(n, seed):
+  """Ten noisy prototype patterns as uint8 28×28 images, labels their prototype."""
+  rng = np.random.default_rng(seed)
+  prototypes = np.random.default_rng(123).uniform(0, 255, (10, 784))
+  labels = np.arange(n) % 10
+  images = prototypes[labels] + rng.normal(0, 60, (n, 784))
+  return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 28, 28), labels
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  images, labels = tiny_digits(100, 0)
+  test_images, test_labels = tiny_digits(50, 1)
+  return denoising.make_data(
+    images, labels, test_images, test_labels, num_train=40, num_val=40, noise=0.5, seed=3
+  )
+
+
+def solve_lower(g, a, v, args, steps=1000):
+  """Gradient descent on the lower problem (step 0.1: 0.5 oscillates on these pixels)."""
+  return jax.jit(lambda a, v: bilevel.inner_solve(g, a, v, args, steps, 0.1)[0])(a, v)
+
+
+def test_data_shapes_and_corruption(tiny):
+  assert tiny.x_train.shape == (40, 784) and tiny.x_val.shape == (40, 784)
+  assert tiny.x_test.shape == (50, 784) and tiny.x_train.dtype == np.float32
+  assert 0.0 <= tiny.x_train.min() and tiny.x_train.max() <= 1.0
+  assert tiny.corrupted.sum() == 20  # exactly half
+  np.testing.assert_array_equal(tiny.y_train != tiny.y_clean, tiny.corrupted)
+
+
+def test_data_is_deterministic_given_the_seed():
+  images, labels = tiny_digits(100, 0)
+  make = lambda seed: denoising.make_data(
+    images, labels, images, labels, num_train=30, num_val=30, noise=0.3, seed=seed
+  )
+  a, b, c = make(5), make(5), make(6)
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert not np.array_equal(a.y_train, c.y_train)
+
+
+def test_objectives_values_and_weights(tiny):
+  model = denoising.softmax_regression()
+  f, g = denoising.objectives(model)
+  args = tiny.bilevel_args()
+  v = model.init(None)
+  # At v = 0 every class has probability 1/10, whatever the weights.
+  np.testing.assert_allclose(f(jnp.zeros(40), v, *args), np.log(10.0), rtol=1e-6)
+  np.testing.assert_allclose(g(jnp.ones(40), v, *args), np.log(10.0), rtol=1e-6)
+  np.testing.assert_allclose(
+    denoising.importance_weights(jnp.array([-50.0, 0.0, 50.0])), [0, 0.5, 1]
+  )
+  # g weighs each point by w_i / Σ w: a point with weight ~0 does not count.
+  v = {"W": jax.random.normal(jax.random.key(0), (784, 10)) * 0.01, "b": jnp.zeros(10)}
+  a = jnp.where(jnp.arange(40) < 20, 50.0, -50.0)
+  sub = (args[0][:20], args[1][:20]) + args[2:]
+  np.testing.assert_allclose(g(a, v, *args), g(jnp.zeros(20), v, *sub), rtol=1e-5)
+
+
+def test_lower_optimum_is_reached(tiny):
+  model = denoising.softmax_regression()
+  _, g = denoising.objectives(model, l2=L2)
+  args = tiny.bilevel_args()
+  a = jax.random.normal(jax.random.key(1), (40,))
+  v = solve_lower(g, a, model.init(None), args)
+  grad = jax.grad(g, argnums=1)(a, v, *args)
+  grad0 = jax.grad(g, argnums=1)(a, model.init(None), *args)
+  norm = lambda t: float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(t))))
+  assert norm(grad) < 1e-3 * norm(grad0)
+
+
+@pytest.mark.parametrize("method", denoising.METHODS)
+def test_upper_objective_decreases_and_runs_are_deterministic(tiny, method):
+  model = denoising.softmax_regression()
+  f, g = denoising.objectives(model, l2=L2)
+  args = tiny.bilevel_args()
+  a0 = jnp.zeros(40)
+  v0 = solve_lower(g, a0, model.init(None), args)
+  solver = denoising.solver(
+    method,
+    f,
+    g,
+    upper=optax.adam(0.3),
+    inner_lr=0.1,
+    num_inner=10,
+    solve_steps=20,
+    solve_lr=0.2,
+    penalty_options=dict(gamma=1.0, epsilon=0.1, max_gamma=10.0),
+  )
+  run = jax.jit(lambda s: denoising.run(solver, s, 10, *args))
+  state, values = run(solver.init(a0, v0))
+  state_again, values_again = run(solver.init(a0, v0))
+  np.testing.assert_array_equal(values, values_again)
+  np.testing.assert_array_equal(state.u, state_again.u)
+  assert values.shape == (10,) and state.u.shape == (40,)
+  # Compare f at the lower optimum before and after (the iterate v may lag behind).
+  before = float(f(a0, v0, *args))
+  after = float(f(state.u, solve_lower(g, state.u, v0, args), *args))
+  if method == "naive":  # ∇_a f = 0: the implicit term is the whole hypergradient
+    np.testing.assert_array_equal(state.u, a0)
+  else:
+    assert after < before - 0.01, (before, after)
+    # the points it trusts most are clean ones more often than chance
+    top = np.argsort(-np.asarray(state.u))[:10]
+    assert np.mean(~tiny.corrupted[top]) > 0.5
+
+
+def test_rmd_and_approxgrad_agree_on_the_task():
+  """Both estimate the same hypergradient at a converged lower problem."""
+  images, labels = tiny_digits(60, 2)
+  d = denoising.make_data(
+    images, labels, images, labels, num_train=20, num_val=20, noise=0.5, seed=0
+  )
+  model = denoising.softmax_regression()
+  f, g = denoising.objectives(model, l2=L2)
+  args = d.bilevel_args()
+  a = jax.random.normal(jax.random.key(0), (20,))
+  v = solve_lower(g, a, model.init(None), args)
+  opts = dict(num_steps=1000, inner_lr=0.1)
+  rmd = bilevel.rmd(f, g, a, v, *args, **opts).grad
+  ag = bilevel.approxgrad(f, g, a, v, *args, **opts, solve_steps=2000, solve_lr=1.0).grad
+  cosine = jnp.vdot(rmd, ag) / (jnp.linalg.norm(rmd) * jnp.linalg.norm(ag))
+  assert float(cosine) > 0.95
+
+
+def test_detection_and_retraining(tiny):
+  det = denoising.detection(np.where(tiny.corrupted, 0.1, 0.99), tiny.corrupted)
+  assert det == {"precision": 1.0, "recall": 1.0, "kept": 20}
+  model = denoising.softmax_regression()
+  acc = denoising.retrained_accuracy(model, tiny, ~tiny.corrupted, steps=100, learning_rate=0.05)
+  assert acc > 0.8
+
+
+def test_small_cnn_shapes():
+  model = denoising.small_cnn(channels=(2, 3))
+  params = model.init(jax.random.key(0))
+  assert params["conv2"].shape == (3, 3, 2, 3) and params["W"].shape == (7 * 7 * 3, 10)
+  assert model.apply(params, jnp.zeros((5, 784))).shape == (5, 10)
+
+
+def test_bad_inputs(tiny):
+  images, labels = tiny_digits(20, 0)
+  with pytest.raises(TypeError, match="uint8"):
+    denoising.flatten_images(images.astype(np.float32))
+  with pytest.raises(ValueError, match=r"\(N, 28, 28\)"):
+    denoising.flatten_images(np.zeros((3, 27, 28), np.uint8))
+  make = lambda **kw: denoising.make_data(
+    images, labels, images, labels, **dict(dict(num_train=5, num_val=5, noise=0.5, seed=0), **kw)
+  )
+  with pytest.raises(ValueError, match="noise fraction"):
+    make(noise=1.5)
+  with pytest.raises(ValueError, match="exceeds the 20 images"):
+    make(num_train=15, num_val=10)
+  with pytest.raises(ValueError, match="labels must lie in 0..9"):
+    denoising.make_data(
+      images, labels + 5, images, labels, num_train=5, num_val=5, noise=0.1, seed=0
+    )
+  with pytest.raises(ValueError, match="unknown method 'sgd'"):
+    denoising.solver("sgd", None, None, upper=optax.sgd(1.0), inner_lr=0.1, num_inner=1)
+  with pytest.raises(ValueError, match="l2 must be >= 0"):
+    denoising.objectives(denoising.softmax_regression(), l2=-1.0)
+  _, g = denoising.objectives(denoising.softmax_regression())
+  with pytest.raises(ValueError, match="one entry per training point"):
+    g(jnp.zeros(3), denoising.softmax_regression().init(None), *tiny.bilevel_args())
+  with pytest.raises(ValueError, match="differ in shape"):
+    denoising.detection(np.zeros(3), np.zeros(4, bool))

@@ -1,0 +1,157 @@
+"""The data-poisoning task on tiny synthetic digits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kbeam_jax import bilevel
+from kbeam_jax.tasks import poisoning
+
+
+def tiny_digits(n, seed):
+  """Ten noisy prototype patterns as uint8 28×28 images, labels their prototype."""
+  rng = np.random.default_rng(seed)
+  prototypes = np.random.default_rng(123).uniform(0, 255, (10, 784))
+  labels = np.arange(n) % 10
+  images = prototypes[labels] + rng.normal(0, 90, (n, 784))
+  return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 28, 28), labels
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  images, labels = tiny_digits(100, 0)
+  test_images, test_labels = tiny_digits(60, 1)
+  return poisoning.make_data(
+    images, labels, test_images, test_labels, num_train=40, num_val=40, num_test=50, seed=3
+  )
+
+
+def solve_lower(g, u, v, args, steps=300):
+  return jax.jit(lambda u, v: bilevel.inner_solve(g, u, v, args, steps, 0.5)[0])(u, v)
+
+
+def test_data_shapes_and_disjoint_sets(tiny):
+  assert tiny.x_train.shape == (40, 784) and tiny.x_val.shape == (40, 784)
+  assert tiny.x_test.shape == (50, 784) and tiny.y_test.shape == (50,)
+  rows = {row.tobytes() for row in tiny.x_train}
+  assert not any(row.tobytes() in rows for row in tiny.x_val)
+
+
+def test_init_poisons_untargeted_and_targeted(tiny):
+  x_p, y_p = poisoning.init_poisons(tiny, 6, seed=0)
+  assert x_p.shape == (6, 784) and y_p.shape == (6,) and y_p.dtype == np.int32
+  for x, y in zip(x_p, y_p, strict=True):  # a training image, with a wrong label
+    (i,) = np.flatnonzero((tiny.x_train == x).all(axis=1))
+    assert y != tiny.y_train[i]
+  x_t, y_t = poisoning.init_poisons(tiny, 3, seed=0, source=2, target=7)
+  assert np.all(y_t == 7)
+  for x in x_t:
+    (i,) = np.flatnonzero((tiny.x_train == x).all(axis=1))
+    assert tiny.y_train[i] == 2
+  again = poisoning.init_poisons(tiny, 6, seed=0)
+  np.testing.assert_array_equal(again[0], x_p)
+  np.testing.assert_array_equal(again[1], y_p)
+
+
+def test_objectives_and_lower_optimum(tiny):
+  model = poisoning.softmax_regression()
+  f, g = poisoning.objectives(model)
+  x_p, y_p = poisoning.init_poisons(tiny, 4, seed=0)
+  args = poisoning.bilevel_args(tiny, y_p)
+  u = jnp.asarray(x_p)
+  v0 = model.init(None)
+  np.testing.assert_allclose(f(u, v0, *args), -np.log(10.0), rtol=1e-6)
+  np.testing.assert_allclose(g(u, v0, *args), np.log(10.0), rtol=1e-6)
+  v = solve_lower(g, u, v0, args)
+  norm = lambda t: float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(t))))
+  grad = jax.grad(g, argnums=1)(u, v, *args)
+  assert norm(grad) < 1e-3 * norm(jax.grad(g, argnums=1)(u, v0, *args))
+  # g counts the poisons as training points: moving one changes g, f does not see it.
+  moved = u.at[0].set(1.0 - u[0])
+  assert float(g(moved, v, *args)) != float(g(u, v, *args))
+  assert float(f(moved, v, *args)) == float(f(u, v, *args))
+
+
+@pytest.mark.parametrize("targeted", [False, True], ids=["untargeted", "targeted"])
+@pytest.mark.parametrize("method", poisoning.METHODS)
+def test_upper_objective_decreases_in_the_box(tiny, method, targeted):
+  model = poisoning.softmax_regression()
+  f, g = poisoning.objectives(model, targeted=targeted)
+  st = dict(source=2, target=7) if targeted else {}
+  x_p, y_p = poisoning.init_poisons(tiny, 4, seed=1, **st)
+  args = poisoning.bilevel_args(tiny, y_p, **st)
+  u0 = jnp.asarray(x_p)
+  v0 = solve_lower(g, u0, model.init(None), args)
+  solver = poisoning.solver(
+    method,
+    f,
+    g,
+    upper=optax.chain(optax.adam(0.1), poisoning.keep_in_box(0.0, 1.0)),
+    inner_lr=0.5,
+    num_inner=10,
+    solve_steps=20,
+    solve_lr=0.2,
+    penalty_options=dict(gamma=1.0, epsilon=0.1, max_gamma=10.0, lower_weight=1.0),
+  )
+  run = jax.jit(lambda s: poisoning.run(solver, s, 8, *args))
+  state, values = run(solver.init(u0, v0))
+  state_again, values_again = run(solver.init(u0, v0))
+  np.testing.assert_array_equal(state.u, state_again.u)
+  np.testing.assert_array_equal(values, values_again)
+  assert state.u.shape == (4, 784)
+  assert float(state.u.min()) >= 0.0 and float(state.u.max()) <= 1.0
+  before = float(f(u0, v0, *args))
+  after = float(f(state.u, solve_lower(g, state.u, v0, args), *args))
+  if method == "naive":  # ∇_u f = 0: without the implicit term the poisons never move
+    np.testing.assert_array_equal(state.u, u0)
+  else:
+    assert after < before - 1e-3, (before, after)
+
+
+def test_clean_classifier_and_target_rate(tiny):
+  model = poisoning.softmax_regression()
+  params = poisoning.train_poisoned(model, tiny, steps=100, learning_rate=0.05)
+  assert poisoning.accuracy(model, params, tiny.x_test, tiny.y_test) > 0.6
+  rate = poisoning.target_misclassification(model, params, tiny, source=2, target=7)
+  assert 0.0 <= rate <= 0.5
+
+
+def test_keep_in_box_projects():
+  tx = optax.chain(optax.sgd(1.0), poisoning.keep_in_box(0.0, 1.0))
+  x = jnp.array([0.2, 0.5, 0.9])
+  updates, _ = tx.update(jnp.array([1.0, 0.1, -0.5]), tx.init(x), x)
+  np.testing.assert_allclose(optax.apply_updates(x, updates), [0.0, 0.4, 1.0])
+
+
+def test_bad_inputs(tiny):
+  images, labels = tiny_digits(20, 0)
+  with pytest.raises(ValueError, match="exceeds the 20 images"):
+    poisoning.make_data(images, labels, images, labels, num_train=15, num_val=10, seed=0)
+  with pytest.raises(ValueError, match="exceeds the 20 test images"):
+    poisoning.make_data(images, labels, images, labels, num_train=5, num_val=5, num_test=30, seed=0)
+  with pytest.raises(ValueError, match="num_poison must be >= 1"):
+    poisoning.init_poisons(tiny, 0, seed=0)
+  with pytest.raises(ValueError, match="both source and target"):
+    poisoning.init_poisons(tiny, 2, seed=0, source=1)
+  with pytest.raises(ValueError, match="must differ"):
+    poisoning.init_poisons(tiny, 2, seed=0, source=1, target=1)
+  ones = int(np.sum(tiny.y_train == 1))
+  with pytest.raises(ValueError, match=f"exceeds the {ones} training images of class 1"):
+    poisoning.init_poisons(tiny, ones + 1, seed=0, source=1, target=2)
+  with pytest.raises(ValueError, match="lower < upper"):
+    poisoning.keep_in_box(1.0, 0.0)
+  with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+    poisoning.train_poisoned(
+      poisoning.softmax_regression(), tiny, np.full((1, 784), 2.0), np.array([3])
+    )
+  _, g = poisoning.objectives(poisoning.softmax_regression())
+  args = poisoning.bilevel_args(tiny, np.array([1, 2]))
+  with pytest.raises(ValueError, match=r"x_poison must have shape \(2, 784\)"):
+    g(jnp.zeros((3, 784)), poisoning.softmax_regression().init(None), *args)
+  no_ones = tiny._replace(y_test=np.where(tiny.y_test == 1, 0, tiny.y_test))
+  with pytest.raises(ValueError, match="no images of class 1"):
+    poisoning.target_misclassification(
+      poisoning.softmax_regression(), poisoning.softmax_regression().init(None), no_ones, 1, 2
+    )
