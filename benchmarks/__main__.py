@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     "--resume", action="store_true", help="continue from the checkpoints in --out if present"
   )
+  parser.add_argument(
+    "--photos",
+    type=Path,
+    default=None,
+    help="domain_adaptation: a directory of photographs for the MNIST-M patches "
+    "(default: scikit-learn's sample images)",
+  )
   args = parser.parse_args(argv)
 
   if args.suite == "all":

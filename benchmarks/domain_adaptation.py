@@ -40,11 +40,13 @@ METHODS = ("source_only", "target_only", "kbeam_1", "kbeam_2", "kbeam_5")
 PUBLISHED = {"source_only": 0.5225, "kbeam_1": 0.7666, "target_only": 0.9596}
 
 
-def load(data_dir: str | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def load(
+  data_dir: str | None = None, seed: int = 0, photos_dir: str | Path | None = None
+) -> dict[str, np.ndarray]:
   train, test = data.load_mnist("train", data_dir), data.load_mnist("test", data_dir)
   if train.images.shape[0] < 18_000:
     raise ValueError(f"need 18,000 MNIST training images, found {train.images.shape[0]}.")
-  photos = data.load_photos()
+  photos = data.load_photos(photos_dir)
   return {
     "x_source": da.to_rgb(train.images[:9000]),
     "y_source": train.labels[:9000].astype(np.int32),
@@ -208,10 +210,11 @@ def run_suite(
   methods: tuple[str, ...] = METHODS,
   resume: bool = False,
   data_dir: str | None = None,
+  photos_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
   if num_iters % eval_every:
     raise ValueError(f"num_iters={num_iters} must be a multiple of eval_every={eval_every}.")
-  d = load(data_dir, seed)
+  d = load(data_dir, seed, photos_dir)
   records = [
     run_method(
       m,
@@ -251,4 +254,5 @@ def main(args) -> None:
     seed=args.seed,
     test_size=500 if args.quick else 10_000,
     resume=args.resume,
+    photos_dir=getattr(args, "photos", None),
   )

@@ -27,3 +27,13 @@ def test_readme_opens_with_the_two_commands():
   assert commands[1].startswith('pip install -e ".[test]" && python -m pytest')
   ci = (README.parent / ".ci" / "run").read_text()
   assert 'pip install -e ".[test]" && python -m pytest' in ci
+
+
+def test_flax_beams_example_runs():
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+  example = next(b for b in blocks if "stack_modules" in b)
+  namespace = {}
+  exec(compile(example, "README.md", "exec"), namespace)
+  assert namespace["scores"].shape == (5, 1, 1)
+  values = np.asarray(namespace["info"].values)
+  assert values.shape == (300, 5) and np.all(np.isfinite(values))

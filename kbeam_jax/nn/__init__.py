@@ -1,17 +1,24 @@
 """Flax integration: K beams of an NNX module, a linen ``TrainState`` that forwards extra
-arguments to the transform, and checkpoints of solver states."""
+arguments to the transform, checkpoints of solver states, and a convolution that stays
+fast inside ``lax.scan`` on the CPU."""
 
 from kbeam_jax.nn._beams import apply_beams as apply_beams
 from kbeam_jax.nn._beams import stack_modules as stack_modules
 from kbeam_jax.nn._beams import unstack as unstack
 from kbeam_jax.nn._checkpoint import load_checkpoint as load_checkpoint
 from kbeam_jax.nn._checkpoint import save_checkpoint as save_checkpoint
+from kbeam_jax.nn._conv import Conv as Conv
+from kbeam_jax.nn._conv import conv2d as conv2d
+from kbeam_jax.nn._conv import max_pool2 as max_pool2
 from kbeam_jax.nn._train_state import TrainState as TrainState
 
 __all__ = [
+  "Conv",
   "TrainState",
   "apply_beams",
+  "conv2d",
   "load_checkpoint",
+  "max_pool2",
   "save_checkpoint",
   "stack_modules",
   "unstack",

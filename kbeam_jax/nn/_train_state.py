@@ -24,7 +24,7 @@ class TrainState(train_state.TrainState):
     >>> from kbeam_jax import minimax, nn
     >>> model = linen.Dense(1)
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 2)))
-    >>> tx = minimax.kbeam_sgd(0.1, optax.sgd(0.1), jnp.zeros((3, 1)))
+    >>> tx = minimax.kbeam_sgd(0.1, optax.sgd(0.1), jnp.zeros((3, 1, 1)))
     >>> state = nn.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     >>> x = jnp.ones((4, 2))
     >>> f = lambda p, v: jnp.mean((state.apply_fn(p, x) - v) ** 2)
