@@ -91,16 +91,19 @@ def test_upper_objective_decreases_and_runs_are_deterministic(tiny, method):
   args = tiny.bilevel_args()
   a0 = jnp.zeros(40)
   v0 = solve_lower(g, a0, model.init(None), args)
+  # Step sizes inside the stability bounds of this data (λ_max(∇²_vv g) ≈ 5 at the lower
+  # optimum, ≈ 20 at v = 0): descent ρ < 2/λ, ApproxGrad's solve_lr < 2/λ², the penalty's
+  # ρ·γ·λ² < 2. T = 30 warm-started steps keep v near v*(a) while a moves.
   solver = denoising.solver(
     method,
     f,
     g,
     upper=optax.adam(0.3),
-    inner_lr=0.1,
-    num_inner=10,
-    solve_steps=20,
-    solve_lr=0.2,
-    penalty_options=dict(gamma=1.0, epsilon=0.1, max_gamma=10.0),
+    inner_lr=0.02 if method == "penalty" else 0.1,
+    num_inner=30,
+    solve_steps=200,
+    solve_lr=0.04,
+    penalty_options=dict(gamma=1.0, epsilon=0.1, max_gamma=2.0),
   )
   run = jax.jit(lambda s: denoising.run(solver, s, 10, *args))
   state, values = run(solver.init(a0, v0))
@@ -133,7 +136,9 @@ def test_rmd_and_approxgrad_agree_on_the_task():
   v = solve_lower(g, a, model.init(None), args)
   opts = dict(num_steps=1000, inner_lr=0.1)
   rmd = bilevel.rmd(f, g, a, v, *args, **opts).grad
-  ag = bilevel.approxgrad(f, g, a, v, *args, **opts, solve_steps=2000, solve_lr=1.0).grad
+  # descent on ½|Hq - b|² is stable below 2/λ_max(H)² (≈ 0.09 here) and converges at the
+  # rate of κ(H)²: many small steps
+  ag = bilevel.approxgrad(f, g, a, v, *args, **opts, solve_steps=5000, solve_lr=0.04).grad
   cosine = jnp.vdot(rmd, ag) / (jnp.linalg.norm(rmd) * jnp.linalg.norm(ag))
   assert float(cosine) > 0.95
 
