@@ -71,7 +71,7 @@ CASES: dict[str, dict[str, Any]] = {
     warmup=300,
     upper_lr=0.2,
     solve_steps=20,
-    solve_lr=0.05,
+    solve_lr=0.005,  # descent at ρ = 0.1 is stable, so λ_max < 20: 2/λ² > 0.005
     penalty=dict(gamma=1.0, epsilon=0.1, max_gamma=10.0),
     penalty_lr=0.01,
     fit=dict(steps=300, learning_rate=0.003),
