@@ -35,7 +35,7 @@ from benchmarks import _common
 from kbeam_jax import bilevel, data
 from kbeam_jax.tasks import poisoning
 
-METHODS = poisoning.METHODS
+METHODS = poisoning.METHODS + poisoning.EXTRA_METHODS  # + cg: ApproxGrad solved by CG
 SOURCE, TARGET = 3, 8
 CONFIG: dict[str, Any] = dict(
   num_train=1000,

@@ -84,7 +84,7 @@ def test_objectives_and_lower_optimum(tiny):
 
 
 @pytest.mark.parametrize("targeted", [False, True], ids=["untargeted", "targeted"])
-@pytest.mark.parametrize("method", poisoning.METHODS)
+@pytest.mark.parametrize("method", poisoning.METHODS + poisoning.EXTRA_METHODS)
 def test_upper_objective_decreases_in_the_box(tiny, method, targeted, request):
   if method in ("penalty", "approxgrad") and targeted:
     # Open problem, kept visible: on the targeted attack both methods raise f at the

@@ -1,10 +1,10 @@
 """One driver for the bilevel data tasks: the same ``(init, step)`` shape for every method.
 
 ``solver(method, f, g, ...)`` wraps the library's public API: ``bilevel.penalty`` for the
-penalty method, ``bilevel.approxgrad`` / ``bilevel.rmd`` hypergradients for the others, and
-the naive baseline (``v`` by T descent steps on ``g``, then ``∇_u f`` alone: the implicit
-term ``-∇²_uv g (∇²_vv g)⁻¹ ∇_v f`` dropped). All methods take the same optax optimizer for
-``u`` and warm-start ``v`` from the previous outer step.
+penalty method, ``bilevel.approxgrad`` / ``bilevel.rmd`` / ``bilevel.cg`` hypergradients
+for the others, and the naive baseline (``v`` by T descent steps on ``g``, then ``∇_u f``
+alone: the implicit term ``-∇²_uv g (∇²_vv g)⁻¹ ∇_v f`` dropped). All methods take the
+same optax optimizer for ``u`` and warm-start ``v`` from the previous outer step.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import optax
 from kbeam_jax import bilevel
 
 METHODS = ("penalty", "approxgrad", "rmd", "naive")
+# ApproxGrad's linear system solved by conjugate gradient instead of gradient descent
+# (``solve_steps`` CG iterations): the remedy when ∇²_vv g is ill-conditioned.
+EXTRA_METHODS = ("cg",)
 
 
 class HypergradientState(NamedTuple):
@@ -83,13 +86,14 @@ def solver(
   """``BilevelSolver(init, step)`` for ``method`` in ``METHODS`` on ``min_u f(u, v*(u))``.
 
   Args:
-    method: ``"penalty"``, ``"approxgrad"``, ``"rmd"`` or ``"naive"``.
+    method: ``"penalty"``, ``"approxgrad"``, ``"rmd"``, ``"naive"`` or ``"cg"``.
     f: upper objective ``f(u, v, *args)``.
     g: lower objective ``g(u, v, *args)``.
     upper: optax optimizer for ``u`` (chain ``keep_in_box`` for a box constraint).
     inner_lr: step size of the descent on ``v`` (all methods).
     num_inner: T, descent steps on ``v`` per outer step (warm-started).
-    solve_steps: ApproxGrad's descent steps on the linear system.
+    solve_steps: ApproxGrad's descent steps on the linear system (CG iterations for
+      ``"cg"``).
     solve_lr: ApproxGrad's step size there (default ``inner_lr``).
     penalty_options: keyword arguments of ``bilevel.penalty`` (gamma, epsilon, ...).
 
@@ -109,8 +113,8 @@ def solver(
     >>> jnp.round(state.u, 3)
     Array([1.], dtype=float32)
   """
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
+  if method not in METHODS + EXTRA_METHODS:
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS + EXTRA_METHODS)}.")
   if method == "penalty":
     return bilevel.penalty(
       f, g, upper, optax.sgd(inner_lr), num_inner=num_inner, **(penalty_options or {})
@@ -123,6 +127,10 @@ def solver(
       return jax.grad(f)(u, v, *args), v
     if method == "rmd":
       return bilevel.rmd(f, g, u, v, *args, num_steps=num_inner, inner_lr=inner_lr)
+    if method == "cg":
+      return bilevel.cg(
+        f, g, u, v, *args, num_steps=num_inner, inner_lr=inner_lr, solve_steps=solve_steps
+      )
     return bilevel.approxgrad(
       f,
       g,

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kbeam_jax.tasks._bilevel_run import EXTRA_METHODS as EXTRA_METHODS
 from kbeam_jax.tasks._bilevel_run import METHODS as METHODS
 from kbeam_jax.tasks._bilevel_run import keep_in_box as keep_in_box
 from kbeam_jax.tasks._bilevel_run import run as run
