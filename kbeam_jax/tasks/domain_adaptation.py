@@ -17,6 +17,7 @@ References: Ganin & Lempitsky, Unsupervised Domain Adaptation by Backpropagation
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -126,12 +127,18 @@ def classification_loss(channels: int = 3) -> Callable[..., jax.Array]:
   return lambda u, x, y: _ce(nnx.merge(cdef, u["labels"])(nnx.merge(fdef, u["features"])(x)), y)
 
 
-def accuracy(u: Any, x: np.ndarray, y: np.ndarray, batch: int = 1000, channels: int = 3) -> float:
-  """Label accuracy of ``u`` on ``(x, y)``, evaluated ``batch`` images at a time."""
+@functools.cache
+def _predictor(channels: int) -> Callable[..., jax.Array]:
+  """One jitted label predictor per channel count (compiled once, not per evaluation)."""
   fdef, cdef, _ = graphdefs(channels)
-  predict = jax.jit(
+  return jax.jit(
     lambda u, x: jnp.argmax(nnx.merge(cdef, u["labels"])(nnx.merge(fdef, u["features"])(x)), -1)
   )
+
+
+def accuracy(u: Any, x: np.ndarray, y: np.ndarray, batch: int = 1000, channels: int = 3) -> float:
+  """Label accuracy of ``u`` on ``(x, y)``, evaluated ``batch`` images at a time."""
+  predict = _predictor(channels)
   correct = 0
   for i in range(0, len(x), batch):
     correct += int(
