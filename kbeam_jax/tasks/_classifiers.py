@@ -64,6 +64,27 @@ def check_labels(labels: Any, n: int, what: str = "labels") -> np.ndarray:
   return labels.astype(np.int32)
 
 
+def split_pool(
+  images: Any, labels: Any, num_train: int, num_val: int, rng: np.random.Generator
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+  """Disjoint ``(x, y)`` training and validation sets drawn from a pool of digits.
+
+  ``images`` as ``flatten_images`` takes them, ``labels`` 0..9; the draw is one
+  ``rng.permutation`` of the pool.
+  """
+  x_pool = flatten_images(images)
+  y_pool = check_labels(labels, x_pool.shape[0], "train_labels")
+  if num_train < 1 or num_val < 1:
+    raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}.")
+  if num_train + num_val > x_pool.shape[0]:
+    raise ValueError(
+      f"num_train + num_val = {num_train + num_val} exceeds the {x_pool.shape[0]} images given."
+    )
+  order = rng.permutation(x_pool.shape[0])
+  train, val = order[:num_train], order[num_train : num_train + num_val]
+  return (x_pool[train], y_pool[train]), (x_pool[val], y_pool[val])
+
+
 def softmax_regression(dtype: Any = jnp.float32) -> Classifier:
   """Multinomial logistic regression ``logits = x W + b``, parameters initialised to zero.
 

@@ -41,7 +41,7 @@ import numpy as np
 from kbeam_jax.tasks._bilevel_run import METHODS as METHODS
 from kbeam_jax.tasks._bilevel_run import run as run
 from kbeam_jax.tasks._bilevel_run import solver as solver
-from kbeam_jax.tasks._classifiers import NUM_CLASSES, check_labels, l2_penalty
+from kbeam_jax.tasks._classifiers import NUM_CLASSES, check_labels, l2_penalty, split_pool
 from kbeam_jax.tasks._classifiers import Classifier as Classifier
 from kbeam_jax.tasks._classifiers import accuracy as accuracy
 from kbeam_jax.tasks._classifiers import cross_entropy as cross_entropy
@@ -113,25 +113,16 @@ def make_data(
   Returns:
     ``DenoisingData``.
   """
-  x_pool = flatten_images(train_images)
-  y_pool = check_labels(train_labels, x_pool.shape[0], "train_labels")
   x_test = flatten_images(test_images)
   y_test = check_labels(test_labels, x_test.shape[0], "test_labels")
-  if num_train < 1 or num_val < 1:
-    raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}.")
-  if num_train + num_val > x_pool.shape[0]:
-    raise ValueError(
-      f"num_train + num_val = {num_train + num_val} exceeds the {x_pool.shape[0]} images given."
-    )
   if num_test is not None:
     x_test, y_test = x_test[:num_test], y_test[:num_test]
   rng = np.random.default_rng(seed)
-  order = rng.permutation(x_pool.shape[0])
-  train, val = order[:num_train], order[num_train : num_train + num_val]
-  noisy, corrupted = corrupt_labels(y_pool[train], noise, rng)
-  return DenoisingData(
-    x_pool[train], noisy, y_pool[train], corrupted, x_pool[val], y_pool[val], x_test, y_test
+  (x_train, y_clean), (x_val, y_val) = split_pool(
+    train_images, train_labels, num_train, num_val, rng
   )
+  noisy, corrupted = corrupt_labels(y_clean, noise, rng)
+  return DenoisingData(x_train, noisy, y_clean, corrupted, x_val, y_val, x_test, y_test)
 
 
 def importance_weights(a: jax.Array) -> jax.Array:

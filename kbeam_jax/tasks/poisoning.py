@@ -44,7 +44,13 @@ from kbeam_jax.tasks._bilevel_run import METHODS as METHODS
 from kbeam_jax.tasks._bilevel_run import keep_in_box as keep_in_box
 from kbeam_jax.tasks._bilevel_run import run as run
 from kbeam_jax.tasks._bilevel_run import solver as solver
-from kbeam_jax.tasks._classifiers import NUM_CLASSES, NUM_PIXELS, check_labels, l2_penalty
+from kbeam_jax.tasks._classifiers import (
+  NUM_CLASSES,
+  NUM_PIXELS,
+  check_labels,
+  l2_penalty,
+  split_pool,
+)
 from kbeam_jax.tasks._classifiers import Classifier as Classifier
 from kbeam_jax.tasks._classifiers import accuracy as accuracy
 from kbeam_jax.tasks._classifiers import cross_entropy as cross_entropy
@@ -88,27 +94,16 @@ def make_data(
   Returns:
     ``PoisoningData``.
   """
-  x_pool = flatten_images(train_images)
-  y_pool = check_labels(train_labels, x_pool.shape[0], "train_labels")
   x_tpool = flatten_images(test_images)
   y_tpool = check_labels(test_labels, x_tpool.shape[0], "test_labels")
-  if min(num_train, num_val, num_test) < 1:
-    raise ValueError(
-      f"set sizes must be >= 1, got num_train={num_train}, num_val={num_val}, num_test={num_test}."
-    )
-  if num_train + num_val > x_pool.shape[0]:
-    raise ValueError(
-      f"num_train + num_val = {num_train + num_val} exceeds the {x_pool.shape[0]} images given."
-    )
+  rng = np.random.default_rng(seed)
+  train, val = split_pool(train_images, train_labels, num_train, num_val, rng)
+  if num_test < 1:
+    raise ValueError(f"num_test must be >= 1, got {num_test}.")
   if num_test > x_tpool.shape[0]:
     raise ValueError(f"num_test = {num_test} exceeds the {x_tpool.shape[0]} test images given.")
-  rng = np.random.default_rng(seed)
-  order = rng.permutation(x_pool.shape[0])
-  train, val = order[:num_train], order[num_train : num_train + num_val]
   test = rng.permutation(x_tpool.shape[0])[:num_test]
-  return PoisoningData(
-    x_pool[train], y_pool[train], x_pool[val], y_pool[val], x_tpool[test], y_tpool[test]
-  )
+  return PoisoningData(*train, *val, x_tpool[test], y_tpool[test])
 
 
 def init_poisons(
