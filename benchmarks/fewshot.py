@@ -24,7 +24,7 @@ every meta-batch: the tasks are new):
   (the implicit term ``-∇²_uv g (∇²_vv g)⁻¹ ∇_v f`` dropped);
 * ``rmd``: reverse-mode through the T steps (``bilevel.rmd``);
 * ``approxgrad``: ``bilevel.approxgrad`` with T solve steps;
-* ``penalty``: ``bilevel.penalty`` (augmented Lagrangian, capped γ), heads warm-started
+* ``penalty``: ``bilevel.penalty`` (fixed γ, see ``PENALTY_SCALE``), heads warm-started
   by T descent steps on the lower problem for every new meta-batch, then T penalty steps;
 * ``joint``: not bilevel; one shared head over all meta-train classes (classification)
   or one shared regressor over all tasks (regression: the "pretrained" baseline of Finn
@@ -79,10 +79,21 @@ class Setting(NamedTuple):
   inner_lr: float
   solve_lr: float  # ApproxGrad's step on ½|Hq - ∇_v f|², stable below 2 / λ_max(H)²
   upper_lr: float
-  penalty_lr: float  # the penalty method's step on v: ρ γ λ_max(H)² < 2 for stability
+  penalty_lr: float  # ρ, the step on v: ρ (λ_max(∇²f) + γ λ_max(H)²) < 2 for stability
   penalty_gamma: float  # γ_0 = the cap (fresh tasks every step: no schedule to carry)
   penalty_lower_weight: float
   penalty_steps: int  # steps on v of the penalized objective, after the T steps on g
+
+
+# PENALTY_SCALE. The penalty method's γ multiplies |∇_v g|², and g *sums* the B tasks of a
+# meta-batch while f *averages* them, so each task's penalty weight is γ·B. The heads
+# restart for every meta-batch and are never converged, so u's gradient
+# ∇_u f + γ ∇²_uv g ∇_v g is dominated by the second term (pulling u towards making
+# unconverged heads stationary) unless γ·B is small: with γ = 1 and ρ = 0.05 neither
+# sinusoid problem trained at all (MSE 5.82 / 5.07, the untrained 5.83 / 5.08) and MNIST
+# 5-way 5-shot fell to 31%. γ ≈ 1/B with steps ρ on v as large as stability allows (the
+# Hessian of L in v is ∇²f + γ(∇²_vv g)², small at this γ) is what trains; measured on
+# seed 0, 4,000 iterations: sine-5shot γ 0.01 -> 1.59, 0.02 -> 2.97 (ρ = 1).
 
 
 def settings(quick: bool) -> list[Setting]:
@@ -102,8 +113,8 @@ def settings(quick: bool) -> list[Setting]:
     inner_lr=0.5,
     solve_lr=0.1,
     upper_lr=1e-3,
-    penalty_lr=0.05,
-    penalty_gamma=1.0,
+    penalty_lr=0.5,
+    penalty_gamma=0.06,  # ≈ 1 / meta_batch: see PENALTY_SCALE
     penalty_lower_weight=0.0,
     penalty_steps=10,
   )
@@ -120,8 +131,8 @@ def settings(quick: bool) -> list[Setting]:
     inner_lr=0.5,
     solve_lr=0.1,
     upper_lr=1e-3,
-    penalty_lr=0.05,
-    penalty_gamma=1.0,
+    penalty_lr=1.0,
+    penalty_gamma=0.01,  # see PENALTY_SCALE
     penalty_lower_weight=0.0,
     penalty_steps=10,
   )

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from kbeam_jax import bilevel, minimax
+from kbeam_jax.tasks import fewshot
 
 
 @pytest.fixture(autouse=True)
@@ -141,6 +142,32 @@ def test_damping_changes_the_solve():
   f_v = p.C @ v + p.D.T @ uf + p.e
   expected = uf - p.a + p.D @ v - p.B @ jnp.linalg.solve(p.A + jnp.eye(4), f_v)
   np.testing.assert_allclose(flat(damped.grad), expected, rtol=1e-8)
+
+
+def test_cg_stays_finite_when_run_past_convergence():
+  # Found on a few-shot meta-batch (float32, ∇²_vv g of rank ≈ 3 plus 1e-3 I): with a zero
+  # tolerance CG kept iterating after convergence, its step turned 0/0 and the hypergradient
+  # NaN. It must stop at its tolerance and agree with the float64 answer.
+  f, g = fewshot.objectives("regression", l2=1e-3)
+
+  with jax.enable_x64(False):  # the same draws for both precisions
+    u = fewshot.init_mlp(jax.random.key(0), [1, 40, 40])
+    ep = fewshot.sample_sinusoid(jax.random.key(3), num_tasks=25, k_shot=5, num_query=5)
+
+  def hypergradient():
+    cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, float), tree)
+    heads = cast(fewshot.init_heads(25, 40, 1))
+    out = bilevel.cg(f, g, cast(u), heads, cast(ep), num_steps=2000, inner_lr=0.5, solve_steps=300)
+    return flat(out.grad)
+
+  with jax.enable_x64(False):
+    single = hypergradient()
+  assert single.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(single)))
+  double = hypergradient()
+  assert double.dtype == jnp.float64
+  np.testing.assert_allclose(single, double, atol=1e-3 * float(jnp.abs(double).max()))
+  with pytest.raises(ValueError, match="tol"):
+    bilevel.cg(f, g, [], [], num_steps=1, inner_lr=0.1, solve_steps=5, tol=0.0)
 
 
 # The penalty paper's synthetic problems, u, v in R^10.

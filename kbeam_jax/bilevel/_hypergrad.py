@@ -288,16 +288,20 @@ def cg(
   inner_lr: StepSize,
   solve_steps: int,
   damping: float = 0.0,
+  tol: float = 1e-6,
 ) -> Hypergradient:
   r"""Implicit hypergradient with ``(∇²_vv g + σI)·q = ∇_v f`` solved by conjugate gradient.
 
-  ``solve_steps`` iterations of ``jax.scipy.sparse.linalg.cg`` (tolerance 0: it stops
-  early only on an exact solution), the matrix applied by ``hvp_vv``.
+  At most ``solve_steps`` iterations of ``jax.scipy.sparse.linalg.cg``, the matrix applied
+  by ``hvp_vv``; it stops early once the residual is below ``tol·|∇_v f|``. (With
+  ``tol = 0`` float32 CG keeps iterating after it has converged and its step sizes turn
+  into 0/0 = NaN.)
 
   Args:
     f, g, u, v, *args, num_steps, inner_lr: as in ``fmd``.
-    solve_steps: CG iterations.
+    solve_steps: the most CG iterations.
     damping: σ >= 0.
+    tol: relative residual at which CG stops, > 0.
 
   Returns:
     ``Hypergradient(grad, v)``.
@@ -314,11 +318,13 @@ def cg(
   f, g, num_steps = _prepare(f, g, u, v, num_steps, inner_lr)
   solve_steps = check_steps("solve_steps", solve_steps)
   check_nonnegative("damping", damping)
+  if not tol > 0:
+    raise ValueError(f"tol must be > 0 (CG turns NaN when run past convergence), got {tol}.")
   v_T, _ = inner_solve(g, u, v, args, num_steps, inner_lr)
 
   def solve(matvec, b):
     A = lambda x: tree_axpy(damping, x, matvec(x))
-    return jax.scipy.sparse.linalg.cg(A, b, tol=0.0, atol=0.0, maxiter=solve_steps)[0]
+    return jax.scipy.sparse.linalg.cg(A, b, tol=tol, atol=0.0, maxiter=solve_steps)[0]
 
   return Hypergradient(_implicit(f, g, u, v_T, args, solve), v_T)
 
