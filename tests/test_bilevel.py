@@ -216,6 +216,29 @@ def test_penalty_gamma_grows_when_the_gradient_is_small():
   assert float(state.gamma) == 6.0 and float(state.epsilon) == 5e5 and bool(info.increased)
 
 
+def test_penalty_warmup_adds_steps_on_v_to_the_first_step_only():
+  f, g, _ = synthetic("sum")
+  u, v = jnp.full(10, 0.2), jnp.zeros(10)
+  kw = dict(gamma=5.0, max_gamma=5.0)
+  make = lambda T, W: bilevel.penalty(
+    f, g, optax.sgd(0.01), optax.sgd(0.02), num_inner=T, warmup_steps=W, **kw
+  )
+  warm, cold, long = make(3, 40), make(3, 0), make(43, 0)
+  s_warm, _ = warm.step(warm.init(u, v))
+  s_long, _ = long.step(long.init(u, v))  # T + W steps on v, then one on u
+  np.testing.assert_allclose(s_warm.v, s_long.v, rtol=1e-12)
+  np.testing.assert_allclose(s_warm.u, s_long.u, rtol=1e-12)
+  s_warm2, _ = warm.step(s_warm)
+  s_cold2, _ = cold.step(s_warm)  # from the same state the second step is plain
+  np.testing.assert_allclose(s_warm2.v, s_cold2.v, rtol=1e-12)
+  # the transform form takes the same extra steps on its first update
+  tx = bilevel.scale_by_penalty(v, optax.sgd(0.02), num_inner=3, warmup_steps=40, **kw)
+  _, tx_state = tx.update(None, tx.init(u), u, outer_fn=f, inner_fn=g)
+  np.testing.assert_allclose(tx_state.v, s_long.v, rtol=1e-12)
+  with pytest.raises(ValueError, match="warmup_steps must be an int >= 0"):
+    make(3, -1)
+
+
 TRANSFORMS = {
   "rmd": lambda v: bilevel.scale_by_hypergradient("rmd", v, num_steps=20, inner_lr=LR),
   "fmd": lambda v: bilevel.scale_by_hypergradient("fmd", v, num_steps=20, inner_lr=LR),

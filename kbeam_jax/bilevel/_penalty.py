@@ -54,8 +54,22 @@ class PenaltyInfo(NamedTuple):
   increased: jax.Array
 
 
+def check_warmup(warmup_steps: int) -> int:
+  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+    raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}.")
+  return warmup_steps
+
+
+def steps_now(num_inner: int, warmup_steps: int, count: jax.Array):
+  """T, plus ``warmup_steps`` on the first update (``count == 0``); static when no warm-up."""
+  if not warmup_steps:
+    return num_inner
+  return num_inner + jnp.where(count == 0, warmup_steps, 0)
+
+
 def lower_steps(f, g, lower, num_inner, lower_weight, u, v, lower_state, gamma, nu, args):
-  """``num_inner`` steps of ``lower`` on ``v`` for ``L_γ + λ g`` at fixed ``u``."""
+  """``num_inner`` (static or traced) steps of ``lower`` on ``v`` for ``L_γ + λ g`` at
+  fixed ``u``."""
 
   def body(_, carry):
     v, lower_state = carry
@@ -124,6 +138,7 @@ def penalty(
   lower_weight: float = 0.0,
   augmented: bool = False,
   max_gamma: float = float("inf"),
+  warmup_steps: int = 0,
 ) -> BilevelSolver:
   r"""Penalty-method solver for ``min_u f(u, v*(u))``, ``v*(u) = argmin_v g(u, v, *args)``.
 
@@ -142,6 +157,11 @@ def penalty(
     max_gamma: cap on γ. Plain gradient steps on ``L_γ`` are stable only while
       ``ρ γ λ_max(∇²_vv g)² < 2``: with fixed step sizes, cap γ (the augmented variant
       removes the O(1/γ) bias a capped γ leaves) or shrink the steps with γ.
+    warmup_steps: extra steps on ``v`` in the first step, before ``u`` moves. Started at
+      the lower optimum, ``v`` is far from the minimizer of ``L_γ`` when ``∇²_vv g`` is
+      ill-conditioned (``L_γ``'s curvature in ``v`` is ``∇²f + γ(∇²_vv g)²``: the
+      condition number squared), and until it gets there ``∇_u L`` is not the
+      hypergradient.
 
   Returns:
     ``BilevelSolver(init, step)``: ``init(u, v) -> PenaltyState`` and
@@ -162,6 +182,7 @@ def penalty(
     Mehra & Hamm, Penalty Method for Inversion-Free Deep Bilevel Optimization, ACML 2021.
   """
   num_inner = check_steps("num_inner (T)", num_inner)
+  warmup_steps = check_warmup(warmup_steps)
   check_schedule(gamma, epsilon, gamma_factor, epsilon_factor, lower_weight)
   f = scalar_output(f, "the upper objective f(u, v)")
   g = scalar_output(g, "the lower objective g(u, v)")
@@ -184,8 +205,9 @@ def penalty(
 
   def step(state: PenaltyState, *args: Any) -> tuple[PenaltyState, PenaltyInfo]:
     u, gam, nu = state.u, state.gamma, state.nu
+    num = steps_now(num_inner, warmup_steps, state.count)
     v, lower_state = lower_steps(
-      f, g, lower, num_inner, lower_weight, u, state.v, state.lower_state, gam, nu, args
+      f, g, lower, num, lower_weight, u, state.v, state.lower_state, gam, nu, args
     )
     grad_u, _, _ = penalized_grads(f, g, u, v, gam, nu, args)
     updates, upper_state = upper.update(grad_u, state.upper_state, u)

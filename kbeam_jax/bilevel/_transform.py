@@ -122,6 +122,7 @@ def scale_by_penalty(
   lower_weight: float = 0.0,
   augmented: bool = False,
   max_gamma: float = float("inf"),
+  warmup_steps: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The penalty method's upper step as an optax transform; ``v`` lives in the state.
 
@@ -129,7 +130,8 @@ def scale_by_penalty(
   steps of ``lower`` on ``v`` for ``L + λg``, then returns ``∇_u L`` at the new ``v``
   (chain the upper optimizer after it), with ``L = f + νᵀ∇_v g + (γ/2)|∇_v g|²``. When
   ``|∇L|² < ε²`` at that point the schedule tightens for the next update. The incoming
-  ``grads`` are ignored. See ``penalty`` for the arguments.
+  ``grads`` are ignored. The first update takes ``warmup_steps`` more steps on ``v``.
+  See ``penalty`` for the arguments.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -153,6 +155,7 @@ def scale_by_penalty(
     Array([0.5, 0.5], dtype=float32)
   """
   check_float_leaves(v, "v")
+  warmup_steps = _penalty.check_warmup(warmup_steps)
   _penalty.check_schedule(gamma, epsilon, gamma_factor, epsilon_factor, lower_weight)
 
   def init_fn(params):
@@ -173,8 +176,9 @@ def scale_by_penalty(
     f = scalar_output(outer_fn, "outer_fn(u, v)")
     g = scalar_output(inner_fn, "inner_fn(u, v)")
     gam, nu = state.gamma, state.nu
+    num = _penalty.steps_now(num_inner, warmup_steps, state.count)
     v, lower_state = _penalty.lower_steps(
-      f, g, lower, num_inner, lower_weight, params, state.v, state.lower_state, gam, nu, ()
+      f, g, lower, num, lower_weight, params, state.v, state.lower_state, gam, nu, ()
     )
     grad_u, grad_v, g_v = _penalty.penalized_grads(f, g, params, v, gam, nu, ())
     new_gamma, new_eps, nu, _, _ = _penalty.tighten(
