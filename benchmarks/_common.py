@@ -74,6 +74,7 @@ def train_in_chunks(
   resume: bool = False,
   stop_after: int | None = None,
   desc: str = "train",
+  after_chunk: Callable[[Any], dict[str, Any]] | None = None,
 ) -> tuple[Any, list[Any], dict[str, Any]]:
   """Runs ``state, metrics = chunk_fn(state)`` ``num_chunks`` times with a progress bar.
 
@@ -91,6 +92,8 @@ def train_in_chunks(
     resume: continue from ``checkpoint`` when it exists.
     stop_after: stop after this many chunks of this call (simulates an interrupted run).
     desc: progress-bar label.
+    after_chunk: ``state -> dict`` run after every chunk, outside the timing (an
+      evaluation); its entries join that chunk's metrics (which must then be a dict).
 
   Returns:
     ``(state, history, timing)``: the metrics of every chunk done so far (as Python
@@ -115,6 +118,8 @@ def train_in_chunks(
     state, metrics = chunk_fn(state)
     state = jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
+    if after_chunk is not None:
+      metrics = dict(metrics, **after_chunk(state))
     history.append(to_python(metrics))
     if checkpoint is not None:
       nn.save_checkpoint(checkpoint, state, history=history)

@@ -41,6 +41,7 @@ is the steady per-chunk time times the number of chunks, compilation reported ap
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -275,12 +276,14 @@ def joint_batch(s: Setting, key, pool):
   return x, y
 
 
-def evaluate(s: Setting, u, pool, key, num_tasks: int, batch: int = 100) -> dict[str, Any]:
-  """Per-task metrics on ``num_tasks`` held-out tasks, fitted heads (and nearest centroid)."""
+@functools.cache
+def evaluator(s: Setting, batch: int = 100):
+  """``(u, pool, key) -> per-task metrics`` on ``batch`` held-out tasks, compiled once per
+  setting: fitted heads (and nearest centroid for classification)."""
   sample = sampler(s, train=False)
 
   @jax.jit
-  def one(key):
+  def one(u, pool, key):
     ep = sample(key, pool, batch)
     out = {
       "head": fewshot.evaluate(
@@ -300,22 +303,38 @@ def evaluate(s: Setting, u, pool, key, num_tasks: int, batch: int = 100) -> dict
       )
     return out
 
+  return one
+
+
+def evaluate(s: Setting, u, pool, key, num_tasks: int, batch: int = 100) -> dict[str, Any]:
+  """Per-task metrics on ``num_tasks`` held-out tasks, fitted heads (and nearest centroid)."""
+  one = evaluator(s, batch)
   keys = jax.random.split(key, -(-num_tasks // batch))
-  parts = [one(k) for k in keys]
+  parts = [one(u, pool, k) for k in keys]
   return {m: np.concatenate([np.asarray(p[m]) for p in parts])[:num_tasks] for m in parts[0]}
 
 
 EVAL_STEPS = 200
+CURVE_TASKS = 200  # test tasks behind each point of the test curve (every chunk)
 
 
-def pools(data_dir=None) -> tuple[np.ndarray, np.ndarray]:
-  """Meta-train pool (digits 0-4 of the training file) and meta-test pool (5-9, test file),
-  each digit rotated by 0/90/180/270 degrees as four classes."""
+class Pools(NamedTuple):
+  """MNIST class pools ``(C, M, 28, 28)``: meta-train (digits 0-4, training file), meta-test
+  (digits 5-9, test file) and ``seen`` (digits 0-4 of the test file: the meta-train
+  classes, images never trained on), each digit rotated by 0/90/180/270° as four classes."""
+
+  train: np.ndarray
+  test: np.ndarray
+  seen: np.ndarray
+
+
+def pools(data_dir=None) -> Pools:
   train = data.load_mnist("train", data_dir)
   test = data.load_mnist("test", data_dir)
-  return (
+  return Pools(
     fewshot.class_pool(train.images, train.labels, range(5)).images,
     fewshot.class_pool(test.images, test.labels, range(5, 10)).images,
+    fewshot.class_pool(test.images, test.labels, range(5)).images,
   )
 
 
@@ -327,9 +346,14 @@ def run_one(
   test_pool,
   out_dir: Path,
   *,
+  seen_pool=None,
   resume: bool = False,
   chunk: int = 100,
 ) -> tuple[dict[str, Any], list[float]]:
+  """Trains one method and evaluates it on ``s.eval_tasks`` test tasks (and on tasks of the
+  meta-train classes' unseen images, ``seen_pool``, when given). After every chunk the mean
+  test metric over ``CURVE_TASKS`` tasks (the same tasks each time) joins the record's
+  ``test_curve``: it shows when meta-training starts to hurt the unseen classes."""
   key_init, key_train, key_eval = jax.random.split(jax.random.key(seed), 3)
   u0 = fewshot.init_mlp(key_init, s.sizes)
   t = trainer(s, method)
@@ -337,6 +361,9 @@ def run_one(
   timing = {"compile_s": 0.0, "chunk_s": 0.0, "run_s": 0.0}
   curve: list[float] = []
   iterations = 0 if method == "untrained" else s.iterations
+  key_curve = jax.random.fold_in(key_eval, 1)
+  test_metric = lambda u: float(np.mean(evaluate(s, u, test_pool, key_curve, CURVE_TASKS)["head"]))
+  test_curve = [(0, test_metric(u0))]
   if iterations:
     chunk = min(chunk, iterations)
     num_chunks = -(-iterations // chunk)
@@ -353,11 +380,16 @@ def run_one(
       checkpoint=out_dir / "fewshot_checkpoints" / f"{s.name}_{method}_{seed}.msgpack",
       resume=resume,
       desc=f"{s.name} {method}",
+      after_chunk=lambda st: {"test_metric": test_metric(t.params(st))},
     )
     curve = [float(np.mean(h["query_loss"])) for h in history]
+    test_curve += [((i + 1) * chunk, h["test_metric"]) for i, h in enumerate(history)]
   start = time.perf_counter()
   metrics = evaluate(s, t.params(state), test_pool, key_eval, s.eval_tasks)
   eval_s = time.perf_counter() - start
+  if seen_pool is not None:
+    seen = evaluate(s, t.params(state), seen_pool, key_eval, s.eval_tasks)
+    metrics["seen_head"] = seen["head"]
   record = dict(
     problem=s.name,
     method=method,
@@ -367,6 +399,7 @@ def run_one(
     compile_seconds=timing["compile_s"],
     eval_seconds=eval_s,
     final_train_query_loss=curve[-1] if curve else None,
+    test_curve=test_curve,
   )
   for name, values in metrics.items():
     record[f"{name}_mean"], record[f"{name}_ci95"] = fewshot.mean_ci95(values)
@@ -378,12 +411,14 @@ def run_suite(
 ) -> list[dict[str, Any]]:
   from tqdm.auto import tqdm
 
-  train_pool, test_pool = pools(data_dir)
-  train_pool, test_pool = jnp.asarray(train_pool), jnp.asarray(test_pool)
+  p = Pools(*(jnp.asarray(x) for x in pools(data_dir)))
   records, curves = [], {}
   jobs = [(s, m, seed) for s in settings(quick) for m in METHODS for seed in seeds]
   for s, method, seed in tqdm(jobs, desc="fewshot", unit="run"):
-    record, curve = run_one(s, method, seed, train_pool, test_pool, out_dir, resume=resume)
+    seen = p.seen if s.kind == "classification" else None
+    record, curve = run_one(
+      s, method, seed, p.train, p.test, out_dir, seen_pool=seen, resume=resume
+    )
     records.append(record)
     curves[(s.name, method, seed)] = curve
   meta = dict(
@@ -397,7 +432,7 @@ def run_suite(
   )
   _common.write_json(out_dir / "fewshot.json", records, meta)
   (out_dir / "fewshot.md").write_text(markdown(records, meta))
-  plot(curves, out_dir / "fewshot.png")
+  plot(curves, records, out_dir / "fewshot.png")
   return records
 
 
@@ -408,6 +443,15 @@ def _cell(records, problem, method, metric, scale=1.0):
   mean = np.mean([r[f"{metric}_mean"] for r in rs]) * scale
   ci = np.mean([r[f"{metric}_ci95"] for r in rs]) * scale
   return f"{mean:.3f} ± {ci:.3f}" if scale == 1.0 else f"{mean:.1f} ± {ci:.1f}"
+
+
+def _curve_cell(rs, accuracy: bool) -> str:
+  """``start → best (at iteration) → end`` of the seeds' mean test curve."""
+  its = [i for i, _ in rs[0]["test_curve"]]
+  values = np.mean([[v for _, v in r["test_curve"]] for r in rs], axis=0)
+  best = int(np.argmax(values) if accuracy else np.argmin(values))
+  fmt = (lambda v: f"{100 * v:.1f}") if accuracy else (lambda v: f"{v:.3f}")
+  return f"{fmt(values[0])} → {fmt(values[best])} ({its[best]}) → {fmt(values[-1])}"
 
 
 def markdown(records, meta) -> str:
@@ -426,14 +470,24 @@ def markdown(records, meta) -> str:
   ]
   header = ["method"]
   for n in mnist:
-    header += [f"{n} head", f"{n} centroid"]
+    header += [f"{n} head", f"{n} centroid", f"{n} seen classes"]
   rows = []
   for m in METHODS:
     row = [m]
     for n in mnist:
-      row += [_cell(records, n, m, "head", 100.0), _cell(records, n, m, "centroid", 100.0)]
+      row += [
+        _cell(records, n, m, "head", 100.0),
+        _cell(records, n, m, "centroid", 100.0),
+        _cell(records, n, m, "seen_head", 100.0),
+      ]
     rows.append(row)
-  lines += [_common.markdown_table(header, rows), ""]
+  lines += [
+    _common.markdown_table(header, rows),
+    "",
+    '"seen classes": the same head accuracy on tasks drawn from digits 0-4 of the test '
+    "file, i.e. the meta-train classes on images never trained on.",
+    "",
+  ]
   lines += ["## Sinusoid regression: query mean squared error (100 points per task)", ""]
   header = ["method"] + sine
   rows = [[m] + [_cell(records, n, m, "head") for n in sine] for m in METHODS]
@@ -442,6 +496,22 @@ def markdown(records, meta) -> str:
     [f"MAML, published ({meta['published_source']})"]
     + [str(published.get(int(n.split("-")[1].removesuffix("shot")), "-")) for n in sine]
   )
+  lines += [_common.markdown_table(header, rows), ""]
+  lines += [
+    f"## Test metric during meta-training ({CURVE_TASKS} fixed test tasks after every chunk)",
+    "",
+    "Accuracy (%) for MNIST, MSE for the sinusoid: at the start, at its best (iteration) "
+    "and at the end.",
+    "",
+  ]
+  header = ["method"] + names
+  rows = []
+  for m in BILEVEL + ("joint",):
+    row = [m]
+    for n in names:
+      rs = [r for r in records if (r["problem"], r["method"]) == (n, m)]
+      row.append(_curve_cell(rs, n.startswith("mnist")) if rs else "-")
+    rows.append(row)
   lines += [_common.markdown_table(header, rows), ""]
   lines += ["## Wall time (s): training (compilation apart) / evaluation", ""]
   header = ["method"] + names
@@ -464,22 +534,33 @@ def markdown(records, meta) -> str:
   return "\n".join(lines)
 
 
-def plot(curves, path: Path) -> None:
+def plot(curves, records, path: Path) -> None:
+  """Top: training query loss per chunk; bottom: the test metric during meta-training."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   problems = sorted({p for p, _, _ in curves})
-  fig, axes = plt.subplots(1, len(problems), figsize=(4.5 * len(problems), 3.6), squeeze=False)
-  for ax, problem in zip(axes[0], problems, strict=True):
+  fig, axes = plt.subplots(2, len(problems), figsize=(4.5 * len(problems), 7), squeeze=False)
+  for j, problem in enumerate(problems):
+    top, bottom = axes[0, j], axes[1, j]
     for method in METHODS:
       runs = [c for (p, m, _), c in curves.items() if (p, m) == (problem, method) and c]
       if runs:
-        ax.plot(np.mean(runs, axis=0), label=method)
-    ax.set(title=problem, xlabel="chunk of training steps", ylabel="training query loss")
-    ax.set_yscale("log")
+        top.plot(np.mean(runs, axis=0), label=method)
+      rs = [r for r in records if (r["problem"], r["method"]) == (problem, method)]
+      if rs and len(rs[0]["test_curve"]) > 1:
+        its = [i for i, _ in rs[0]["test_curve"]]
+        bottom.plot(its, np.mean([[v for _, v in r["test_curve"]] for r in rs], 0), label=method)
+      elif rs:  # untrained: a level
+        bottom.axhline(rs[0]["test_curve"][0][1], color="gray", ls=":", label=method)
+    top.set(title=problem, xlabel="chunk of training steps", ylabel="training query loss")
+    top.set_yscale("log")
+    metric = "test accuracy" if problem.startswith("mnist") else "test MSE"
+    bottom.set(xlabel="meta-iteration", ylabel=f"{metric} ({CURVE_TASKS} tasks)")
   axes[0, 0].legend(fontsize=7)
+  axes[1, 0].legend(fontsize=7)
   _common.save_figure(fig, path)
 
 
