@@ -54,12 +54,6 @@ class PenaltyInfo(NamedTuple):
   increased: jax.Array
 
 
-def check_warmup(warmup_steps: int) -> int:
-  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-    raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}.")
-  return warmup_steps
-
-
 def steps_now(num_inner: int, warmup_steps: int, count: jax.Array):
   """T, plus ``warmup_steps`` on the first update (``count == 0``); static when no warm-up."""
   if not warmup_steps:
@@ -182,7 +176,7 @@ def penalty(
     Mehra & Hamm, Penalty Method for Inversion-Free Deep Bilevel Optimization, ACML 2021.
   """
   num_inner = check_steps("num_inner (T)", num_inner)
-  warmup_steps = check_warmup(warmup_steps)
+  warmup_steps = check_steps("warmup_steps", warmup_steps)
   check_schedule(gamma, epsilon, gamma_factor, epsilon_factor, lower_weight)
   f = scalar_output(f, "the upper objective f(u, v)")
   g = scalar_output(g, "the lower objective g(u, v)")

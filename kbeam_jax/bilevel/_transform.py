@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kbeam_jax._checks import check_float_leaves, check_same_structure, scalar_output
+from kbeam_jax._checks import check_float_leaves, check_same_structure, check_steps, scalar_output
 from kbeam_jax._tree import tree_norm
 from kbeam_jax.bilevel import _hypergrad, _penalty
 
@@ -155,7 +155,7 @@ def scale_by_penalty(
     Array([0.5, 0.5], dtype=float32)
   """
   check_float_leaves(v, "v")
-  warmup_steps = _penalty.check_warmup(warmup_steps)
+  warmup_steps = check_steps("warmup_steps", warmup_steps)
   _penalty.check_schedule(gamma, epsilon, gamma_factor, epsilon_factor, lower_weight)
 
   def init_fn(params):
