@@ -548,7 +548,7 @@ def plot(curves, records, path: Path) -> None:
   import matplotlib.pyplot as plt
 
   problems = sorted({p for p, _, _ in curves})
-  fig, axes = plt.subplots(2, len(problems), figsize=(4.5 * len(problems), 7), squeeze=False)
+  fig, axes = plt.subplots(2, len(problems), figsize=(5.2 * len(problems), 7), squeeze=False)
   for j, problem in enumerate(problems):
     top, bottom = axes[0, j], axes[1, j]
     for method in METHODS:
