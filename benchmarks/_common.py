@@ -139,3 +139,24 @@ def save_figure(fig: Any, path: Path) -> None:
   import matplotlib.pyplot as plt
 
   plt.close(fig)
+
+
+def bilevel_solver(task_solver, method: str, f, g, cfg: dict[str, Any], upper):
+  """``task_solver(method, f, g, ...)`` (the bilevel tasks' ``solver``) with a suite's
+  config: ``inner_lr``, ``num_inner``, ``solve_steps``, ``solve_lr``, and for the penalty
+  method its own step ``penalty_lr`` on ``v`` (plain, or Adam when ``penalty_lower`` is
+  ``"adam"``) and options ``penalty``."""
+  import optax
+
+  return task_solver(
+    method,
+    f,
+    g,
+    upper=upper,
+    inner_lr=cfg["penalty_lr"] if method == "penalty" else cfg["inner_lr"],
+    num_inner=cfg["num_inner"],
+    solve_steps=cfg["solve_steps"],
+    solve_lr=cfg["solve_lr"],
+    penalty_options=cfg["penalty"],
+    penalty_lower=optax.adam(cfg["penalty_lr"]) if cfg["penalty_lower"] == "adam" else None,
+  )

@@ -132,17 +132,8 @@ def run_case(
   records, curves = [], {}
   num_chunks = cfg["outer_steps"] // cfg["chunk"]
   for method in METHODS:
-    solver = denoising.solver(
-      method,
-      f,
-      g,
-      upper=optax.adam(cfg["upper_lr"]),
-      inner_lr=cfg["penalty_lr"] if method == "penalty" else cfg["inner_lr"],
-      num_inner=cfg["num_inner"],
-      solve_steps=cfg["solve_steps"],
-      solve_lr=cfg["solve_lr"],
-      penalty_options=cfg["penalty"],
-      penalty_lower=optax.adam(cfg["penalty_lr"]) if cfg["penalty_lower"] == "adam" else None,
+    solver = _common.bilevel_solver(
+      denoising.solver, method, f, g, cfg, upper=optax.adam(cfg["upper_lr"])
     )
     chunk_fn = jax.jit(lambda state, s=solver: denoising.run(s, state, cfg["chunk"], *args))
     state, history, timing = _common.train_in_chunks(

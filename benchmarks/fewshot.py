@@ -451,10 +451,15 @@ def _cell(records, problem, method, metric, scale=1.0):
   return f"{mean:.3f} ± {ci:.3f}" if scale == 1.0 else f"{mean:.1f} ± {ci:.1f}"
 
 
+def _mean_test_curve(rs) -> tuple[list[int], np.ndarray]:
+  """Iterations and the seeds' mean of the records' ``test_curve``."""
+  its = [i for i, _ in rs[0]["test_curve"]]
+  return its, np.mean([[v for _, v in r["test_curve"]] for r in rs], axis=0)
+
+
 def _curve_cell(rs, accuracy: bool) -> str:
   """``start → best (at iteration) → end`` of the seeds' mean test curve."""
-  its = [i for i, _ in rs[0]["test_curve"]]
-  values = np.mean([[v for _, v in r["test_curve"]] for r in rs], axis=0)
+  its, values = _mean_test_curve(rs)
   best = int(np.argmax(values) if accuracy else np.argmin(values))
   fmt = (lambda v: f"{100 * v:.1f}") if accuracy else (lambda v: f"{v:.3f}")
   return f"{fmt(values[0])} → {fmt(values[best])} ({its[best]}) → {fmt(values[-1])}"
@@ -557,8 +562,7 @@ def plot(curves, records, path: Path) -> None:
         top.plot(np.mean(runs, axis=0), label=method)
       rs = [r for r in records if (r["problem"], r["method"]) == (problem, method)]
       if rs and len(rs[0]["test_curve"]) > 1:
-        its = [i for i, _ in rs[0]["test_curve"]]
-        bottom.plot(its, np.mean([[v for _, v in r["test_curve"]] for r in rs], 0), label=method)
+        bottom.plot(*_mean_test_curve(rs), label=method)
       elif rs:  # untrained: a level
         bottom.axhline(rs[0]["test_curve"][0][1], color="gray", ls=":", label=method)
     top.set(title=problem, xlabel="chunk of training steps", ylabel="training query loss")

@@ -101,17 +101,13 @@ def attack(
   v0, _ = jax.jit(lambda v: bilevel.inner_solve(g, u0, v, args, cfg["warmup"], cfg["inner_lr"]))(
     model.init(None)
   )
-  solver = poisoning.solver(
+  solver = _common.bilevel_solver(
+    poisoning.solver,
     method,
     f,
     g,
+    cfg,
     upper=optax.chain(optax.adam(cfg["upper_lr"]), poisoning.keep_in_box(0.0, 1.0)),
-    inner_lr=cfg["penalty_lr"] if method == "penalty" else cfg["inner_lr"],
-    num_inner=cfg["num_inner"],
-    solve_steps=cfg["solve_steps"],
-    solve_lr=cfg["solve_lr"],
-    penalty_options=cfg["penalty"],
-    penalty_lower=optax.adam(cfg["penalty_lr"]) if cfg["penalty_lower"] == "adam" else None,
   )
   num_chunks = cfg["outer_steps"] // cfg["chunk"]
   chunk_fn = jax.jit(lambda state: poisoning.run(solver, state, cfg["chunk"], *args))
