@@ -27,8 +27,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+import kbeam_jax
 from benchmarks import _common
-from kbeam_jax import bilevel, minimax
+from kbeam_jax import bilevel
 
 DIM, BOX, TRIALS = 10, 5.0, 20
 OUTER_LR, INNER_LR = 0.05, 0.1
@@ -96,7 +97,7 @@ def run_method(name: str, method: str, T: int, num_iters: int):
 
     def one(u0, v0):
       trace = lambda s, info: error(s.u, s.v)
-      return minimax.run(solver.step, solver.init(u0, v0), num_iters, trace=trace)[1]
+      return kbeam_jax.run(solver.step, solver.init(u0, v0), num_iters, trace=trace)[1]
 
     return one
 

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import kbeam_jax
 from benchmarks import _common
 from kbeam_jax import data, minimax, nn
 from kbeam_jax.tasks import gan_mog
@@ -35,7 +36,7 @@ G_LR, D_LR, BETA1 = 1e-3, 1e-4, 0.5
 METHODS = ("gd_simultaneous", "gd_alternating", "kbeam_1", "kbeam_2", "kbeam_5", "kbeam_10")
 
 
-def make_solver(method: str) -> tuple[minimax.MinimaxSolver, int]:
+def make_solver(method: str) -> tuple[kbeam_jax.Solver, int]:
   """The solver of ``method`` and its number of discriminators."""
   g_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Generator(nnx.Rngs(0))), nnx.Param)
   d_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Discriminator(nnx.Rngs(0))), nnx.Param)

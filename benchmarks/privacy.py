@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import kbeam_jax
 from benchmarks import _common
 from kbeam_jax import data, minimax, nn
 from kbeam_jax.tasks import privacy
@@ -117,7 +118,7 @@ def train_filter(
 
   @jax.jit
   def chunk(state):
-    state, info = minimax.run(solver.step, state, block, *args)
+    state, info = kbeam_jax.run(solver.step, state, block, *args)
     return state, {"max_value": jnp.max(info.values[-1]), "certificate": info.certificate[-1]}
 
   state, history, timing = _common.train_in_chunks(

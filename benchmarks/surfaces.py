@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+import kbeam_jax
 from benchmarks import _common, numpy_reference
 from kbeam_jax import minimax
 from kbeam_jax.tasks import surfaces
@@ -62,7 +63,7 @@ def schedule(count: jax.Array) -> jax.Array:
   return 0.1 / jnp.sqrt(count + 1.0)
 
 
-def make_solver(surface: surfaces.Surface, method: Method) -> minimax.MinimaxSolver:
+def make_solver(surface: surfaces.Surface, method: Method) -> kbeam_jax.Solver:
   opt = optax.sgd(schedule)
   box = dict(project_u=surfaces.project, project_v=surfaces.project)
   if method.family == "kbeam":
@@ -94,7 +95,7 @@ def final_u(surface: surfaces.Surface, method: Method, num_iters: int):
 
   def one_trial(key, u0, beams0):
     state = init_state(solver, method, key, u0, beams0)
-    state, _ = minimax.run(solver.step, state, num_iters, trace=lambda s, i: None)
+    state, _ = kbeam_jax.run(solver.step, state, num_iters, trace=lambda s, i: None)
     return state.u, state.beams if method.family == "kbeam" else state.v
 
   return jax.vmap(one_trial)
@@ -107,7 +108,7 @@ def trajectories(surface: surfaces.Surface, num_iters: int, key, u0, beams0, K: 
   def path(method, pick):
     solver = make_solver(surface, method)
     state = init_state(solver, method, key, u0, beams0)
-    _, trace = minimax.run(solver.step, state, num_iters, trace=lambda s, i: pick(s))
+    _, trace = kbeam_jax.run(solver.step, state, num_iters, trace=lambda s, i: pick(s))
     return jax.tree.map(lambda x0, xs: jnp.concatenate([x0[None], xs]), pick(state), trace)
 
   out = {m: path(Method(m, m, 1), lambda s: (s.u, s.v)) for m in ("gd", "alt_gd")}

@@ -1,16 +1,30 @@
 """kbeam_jax: K-beam minimax and bilevel optimization in JAX.
 
 Subpackages: ``kbeam_jax.minimax`` (K-beam, ε-subgradient rules, GDA baselines, optax
-forms), ``kbeam_jax.derivatives`` (Hessian-vector products), ``kbeam_jax.tasks`` (the
-papers' test problems).
+forms), ``kbeam_jax.bilevel`` (hypergradient methods, a differentiable ``argmin``, the
+penalty method, optax forms), ``kbeam_jax.derivatives`` (Hessian-vector products),
+``kbeam_jax.nn`` (Flax helpers), ``kbeam_jax.data`` (loaders) and ``kbeam_jax.tasks``
+(the papers' problems). Every solver is a ``Solver(init, step)``; ``run`` drives one.
 """
 
+from kbeam_jax import bilevel as bilevel
 from kbeam_jax import derivatives as derivatives
 from kbeam_jax import minimax as minimax
+from kbeam_jax._solver import Solver as Solver
+from kbeam_jax._solver import run as run
 from kbeam_jax.minimax import kbeam as kbeam
 from kbeam_jax.minimax import kbeam_sgd as kbeam_sgd
 from kbeam_jax.minimax import scale_by_kbeam as scale_by_kbeam
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["derivatives", "kbeam", "kbeam_sgd", "minimax", "scale_by_kbeam"]
+__all__ = [
+  "Solver",
+  "bilevel",
+  "derivatives",
+  "kbeam",
+  "kbeam_sgd",
+  "minimax",
+  "run",
+  "scale_by_kbeam",
+]

@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+import kbeam_jax
 from benchmarks import domain_adaptation as da_bench
 from benchmarks import gan_mog as gan_bench
 from benchmarks import privacy as privacy_bench
@@ -198,7 +199,7 @@ def test_domain_adaptation_kbeam_steps_learn_the_source_labels():
   state = solver.init(jax.random.key(2), da.init_leader(jax.random.key(0)), beams, 2)
   loss = da.classification_loss()
   before = float(loss(state.u, x_s, y))
-  state, info = jax.jit(lambda s: minimax.run(solver.step, s, 15, x_s, y, x_t))(state)
+  state, info = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 15, x_s, y, x_t))(state)
   assert info.values.shape == (15, 2)
   assert np.all(np.isfinite(info.values))
   assert float(loss(state.u, x_s, y)) < 0.5 * before

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from kbeam_jax import bilevel, minimax
+import kbeam_jax
+from kbeam_jax import bilevel
 from kbeam_jax.tasks import fewshot
 
 
@@ -191,7 +192,7 @@ def test_penalty_reaches_the_synthetic_solutions(problem, augmented):
   solver = bilevel.penalty(
     f, g, optax.sgd(0.01), optax.sgd(0.01), num_inner=5, augmented=augmented, max_gamma=20.0
   )
-  state, info = jax.jit(lambda s: minimax.run(solver.step, s, 4000))(solver.init(u0, v0))
+  state, info = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 4000))(solver.init(u0, v0))
   # A capped γ leaves an O(1/γ) bias; the multipliers of the augmented variant remove it.
   atol = 1e-4 if augmented else 1e-2
   np.testing.assert_allclose(state.u, solution, atol=atol)
@@ -233,7 +234,7 @@ def test_penalty_warmup_adds_steps_on_v_to_the_first_step_only():
   np.testing.assert_allclose(s_warm2.v, s_cold2.v, rtol=1e-12)
   # the transform form takes the same extra steps on its first update
   tx = bilevel.scale_by_penalty(v, optax.sgd(0.02), num_inner=3, warmup_steps=40, **kw)
-  _, tx_state = tx.update(None, tx.init(u), u, outer_fn=f, inner_fn=g)
+  _, tx_state = tx.update(None, tx.init(u), u, upper_fn=f, lower_fn=g)
   np.testing.assert_allclose(tx_state.v, s_long.v, rtol=1e-12)
   with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
     make(3, -1)
@@ -262,7 +263,7 @@ def test_transform_conformance(name, dtype):
   g = lambda a, b: p.g(a, b).astype(dtype)
   tx = optax.chain(TRANSFORMS[name](v0), optax.sgd(0.05))
   state = tx.init(u)
-  update = jax.jit(lambda g_, s, x: tx.update(g_, s, x, outer_fn=f, inner_fn=g, extra=1))
+  update = jax.jit(lambda g_, s, x: tx.update(g_, s, x, upper_fn=f, lower_fn=g, extra=1))
   for _ in range(3):
     updates, state = update(u, state, u)
     u = optax.apply_updates(u, updates)
@@ -283,7 +284,7 @@ def test_transform_descends_to_the_bilevel_solution(name):
     optax.sgd(0.2),
   )
   u, state = p.u, tx.init(p.u)
-  update = jax.jit(lambda s, x: tx.update(None, s, x, outer_fn=p.f, inner_fn=p.g))
+  update = jax.jit(lambda s, x: tx.update(None, s, x, upper_fn=p.f, lower_fn=p.g))
   for _ in range(300):
     updates, state = update(state, u)
     u = optax.apply_updates(u, updates)
@@ -305,11 +306,11 @@ def test_hypergradient_transform_inside_nnx_optimizer():
   graphdef, params0 = nnx.split(model, nnx.Param)
   params0 = nnx.as_pure(params0)  # plain arrays: the optimizer below updates model in place
 
-  def inner_fn(params, w):  # ridge regression on scaled features
+  def lower_fn(params, w):  # ridge regression on scaled features
     s = nnx.merge(graphdef, params).scale[...]
     return 0.5 * jnp.mean((x * s[None, :] @ w - y) ** 2) + 0.05 * jnp.sum(w**2)
 
-  def outer_fn(params, w):
+  def upper_fn(params, w):
     return 0.5 * jnp.mean((x @ w - y) ** 2)
 
   tx = optax.chain(
@@ -318,12 +319,12 @@ def test_hypergradient_transform_inside_nnx_optimizer():
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   for _ in range(4):
     optimizer.update(
-      model, nnx.grad(lambda m: jnp.sum(m.scale[...]))(model), outer_fn=outer_fn, inner_fn=inner_fn
+      model, nnx.grad(lambda m: jnp.sum(m.scale[...]))(model), upper_fn=upper_fn, lower_fn=lower_fn
     )
   params = params0
   state = tx.init(params)
   for _ in range(4):
-    updates, state = tx.update(None, state, params, outer_fn=outer_fn, inner_fn=inner_fn)
+    updates, state = tx.update(None, state, params, upper_fn=upper_fn, lower_fn=lower_fn)
     params = optax.apply_updates(params, updates)
   np.testing.assert_allclose(model.scale[...], params["scale"], rtol=1e-10)
   assert not np.allclose(params["scale"], 1.0)
@@ -343,7 +344,7 @@ def test_bad_input():
     bilevel.scale_by_hypergradient("implicit", p.v0, num_steps=1, inner_lr=LR)
   tx = bilevel.scale_by_hypergradient("rmd", p.v0, num_steps=1, inner_lr=LR)
   with pytest.raises(ValueError, match="grads and params must have the same pytree structure"):
-    tx.update({"x": jnp.zeros(2)}, tx.init(p.u), p.u, outer_fn=p.f, inner_fn=p.g)
+    tx.update({"x": jnp.zeros(2)}, tx.init(p.u), p.u, upper_fn=p.f, lower_fn=p.g)
   with pytest.raises(ValueError, match="gamma must be >= 0"):
     bilevel.penalty(p.f, p.g, optax.sgd(0.1), optax.sgd(0.1), gamma=-1.0)
   with pytest.raises(ValueError, match="gamma_factor >= 1"):

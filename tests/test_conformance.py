@@ -8,7 +8,7 @@ import optax
 import pytest
 from _cases import SOLVERS, TRANSFORMS, game, init_solver, stacked_beams, u0
 
-from kbeam_jax import minimax
+import kbeam_jax
 
 
 def norm(tree):
@@ -18,7 +18,7 @@ def norm(tree):
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_solver_converges_under_jit(name):
   solver, state = init_solver(name, game)
-  run = jax.jit(lambda s: minimax.run(solver.step, s, 300, 1.0))
+  run = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 300, 1.0))
   state, trajectory = run(state)
   assert norm(state.u) < 1e-3
   beams = state.beams if hasattr(state, "beams") else state.v
@@ -52,7 +52,7 @@ def test_transform_converges_under_jit(name):
   tx = TRANSFORMS[name](stacked_beams())
   params = u0()
   state = tx.init(params)
-  update = jax.jit(lambda p, s: tx.update(p, s, p, value_fn=game, unused_extra=3))
+  update = jax.jit(lambda p, s: tx.update(p, s, p, minimax_fn=game, unused_extra=3))
   for _ in range(300):
     updates, state = update(params, state)
     params = optax.apply_updates(params, updates)
@@ -65,7 +65,7 @@ def test_transform_preserves_dtype_and_state_shapes(name, dtype):
   tx = TRANSFORMS[name](stacked_beams(dtype))
   params = u0(dtype)
   state = tx.init(params)
-  updates, new_state = jax.jit(lambda p, s: tx.update(p, s, p, value_fn=game))(params, state)
+  updates, new_state = jax.jit(lambda p, s: tx.update(p, s, p, minimax_fn=game))(params, state)
   assert all(x.dtype == dtype for x in jax.tree.leaves(updates))
   assert jax.tree.structure(updates) == jax.tree.structure(params)
   shapes = lambda s: [(x.shape, x.dtype) for x in jax.tree.leaves(s)]

@@ -6,6 +6,7 @@ import optax
 import pytest
 from _cases import K, game, stacked_beams, u0, v0
 
+import kbeam_jax
 from kbeam_jax import minimax
 
 sgd = optax.sgd(0.1)
@@ -63,15 +64,15 @@ def test_non_scalar_objective():
   with pytest.raises(ValueError, match="must return a scalar"):
     gda.step(gda.init(jax.random.key(0), u0(), v0()))
   tx = minimax.kbeam_sgd(0.1, sgd, stacked_beams())
-  with pytest.raises(ValueError, match=r"value_fn\(u, v\) must return a scalar"):
-    tx.update(u0(), tx.init(u0()), u0(), value_fn=vector_game)
+  with pytest.raises(ValueError, match=r"minimax_fn\(u, v\) must return a scalar"):
+    tx.update(u0(), tx.init(u0()), u0(), minimax_fn=vector_game)
 
 
 def test_mismatched_grads_and_params():
   tx = minimax.kbeam_sgd(0.1, sgd, stacked_beams())
   wrong = {"w": jnp.zeros(2), "b": jnp.zeros(())}  # b is not a list
   with pytest.raises(ValueError, match="grads and params must have the same pytree structure"):
-    tx.update(wrong, tx.init(u0()), u0(), value_fn=game)
+    tx.update(wrong, tx.init(u0()), u0(), minimax_fn=game)
 
 
 def test_integer_parameters():
@@ -87,11 +88,11 @@ def test_transform_initializer_needs_k_and_key():
 def test_transform_without_params():
   tx = minimax.kbeam_sgd(0.1, sgd, stacked_beams())
   with pytest.raises(ValueError, match="needs params"):
-    tx.update(u0(), tx.init(u0()), None, value_fn=game)
-  with pytest.raises(TypeError, match="value_fn"):
+    tx.update(u0(), tx.init(u0()), None, minimax_fn=game)
+  with pytest.raises(TypeError, match="minimax_fn"):
     tx.update(u0(), tx.init(u0()), u0())
 
 
 def test_negative_steps():
   with pytest.raises(ValueError, match="num_steps must be >= 0"):
-    minimax.run(lambda s: (s, None), 0, -1)
+    kbeam_jax.run(lambda s: (s, None), 0, -1)

@@ -169,7 +169,7 @@ def test_transform_matches_the_solver(rule):
     minimax.scale_by_kbeam(follower, state.beams, key=jax.random.key(2), **kwargs), leader
   )
   u, opt_state = leader_u(), tx.init(leader_u())
-  update = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=lambda a, b: objective(a, b, 1.0)))
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, minimax_fn=lambda a, b: objective(a, b, 1.0)))
   for _ in range(8):
     state, info = solver.step(state, 1.0)
     if rule == "kiwiel":
@@ -195,7 +195,7 @@ def test_transform_inside_nnx_optimizer():
   graphdef, params0 = nnx.split(model, nnx.Param)
   params0 = nnx.as_pure(params0)  # plain arrays: the optimizer below updates model in place
 
-  def value_fn(params, v):
+  def minimax_fn(params, v):
     out = nnx.merge(graphdef, params)(x)
     return jnp.mean(out @ v) + 0.5 * jnp.mean(out**2) - 0.5 * jnp.sum(v**2)
 
@@ -204,13 +204,13 @@ def test_transform_inside_nnx_optimizer():
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   grads = nnx.grad(lambda m: jnp.mean(m(x)))(model)  # ignored by the transform
   for _ in range(5):
-    optimizer.update(model, grads, value_fn=value_fn)
+    optimizer.update(model, grads, minimax_fn=minimax_fn)
 
   # The same five updates on the pure parameter arrays, outside nnx.
   params = params0
   opt_state = tx.init(params)
   for _ in range(5):
-    updates, opt_state = tx.update(None, opt_state, params, value_fn=value_fn)
+    updates, opt_state = tx.update(None, opt_state, params, minimax_fn=minimax_fn)
     params = optax.apply_updates(params, updates)
   np.testing.assert_allclose(model.linear.kernel[...], params["linear"]["kernel"], rtol=1e-6)
   np.testing.assert_allclose(

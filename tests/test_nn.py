@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import linen, nnx
 
+import kbeam_jax
 from kbeam_jax import minimax, nn
 
 
@@ -57,7 +58,7 @@ def test_stacked_nnx_beams_drive_the_kbeam_solver():
 
   solver = minimax.kbeam(f, optax.sgd(0.01), optax.adam(0.02))
   state = solver.init(jax.random.key(2), jnp.array(1.0), beams, K=3)
-  state, info = minimax.run(solver.step, state, 200)
+  state, info = kbeam_jax.run(solver.step, state, 200)
   assert info.values.shape == (200, 3)
   assert bool(jnp.all(info.values[-1] > info.values[0]))
 
@@ -73,16 +74,16 @@ def test_linen_train_state_forwards_extra_arguments():
   # the same steps by hand
   opt_state, p = tx.init(params), params
   for _ in range(3):
-    state = state.apply_gradients(grads=params, value_fn=f)
-    updates, opt_state = tx.update(params, opt_state, p, value_fn=f)
+    state = state.apply_gradients(grads=params, minimax_fn=f)
+    updates, opt_state = tx.update(params, opt_state, p, minimax_fn=f)
     p = optax.apply_updates(p, updates)
   assert int(state.step) == 3
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state.params, p)
   # a dataclass field is still replaced, as in flax's TrainState
   other = lambda *a: None
-  state = state.apply_gradients(grads=params, value_fn=f, apply_fn=other)
+  state = state.apply_gradients(grads=params, minimax_fn=f, apply_fn=other)
   assert state.apply_fn is other and int(state.step) == 4
-  with pytest.raises(TypeError, match="value_fn"):  # the transform's own error
+  with pytest.raises(TypeError, match="minimax_fn"):  # the transform's own error
     state.apply_gradients(grads=params)
 
 

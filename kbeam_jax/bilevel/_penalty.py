@@ -163,12 +163,13 @@ def penalty(
 
   Example:
     >>> import jax.numpy as jnp, optax
-    >>> from kbeam_jax import bilevel, minimax
+    >>> import kbeam_jax
+    >>> from kbeam_jax import bilevel
     >>> f = lambda u, v: jnp.sum(u ** 2) + jnp.sum(v ** 2)
     >>> g = lambda u, v: jnp.sum((1.0 - u - v) ** 2)  # solution u = v = 0.5
     >>> solver = bilevel.penalty(f, g, optax.sgd(0.01), optax.sgd(0.01), num_inner=5,
     ...                          augmented=True, max_gamma=20.0)
-    >>> state, _ = minimax.run(solver.step, solver.init(jnp.zeros(2), jnp.zeros(2)), 3000)
+    >>> state, _ = kbeam_jax.run(solver.step, solver.init(jnp.zeros(2), jnp.zeros(2)), 3000)
     >>> jnp.round(state.u, 2), jnp.round(state.v, 2)
     (Array([0.5, 0.5], dtype=float32), Array([0.5, 0.5], dtype=float32))
 

@@ -43,10 +43,10 @@ def scale_by_hypergradient(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the incoming gradient by a hypergradient of ``u ↦ f(u, v_T(u))``.
 
-  ``update(grads, state, params, *, outer_fn, inner_fn, **extra_args)``: from the ``v``
-  in the state, run ``num_steps`` descent steps on ``inner_fn(params, ·)`` and
+  ``update(grads, state, params, *, upper_fn, lower_fn, **extra_args)``: from the ``v``
+  in the state, run ``num_steps`` descent steps on ``lower_fn(params, ·)`` and
   differentiate through them with ``method``; the state keeps ``v_T`` as the next
-  warm start. The incoming ``grads`` are ignored (a plain gradient of ``outer_fn`` misses
+  warm start. The incoming ``grads`` are ignored (a plain gradient of ``upper_fn`` misses
   the ``dv/du`` term); only their structure is checked. Chain an optimizer after it.
 
   Args:
@@ -69,7 +69,7 @@ def scale_by_hypergradient(
     ...                                                 inner_lr=0.5), optax.sgd(0.1))
     >>> @jax.jit
     ... def step(u, state):
-    ...   updates, state = tx.update(None, state, u, outer_fn=f, inner_fn=g)
+    ...   updates, state = tx.update(None, state, u, upper_fn=f, lower_fn=g)
     ...   return optax.apply_updates(u, updates), state
     >>> u = jnp.zeros(2); state = tx.init(u)
     >>> for _ in range(200):
@@ -86,11 +86,11 @@ def scale_by_hypergradient(
     del params
     return ScaleByHypergradientState(v=v, count=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, *, outer_fn, inner_fn, **extra_args):
+  def update_fn(updates, state, params=None, *, upper_fn, lower_fn, **extra_args):
     del extra_args
     _check_update(updates, params)
     out = hypergradient(
-      outer_fn, inner_fn, params, state.v, num_steps=num_steps, inner_lr=inner_lr, **method_kwargs
+      upper_fn, lower_fn, params, state.v, num_steps=num_steps, inner_lr=inner_lr, **method_kwargs
     )
     grad = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), out.grad, params)
     return grad, ScaleByHypergradientState(v=out.v, count=optax.safe_increment(state.count))
@@ -126,7 +126,7 @@ def scale_by_penalty(
 ) -> optax.GradientTransformationExtraArgs:
   r"""The penalty method's upper step as an optax transform; ``v`` lives in the state.
 
-  ``update(grads, state, params, *, outer_fn, inner_fn, **extra_args)``: ``num_inner``
+  ``update(grads, state, params, *, upper_fn, lower_fn, **extra_args)``: ``num_inner``
   steps of ``lower`` on ``v`` for ``L + λg``, then returns ``∇_u L`` at the new ``v``
   (chain the upper optimizer after it), with ``L = f + νᵀ∇_v g + (γ/2)|∇_v g|²``. When
   ``|∇L|² < ε²`` at that point the schedule tightens for the next update. The incoming
@@ -146,7 +146,7 @@ def scale_by_penalty(
     ...                  optax.sgd(0.01))
     >>> @jax.jit
     ... def step(u, state):
-    ...   updates, state = tx.update(None, state, u, outer_fn=f, inner_fn=g)
+    ...   updates, state = tx.update(None, state, u, upper_fn=f, lower_fn=g)
     ...   return optax.apply_updates(u, updates), state
     >>> u = jnp.zeros(2); state = tx.init(u)
     >>> for _ in range(3000):
@@ -170,11 +170,11 @@ def scale_by_penalty(
       grad_v_g_norm=jnp.zeros([], dtype),
     )
 
-  def update_fn(updates, state, params=None, *, outer_fn, inner_fn, **extra_args):
+  def update_fn(updates, state, params=None, *, upper_fn, lower_fn, **extra_args):
     del extra_args
     _check_update(updates, params)
-    f = scalar_output(outer_fn, "outer_fn(u, v)")
-    g = scalar_output(inner_fn, "inner_fn(u, v)")
+    f = scalar_output(upper_fn, "upper_fn(u, v)")
+    g = scalar_output(lower_fn, "lower_fn(u, v)")
     gam, nu = state.gamma, state.nu
     num = _penalty.steps_now(num_inner, warmup_steps, state.count)
     v, lower_state = _penalty.lower_steps(

@@ -1,8 +1,9 @@
 """Minimax optimization ``min_u max_v f(u, v)``: K-beam, its ε-subgradient rules, GDA.
 
 Solvers share one pure API, ``solver.init(key, u, v, ...)`` and
-``solver.step(state, *args) -> (state, info)``; ``run`` drives N steps in one
-``lax.scan``. ``scale_by_kbeam`` / ``kbeam_sgd`` are the optax form for the leader.
+``solver.step(state, *args) -> (state, info)`` (a ``kbeam_jax.Solver``);
+``kbeam_jax.run`` drives N steps in one ``lax.scan``. ``scale_by_kbeam`` / ``kbeam_sgd``
+are the optax form for the leader.
 
 Direction rules of K-beam over the ε-set ``R = {k : f_max - f_k <= ε}`` of the beams,
 ``z_k = ∇_u f(u, v_k)``, step along ``-Σ λ_k z_k``:
@@ -13,7 +14,6 @@ Direction rules of K-beam over the ε-set ``R = {k : f_max - f_k <= ε}`` of the
 * ``kiwiel``: ``λ`` maximizes ``Σ λ_k (f_k - f_max) - ½|Σ λ_k z_k|²``.
 """
 
-from kbeam_jax.minimax._common import MinimaxSolver as MinimaxSolver
 from kbeam_jax.minimax._gda import GDAInfo as GDAInfo
 from kbeam_jax.minimax._gda import GDAState as GDAState
 from kbeam_jax.minimax._gda import alternating_gda as alternating_gda
@@ -26,7 +26,6 @@ from kbeam_jax.minimax._kbeam import kbeam as kbeam
 from kbeam_jax.minimax._rules import RULES as RULES
 from kbeam_jax.minimax._rules import project_simplex as project_simplex
 from kbeam_jax.minimax._rules import simplex_qp as simplex_qp
-from kbeam_jax.minimax._run import run as run
 from kbeam_jax.minimax._transform import ScaleByKBeamState as ScaleByKBeamState
 from kbeam_jax.minimax._transform import kbeam_sgd as kbeam_sgd
 from kbeam_jax.minimax._transform import scale_by_kbeam as scale_by_kbeam
@@ -37,7 +36,6 @@ __all__ = [
   "GDAState",
   "KBeamInfo",
   "KBeamState",
-  "MinimaxSolver",
   "ScaleByKBeamState",
   "alternating_gda",
   "extragradient",
@@ -45,7 +43,6 @@ __all__ = [
   "kbeam_sgd",
   "optimistic_gda",
   "project_simplex",
-  "run",
   "scale_by_kbeam",
   "simplex_qp",
   "simultaneous_gda",

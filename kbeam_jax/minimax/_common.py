@@ -1,10 +1,10 @@
-"""Pieces shared by the minimax solvers and transforms: a player's optax step, the
-vmapped ascent of the beams, and the solver container."""
+"""Pieces shared by the minimax solvers and transforms: a player's optax step and the
+vmapped ascent of the beams."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +15,6 @@ from kbeam_jax._checks import check_nonnegative
 
 PyTree = Any
 Projection = Callable[[PyTree], PyTree] | None
-
-
-class MinimaxSolver(NamedTuple):
-  """A pure solver: ``state = init(key, u, v, ...)``, ``state, info = step(state, *args)``."""
-
-  init: Callable[..., Any]
-  step: Callable[..., tuple[Any, Any]]
 
 
 def identity(tree: PyTree) -> PyTree:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from kbeam_jax._checks import check_float_leaves, scalar_output
+from kbeam_jax._solver import Solver
 from kbeam_jax._tree import tree_norm
 from kbeam_jax.minimax import _common
 
@@ -49,7 +50,7 @@ def _gda(
   project_u: Callable[[PyTree], PyTree] | None,
   project_v: Callable[[PyTree], PyTree] | None,
   mode: str,
-) -> _common.MinimaxSolver:
+) -> Solver:
   f = scalar_output(f, "the objective f(u, v)")
   project_u = project_u or _common.identity
   project_v = project_v or _common.identity
@@ -97,7 +98,7 @@ def _gda(
     info = GDAInfo(value, tree_norm(gu).astype(value.dtype), tree_norm(gv).astype(value.dtype))
     return GDAState(u, v, ls, fs, state.count + 1), info
 
-  return _common.MinimaxSolver(init, step)
+  return Solver(init, step)
 
 
 def simultaneous_gda(
@@ -107,7 +108,7 @@ def simultaneous_gda(
   *,
   project_u: Callable[[PyTree], PyTree] | None = None,
   project_v: Callable[[PyTree], PyTree] | None = None,
-) -> _common.MinimaxSolver:
+) -> Solver:
   """Simultaneous gradient descent-ascent: both players step from the same point.
 
   ``u ← u - ρ ∇_u f(u, v)``, ``v ← v + η ∇_v f(u, v)`` (with any optax optimizers).
@@ -120,16 +121,17 @@ def simultaneous_gda(
     project_v: optional projection applied to ``v`` after every step.
 
   Returns:
-    ``MinimaxSolver(init, step)``: ``init(key, u, v) -> GDAState`` (the key is unused;
+    ``Solver(init, step)``: ``init(key, u, v) -> GDAState`` (the key is unused;
     it keeps the signature of ``kbeam``), ``step(state, *args) -> (GDAState, GDAInfo)``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
+    >>> import kbeam_jax
     >>> from kbeam_jax import minimax
     >>> f = lambda u, v: 5 * (u ** 2 - v ** 2)  # saddle at (0, 0)
     >>> solver = minimax.simultaneous_gda(f, optax.sgd(0.02), optax.sgd(0.02))
     >>> state = solver.init(jax.random.key(0), jnp.array(0.4), jnp.array(-0.3))
-    >>> state, _ = minimax.run(solver.step, state, 200)
+    >>> state, _ = kbeam_jax.run(solver.step, state, 200)
     >>> bool(abs(state.u) < 1e-3 and abs(state.v) < 1e-3)
     True
 
@@ -146,7 +148,7 @@ def alternating_gda(
   *,
   project_u: Callable[[PyTree], PyTree] | None = None,
   project_v: Callable[[PyTree], PyTree] | None = None,
-) -> _common.MinimaxSolver:
+) -> Solver:
   """Alternating gradient descent-ascent: the leader steps, then the follower at the new u.
 
   ``u ← u - ρ ∇_u f(u, v)``, then ``v ← v + η ∇_v f(u_new, v)``. The same steps as
@@ -155,11 +157,12 @@ def alternating_gda(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
+    >>> import kbeam_jax
     >>> from kbeam_jax import minimax
     >>> f = lambda u, v: 5 * (u ** 2 - v ** 2)
     >>> solver = minimax.alternating_gda(f, optax.sgd(0.02), optax.sgd(0.02))
     >>> state = solver.init(jax.random.key(0), jnp.array(0.4), jnp.array(-0.3))
-    >>> state, _ = minimax.run(solver.step, state, 200)
+    >>> state, _ = kbeam_jax.run(solver.step, state, 200)
     >>> bool(abs(state.u) < 1e-3 and abs(state.v) < 1e-3)
     True
   """
@@ -175,7 +178,7 @@ def optimistic_gda(
   beta: float = 1.0,
   project_u: Callable[[PyTree], PyTree] | None = None,
   project_v: Callable[[PyTree], PyTree] | None = None,
-) -> _common.MinimaxSolver:
+) -> Solver:
   """Optimistic gradient descent-ascent: simultaneous steps on ``α g_t + β (g_t - g_{t-1})``.
 
   Built from ``optax.scale_by_optimistic_gradient(alpha, beta)`` chained before each
@@ -183,10 +186,11 @@ def optimistic_gda(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
+    >>> import kbeam_jax
     >>> from kbeam_jax import minimax
     >>> solver = minimax.optimistic_gda(lambda u, v: u * v, optax.sgd(0.2), optax.sgd(0.2))
     >>> state = solver.init(jax.random.key(0), jnp.array(0.4), jnp.array(-0.3))
-    >>> state, _ = minimax.run(solver.step, state, 2000)  # plain GDA spirals out here
+    >>> state, _ = kbeam_jax.run(solver.step, state, 2000)  # plain GDA spirals out here
     >>> bool(abs(state.u) < 1e-3 and abs(state.v) < 1e-3)
     True
 
@@ -205,7 +209,7 @@ def extragradient(
   *,
   project_u: Callable[[PyTree], PyTree] | None = None,
   project_v: Callable[[PyTree], PyTree] | None = None,
-) -> _common.MinimaxSolver:
+) -> Solver:
   """Extragradient: look ahead one step, then step from the start with the look-ahead gradients.
 
   ``(u', v') = (u - ρ∇_u f(u, v), v + η∇_v f(u, v))``, then
@@ -215,10 +219,11 @@ def extragradient(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
+    >>> import kbeam_jax
     >>> from kbeam_jax import minimax
     >>> solver = minimax.extragradient(lambda u, v: u * v, optax.sgd(0.2), optax.sgd(0.2))
     >>> state = solver.init(jax.random.key(0), jnp.array(0.4), jnp.array(-0.3))
-    >>> state, _ = minimax.run(solver.step, state, 2000)
+    >>> state, _ = kbeam_jax.run(solver.step, state, 2000)
     >>> bool(abs(state.u) < 1e-3 and abs(state.v) < 1e-3)
     True
 

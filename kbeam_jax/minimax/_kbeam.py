@@ -16,6 +16,7 @@ from kbeam_jax._checks import (
   check_steps,
   scalar_output,
 )
+from kbeam_jax._solver import Solver
 from kbeam_jax._tree import tree_vdot
 from kbeam_jax.minimax import _common, _rules
 from kbeam_jax.minimax._direction import direction
@@ -81,7 +82,7 @@ def kbeam(
   armijo: float = 1e-4,
   backtrack: float = 0.5,
   max_backtracks: int = 10,
-) -> _common.MinimaxSolver:
+) -> Solver:
   r"""K-beam minimax solver for ``min_u max_v f(u, v, *args)``.
 
   Keeps K follower candidates ("beams") ``v_1..v_K`` stacked on a leading axis. Each
@@ -123,7 +124,7 @@ def kbeam(
       in one vmap).
 
   Returns:
-    ``MinimaxSolver(init, step)``:
+    ``Solver(init, step)``:
 
     * ``init(key, u, v, K) -> KBeamState``: ``v`` is either an initializer
       ``key -> v`` (called on K split keys) or the K beams already stacked on a
@@ -132,6 +133,7 @@ def kbeam(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
+    >>> import kbeam_jax
     >>> from kbeam_jax import minimax
     >>> f = lambda u, v: -u ** 2 + v ** 2 + 2 * u * v  # anti-saddle, u* = 0
     >>> box = lambda x: jnp.clip(x, -0.5, 0.5)
@@ -139,7 +141,7 @@ def kbeam(
     ...                        project_u=box, project_v=box)
     >>> state = solver.init(jax.random.key(0), jnp.array(0.3),
     ...                     jnp.array([-0.4, -0.1, 0.2, 0.4]), K=4)
-    >>> state, trajectory = minimax.run(solver.step, state, 500)
+    >>> state, trajectory = kbeam_jax.run(solver.step, state, 500)
     >>> bool(abs(state.u) < 0.02)
     True
 
@@ -218,4 +220,4 @@ def kbeam(
     info = KBeamInfo(d.values, d.best, d.eps_set_size, d.certificate, scale)
     return new_state, info
 
-  return _common.MinimaxSolver(init, step)
+  return Solver(init, step)

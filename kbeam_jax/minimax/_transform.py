@@ -48,13 +48,13 @@ def scale_by_kbeam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the leader's gradient by the K-beam direction ``z``; the beams live in the state.
 
-  ``update(grads, state, params, *, value_fn, **extra_args)`` with
-  ``value_fn(u, v) -> scalar`` the minimax objective (close over the batch):
+  ``update(grads, state, params, *, minimax_fn, **extra_args)`` with
+  ``minimax_fn(u, v) -> scalar`` the minimax objective (close over the batch):
 
   1. from the second call on, every beam takes ``num_ascent`` ascent steps of
-     ``follower`` on ``value_fn(params, ·)`` (one vmap; these are the max steps at the
+     ``follower`` on ``minimax_fn(params, ·)`` (one vmap; these are the max steps at the
      leader's new point);
-  2. returns ``z = Σ_k λ_k ∇_u value_fn(params, v_k)`` with the weights of ``rule``
+  2. returns ``z = Σ_k λ_k ∇_u minimax_fn(params, v_k)`` with the weights of ``rule``
      over the ε-set, exactly as the ``kbeam`` solver's min step.
 
   The incoming ``grads`` are ignored (only their structure is checked against
@@ -94,7 +94,7 @@ def scale_by_kbeam(
     ...     optax.sgd(0.05))
     >>> @jax.jit
     ... def step(u, opt_state):
-    ...   updates, opt_state = tx.update(jnp.zeros_like(u), opt_state, u, value_fn=f)
+    ...   updates, opt_state = tx.update(jnp.zeros_like(u), opt_state, u, minimax_fn=f)
     ...   return optax.apply_updates(u, updates), opt_state
     >>> u = jnp.array([0.3])
     >>> opt_state = tx.init(u)
@@ -138,13 +138,13 @@ def scale_by_kbeam(
       certificate=jnp.zeros([], dtype),
     )
 
-  def update_fn(updates, state, params=None, *, value_fn, **extra_args):
+  def update_fn(updates, state, params=None, *, minimax_fn, **extra_args):
     del extra_args
     if params is None:
       raise ValueError("scale_by_kbeam needs params: call tx.update(grads, state, params, ...).")
     if updates is not None:
       check_same_structure(updates, params, "grads", "params")
-    f = scalar_output(value_fn, "value_fn(u, v)")
+    f = scalar_output(minimax_fn, "minimax_fn(u, v)")
 
     def max_step(carry):
       return _common.ascend_beams(f, follower, project_v, num_ascent, params, *carry, ())
@@ -186,7 +186,7 @@ def kbeam_sgd(
     **kwargs: the keyword arguments of ``scale_by_kbeam``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``value_fn=``.
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``minimax_fn=``.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -194,7 +194,7 @@ def kbeam_sgd(
     >>> tx = minimax.kbeam_sgd(0.1, optax.sgd(0.1), jnp.zeros((3, 2)))
     >>> state = tx.init(jnp.zeros(2))
     >>> updates, state = tx.update(None, state, jnp.ones(2),
-    ...                            value_fn=lambda u, v: jnp.sum(u * v + u ** 2))
+    ...                            minimax_fn=lambda u, v: jnp.sum(u * v + u ** 2))
     >>> updates
     Array([-0.2, -0.2], dtype=float32)
   """

@@ -14,8 +14,8 @@ class TrainState(train_state.TrainState):
 
   Linen's ``TrainState.apply_gradients(grads=..., **kwargs)`` treats every keyword as a
   field to replace and calls ``tx.update(grads, opt_state, params)`` with nothing else,
-  so ``scale_by_kbeam``'s ``value_fn`` or ``scale_by_hypergradient``'s ``outer_fn`` /
-  ``inner_fn`` cannot reach the transform. Here keywords that name a field of the state
+  so ``scale_by_kbeam``'s ``minimax_fn`` or ``scale_by_hypergradient``'s ``upper_fn`` /
+  ``lower_fn`` cannot reach the transform. Here keywords that name a field of the state
   still replace it, and all others go to ``tx.update`` as keyword arguments.
 
   Example:
@@ -28,7 +28,7 @@ class TrainState(train_state.TrainState):
     >>> state = nn.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     >>> x = jnp.ones((4, 2))
     >>> f = lambda p, v: jnp.mean((state.apply_fn(p, x) - v) ** 2)
-    >>> state = state.apply_gradients(grads=params, value_fn=f)
+    >>> state = state.apply_gradients(grads=params, minimax_fn=f)
     >>> int(state.step)
     1
   """

@@ -1,13 +1,26 @@
-"""A ``lax.scan`` driver: N solver steps in one compiled loop, with a trajectory."""
+"""The one solver type and the one driver shared by the minimax and bilevel families."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 from kbeam_jax._checks import check_steps
+
+
+class Solver(NamedTuple):
+  """A pure solver: ``state = init(key, ...)``, ``state, info = step(state, *args)``.
+
+  Every solver of the package (K-beam, the GDA baselines, the bilevel hypergradient
+  solver and the penalty method) is one of these; ``init`` always takes a random key
+  first (deterministic solvers ignore it), ``step`` passes ``*args`` (a batch, say) to
+  the objectives, and ``kbeam_jax.run`` drives any of them.
+  """
+
+  init: Callable[..., Any]
+  step: Callable[..., tuple[Any, Any]]
 
 
 def run(
@@ -34,10 +47,11 @@ def run(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
+    >>> import kbeam_jax
     >>> from kbeam_jax import minimax
     >>> solver = minimax.alternating_gda(lambda u, v: u * v, optax.sgd(0.1), optax.sgd(0.1))
     >>> state = solver.init(jax.random.key(0), jnp.array(1.0), jnp.array(1.0))
-    >>> state, us = minimax.run(solver.step, state, 3, trace=lambda s, info: s.u)
+    >>> state, us = kbeam_jax.run(solver.step, state, 3, trace=lambda s, info: s.u)
     >>> us.shape
     (3,)
   """
