@@ -20,12 +20,27 @@ def check_num_beams(K: Any) -> int:
   return int(K)
 
 
+def _concrete(value: Any) -> bool:
+  return not (isinstance(value, jax.core.Tracer) or callable(value))
+
+
 def check_nonnegative(name: str, value: Any) -> None:
-  """Raises if a concrete ``value`` is negative; traced values pass unchecked."""
-  if isinstance(value, jax.core.Tracer) or callable(value):
-    return
-  if np.any(np.asarray(value) < 0):
-    raise ValueError(f"{name} must be >= 0, got {name}={value}.")
+  """Raises if a concrete ``value`` is negative or NaN; traced values and schedules pass.
+
+  Example:
+    >>> check_nonnegative("epsilon", float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: epsilon must be a number >= 0, got epsilon=nan.
+  """
+  if _concrete(value) and not np.all(np.asarray(value) >= 0):  # NaN fails >= too
+    raise ValueError(f"{name} must be a number >= 0, got {name}={value}.")
+
+
+def check_positive(name: str, value: Any) -> None:
+  """Raises if a concrete ``value`` is not > 0 (NaN included); traced values pass."""
+  if _concrete(value) and not np.all(np.asarray(value) > 0):
+    raise ValueError(f"{name} must be a number > 0, got {name}={value}.")
 
 
 def check_steps(name: str, value: Any) -> int:

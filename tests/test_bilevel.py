@@ -345,7 +345,7 @@ def test_bad_input():
   tx = bilevel.scale_by_hypergradient("rmd", p.v0, num_steps=1, inner_lr=LR)
   with pytest.raises(ValueError, match="grads and params must have the same pytree structure"):
     tx.update({"x": jnp.zeros(2)}, tx.init(p.u), p.u, upper_fn=p.f, lower_fn=p.g)
-  with pytest.raises(ValueError, match="gamma must be >= 0"):
+  with pytest.raises(ValueError, match="gamma must be a number >= 0"):
     bilevel.penalty(p.f, p.g, optax.sgd(0.1), optax.sgd(0.1), gamma=-1.0)
   with pytest.raises(ValueError, match="gamma_factor >= 1"):
     bilevel.scale_by_penalty(p.v0, optax.sgd(0.1), gamma_factor=0.5)

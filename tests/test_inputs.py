@@ -25,9 +25,9 @@ def test_k_not_an_int():
 
 @pytest.mark.parametrize("rule", ["random", "min_norm", "kiwiel"])
 def test_negative_epsilon(rule):
-  with pytest.raises(ValueError, match="epsilon must be >= 0, got epsilon=-0.1"):
+  with pytest.raises(ValueError, match="epsilon must be a number >= 0, got epsilon=-0.1"):
     minimax.kbeam(game, sgd, sgd, rule=rule, epsilon=-0.1)
-  with pytest.raises(ValueError, match="epsilon must be >= 0"):
+  with pytest.raises(ValueError, match="epsilon must be a number >= 0"):
     minimax.scale_by_kbeam(sgd, stacked_beams(), rule=rule, epsilon=-0.1)
 
 
