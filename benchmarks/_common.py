@@ -141,22 +141,48 @@ def save_figure(fig: Any, path: Path) -> None:
   plt.close(fig)
 
 
-def bilevel_solver(task_solver, method: str, f, g, cfg: dict[str, Any], upper):
-  """``task_solver(method, f, g, ...)`` (the bilevel tasks' ``solver``) with a suite's
-  config: ``inner_lr``, ``num_inner``, ``solve_steps``, ``solve_lr``, and for the penalty
-  method its own step ``penalty_lr`` on ``v`` (plain, or Adam when ``penalty_lower`` is
-  ``"adam"``) and options ``penalty``."""
+def bilevel_methods(cfg: dict[str, Any]) -> dict[str, Any]:
+  """A bilevel suite's method names -> the library's method values, from its config
+  (``solve_steps``, ``solve_lr``, the penalty options ``penalty``)."""
+  from kbeam_jax import bilevel
+
+  return {
+    "penalty": bilevel.Penalty(**cfg["penalty"]),
+    "approxgrad": bilevel.ApproxGrad(cfg["solve_steps"], cfg["solve_lr"]),
+    "rmd": bilevel.RMD(),
+    "naive": bilevel.Naive(),
+    "cg": bilevel.CG(cfg["solve_steps"]),
+  }
+
+
+def bilevel_solver(name: str, f, g, cfg: dict[str, Any], upper, project_u=None):
+  """``bilevel.solver`` for the method called ``name`` with a suite's config: T =
+  ``num_steps`` inner steps of size ``inner_lr``, except the penalty method's steps on ``v``
+  (``penalty_lr``, plain or Adam as ``penalty_lower`` says)."""
   import optax
 
-  return task_solver(
-    method,
-    f,
-    g,
-    upper=upper,
-    inner_lr=cfg["penalty_lr"] if method == "penalty" else cfg["inner_lr"],
-    num_inner=cfg["num_inner"],
-    solve_steps=cfg["solve_steps"],
-    solve_lr=cfg["solve_lr"],
-    penalty_options=cfg["penalty"],
-    penalty_lower=optax.adam(cfg["penalty_lr"]) if cfg["penalty_lower"] == "adam" else None,
+  from kbeam_jax import bilevel
+
+  method = bilevel_methods(cfg)[name]
+  if isinstance(method, bilevel.Penalty) and cfg["penalty_lower"] == "adam":
+    inner = dict(inner=optax.adam(cfg["penalty_lr"]))
+  elif isinstance(method, bilevel.Penalty):
+    inner = dict(inner_lr=cfg["penalty_lr"])
+  else:
+    inner = dict(inner_lr=cfg["inner_lr"])
+  return bilevel.solver(
+    f, g, upper, method, num_steps=cfg["num_steps"], project_u=project_u, **inner
   )
+
+
+def warm_start(g, u, v, args, cfg: dict[str, Any]):
+  """``v`` after ``cfg["warmup"]`` plain descent steps on ``g(u, ·)`` (the lower problem
+  solved before the outer loop starts), compiled once."""
+  from kbeam_jax import bilevel
+
+  solve = jax.jit(
+    lambda v: bilevel.argmin(
+      g, u, v, *args, method=bilevel.Naive(), num_steps=cfg["warmup"], inner_lr=cfg["inner_lr"]
+    )
+  )
+  return solve(v)

@@ -80,18 +80,24 @@ def mlp_problem(V: int, seed: int = 0):
   return f, g, (jnp.zeros(U), v0, x, y)
 
 
+METHOD_VALUES = {
+  "fmd": bilevel.FMD(),
+  "rmd": bilevel.RMD(),
+  "rmd_checkpoint": bilevel.RMD(checkpoint=True),
+  "approxgrad": bilevel.ApproxGrad(SOLVE_STEPS, 0.2),
+  "cg": bilevel.CG(SOLVE_STEPS),
+  "neumann": bilevel.Neumann(SOLVE_STEPS, 0.2),
+}
+INNER_LR = 0.4
+
+
 def hypergradient_fn(method: str, T: int):
-  f_g_opts = dict(num_steps=T, inner_lr=0.4)
-  name = method.removesuffix("_checkpoint")
-  if name in ("approxgrad", "neumann"):
-    f_g_opts.update(solve_steps=SOLVE_STEPS, solve_lr=0.2)
-  elif name == "cg":
-    f_g_opts.update(solve_steps=SOLVE_STEPS)
-  if method == "rmd_checkpoint":
-    f_g_opts.update(checkpoint=True)
+  """``(f, g, u, v, *data) -> hypergradient`` of one method through ``bilevel.hypergradient``."""
 
   def fn(f, g, u, v, *data):
-    return getattr(bilevel, name)(f, g, u, v, *data, **f_g_opts).grad
+    return bilevel.hypergradient(
+      f, g, u, v, *data, method=METHOD_VALUES[method], num_steps=T, inner_lr=INNER_LR
+    ).grad
 
   return fn
 
@@ -134,8 +140,8 @@ def jaxopt_peer(T: int, V: int, repeats: int, kind: str) -> dict[str, Any] | Non
   optimality = lambda v, u, *data: jax.grad(g, argnums=1)(u, v, *data)
 
   @implicit_diff.custom_root(optimality, solve=solve)
-  def inner(v0, u, *data):
-    return bilevel.inner_solve(g, u, v0, data, T, 0.4)[0]
+  def inner(v0, u, *data):  # the same T descent steps (their own derivative rule unused)
+    return bilevel.argmin(g, u, v0, *data, method=bilevel.Naive(), num_steps=T, inner_lr=INNER_LR)
 
   def peer(u, v0, *data):
     return jax.grad(lambda u_: f(u_, inner(v0, u_, *data), *data))(u)

@@ -1,25 +1,40 @@
-"""The synthetic bilevel problems of the penalty paper (Mehra & Hamm, ACML 2021).
+"""Synthetic bilevel problems: the penalty paper's two, one with a continuum of lower
+solutions and one with a badly scaled lower level.
 
 ``python -m benchmarks bilevel_synthetic [--quick] [--out results]``
 
-``u, v`` in R^10, box ``[-5, 5]`` (projected after every step), initial points uniform in
-the box, 20 trials:
+``u, v`` in R^10, box ``[-5, 5]`` (both levels projected after every step), initial
+points uniform in the box, 20 trials:
 
 * ``sum``:        ``f = |u|² + |v|²``, ``g = |1 - u - v|²``; solution ``u = v = 0.5``;
-* ``difference``: ``f = |v|² - |u - v|²``, ``g = |u - v|²``; solution ``u = v = 0``.
+* ``difference``: ``f = |v|² - |u - v|²``, ``g = |u - v|²``; solution ``u = v = 0``
+  (both from Mehra & Hamm, ACML 2021);
+* ``continuum``:  ``g = |Av - Bu|²`` with ``A`` a random 5 × 10 matrix, so ``∇²_vv g =
+  2AᵀA`` is singular and every ``v`` with ``Av = Bu`` solves the lower problem;
+  ``f = |u - a|² + |v - c|²``. The (optimistic) bilevel solution picks the ``v`` in that
+  set nearest ``c``: ``min |u - a|² + |v - c|²`` subject to ``Av = Bu``, in closed form.
+  Descent on ``g`` never moves ``v`` along the null space of ``A``, so the hypergradient
+  methods optimize ``u`` with ``v``'s null-space part frozen where it started; the
+  penalty method minimizes ``f + (γ/2)|∇_v g|²`` jointly and can select the solution;
+* ``scaled``:     ``g = ½ Σ d_i (v_i - u_i)²`` with curvatures ``d_i`` from 1 to 100,
+  ``f = |v - 1|² + |u|²``; solution ``u = v = 0.5``. The default inner step 0.1 is
+  unstable above curvature 20 (the run diverges, and says so); the settings from the
+  docs, an inner step below ``2 / λ_max`` (here ``1 / λ_max``) and Adam on ``v`` for the
+  penalty method, are the ``scaled`` rows.
 
-Methods: ``gd`` (the naive baseline: ``∇_u f`` at ``v_T``, no ``dv/du`` term), ``rmd``,
+Methods: ``gd`` (the naive baseline, ``bilevel.Naive()``: ``∇_u f`` at ``v_T``), ``rmd``,
 ``fmd``, ``approxgrad``, ``cg``, ``neumann`` (hypergradient steps on ``u``, ``v``
 warm-started from the previous ``v_T``), and the penalty method (``penalty``, and
 ``penalty_al`` with the augmented-Lagrangian multipliers), each with T in {1, 5, 10}
-inner steps per outer step. Every (method, T) runs all trials in one jitted, vmapped
-``lax.scan``; it is compiled first, then timed. Error vs iteration and vs wall time.
+inner steps per outer step, all through ``bilevel.solver``. Every (problem, method, T)
+runs all trials in one jitted, vmapped ``kbeam_jax.run``; it is compiled first, then
+timed. Error vs iteration and vs wall time.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,80 +50,130 @@ DIM, BOX, TRIALS = 10, 5.0, 20
 OUTER_LR, INNER_LR = 0.05, 0.1
 METHODS = ("gd", "rmd", "fmd", "approxgrad", "cg", "neumann", "penalty", "penalty_al")
 TS = (1, 5, 10)
+PENALTY_LR, MAX_GAMMA = OUTER_LR / 5, 20.0
 
 
-def problem(name: str):
-  """``(f, g, solution)`` of a synthetic problem."""
+class Problem(NamedTuple):
+  """A synthetic problem: objectives, its solution and the step sizes it runs with."""
+
+  f: Any
+  g: Any
+  u_star: np.ndarray
+  v_star: np.ndarray
+  inner_lr: float  # the hypergradient methods' inner step (and solve step)
+  penalty_inner: optax.GradientTransformation  # the penalty method's optimizer for v
+  penalty_gamma: float  # γ_0 (the schedule grows it up to MAX_GAMMA)
+  outer_lr: float
+
+
+def continuum_matrices(seed: int = 0):
+  kA, kB, ka, kc = jax.random.split(jax.random.key(seed), 4)
+  A = jax.random.normal(kA, (5, DIM)) / jnp.sqrt(DIM)
+  B = jax.random.normal(kB, (5, DIM)) / jnp.sqrt(DIM)
+  a = jax.random.uniform(ka, (DIM,), minval=-1.0, maxval=1.0)
+  c = jax.random.uniform(kc, (DIM,), minval=-1.0, maxval=1.0)
+  return A, B, a, c
+
+
+def problem(name: str) -> Problem:
+  """The objectives, solution and settings of a synthetic problem."""
+  sgd = optax.sgd(PENALTY_LR)
   if name == "sum":
-    return (
+    return Problem(
       lambda u, v: jnp.sum(u**2) + jnp.sum(v**2),
       lambda u, v: jnp.sum((1.0 - u - v) ** 2),
-      0.5,
+      np.full(DIM, 0.5),
+      np.full(DIM, 0.5),
+      INNER_LR,
+      sgd,
+      1.0,
+      OUTER_LR,
     )
   if name == "difference":
-    return (
+    return Problem(
       lambda u, v: jnp.sum(v**2) - jnp.sum((u - v) ** 2),
       lambda u, v: jnp.sum((u - v) ** 2),
-      0.0,
+      np.zeros(DIM),
+      np.zeros(DIM),
+      INNER_LR,
+      sgd,
+      1.0,
+      OUTER_LR,
     )
-  raise KeyError(f"unknown problem {name!r}; known: 'sum', 'difference'.")
+  if name == "continuum":
+    A, B, a, c = continuum_matrices()
+    # min |x - x0|² s.t. Mx = 0, x = (u, v), x0 = (a, c), M = [-B, A]: project x0 on null(M)
+    M = np.concatenate([-np.asarray(B), np.asarray(A)], axis=1).astype(np.float64)
+    x0 = np.concatenate([np.asarray(a), np.asarray(c)]).astype(np.float64)
+    x = x0 - M.T @ np.linalg.solve(M @ M.T, M @ x0)
+    return Problem(
+      lambda u, v: jnp.sum((u - a) ** 2) + jnp.sum((v - c) ** 2),
+      lambda u, v: jnp.sum((A @ v - B @ u) ** 2),
+      x[:DIM],
+      x[DIM:],
+      INNER_LR,
+      sgd,
+      1.0,
+      OUTER_LR,
+    )
+  if name in ("scaled", "scaled_default"):
+    d = jnp.geomspace(1.0, 100.0, DIM)
+    default = name == "scaled_default"
+    return Problem(
+      lambda u, v: jnp.sum((v - 1.0) ** 2) + jnp.sum(u**2),
+      lambda u, v: 0.5 * jnp.sum(d * (v - u) ** 2),
+      np.full(DIM, 0.5),
+      np.full(DIM, 0.5),
+      INNER_LR if default else 1.0 / 100.0,
+      sgd if default else optax.adam(0.01),
+      1.0,
+      OUTER_LR,
+    )
+  raise KeyError(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}.")
+
+
+PROBLEMS = ("sum", "difference", "continuum", "scaled_default", "scaled")
 
 
 def project(x):
   return jnp.clip(x, -BOX, BOX)
 
 
-def hypergradient_step(method: str, f, g, T: int):
-  """One outer step ``(u, v) -> (u, v)`` of a hypergradient method (or naive GD)."""
-  opts = dict(num_steps=T, inner_lr=INNER_LR)
-  if method in ("approxgrad", "neumann"):
-    opts.update(solve_steps=T, solve_lr=INNER_LR)
-  elif method == "cg":
-    opts.update(solve_steps=T)
-
-  def step(u, v):
-    if method == "gd":
-      v, _ = bilevel.inner_solve(g, u, v, (), T, INNER_LR)
-      grad = jax.grad(f)(u, v)
-    else:
-      grad, v = getattr(bilevel, method)(f, g, u, v, **opts)
-    return project(u - OUTER_LR * grad), project(v)
-
-  return step
+def method_of(name: str, T: int, p: Problem) -> bilevel.Method:
+  """The library's method value for a method name of this suite (solves with T steps)."""
+  if name.startswith("penalty"):
+    return bilevel.Penalty(
+      gamma=p.penalty_gamma, max_gamma=MAX_GAMMA, augmented=name == "penalty_al"
+    )
+  return {
+    "gd": bilevel.Naive(),
+    "rmd": bilevel.RMD(),
+    "fmd": bilevel.FMD(),
+    "approxgrad": bilevel.ApproxGrad(T, p.inner_lr),
+    "cg": bilevel.CG(T),
+    "neumann": bilevel.Neumann(T, p.inner_lr),
+  }[name]
 
 
 def run_method(name: str, method: str, T: int, num_iters: int):
-  """``(u0, v0) -> errors (num_iters,)`` for one trial; vmapped over trials by the caller."""
-  f, g, solution = problem(name)
+  """``(u0, v0) -> (errors (num_iters,), final upper value)`` for one trial."""
+  p = problem(name)
+  m = method_of(method, T, p)
+  if isinstance(m, bilevel.Penalty):
+    upper, inner = optax.sgd(PENALTY_LR), dict(inner=p.penalty_inner)
+  else:
+    upper, inner = optax.sgd(p.outer_lr), dict(inner_lr=p.inner_lr)
+  solver = bilevel.solver(
+    p.f, p.g, upper, m, num_steps=T, project_u=project, project_v=project, **inner
+  )
 
   def error(u, v):
-    return jnp.sqrt(jnp.sum((u - solution) ** 2) + jnp.sum((v - solution) ** 2))
-
-  if method.startswith("penalty"):
-    solver = bilevel.penalty(
-      f,
-      g,
-      optax.sgd(OUTER_LR / 5),
-      optax.sgd(OUTER_LR / 5),
-      num_inner=T,
-      augmented=method == "penalty_al",
-      max_gamma=20.0,
-    )
-
-    def one(u0, v0):
-      trace = lambda s, info: error(s.u, s.v)
-      return kbeam_jax.run(solver.step, solver.init(u0, v0), num_iters, trace=trace)[1]
-
-    return one
-
-  step = hypergradient_step(method, f, g, T)
+    return jnp.sqrt(jnp.sum((u - p.u_star) ** 2) + jnp.sum((v - p.v_star) ** 2))
 
   def one(u0, v0):
-    def body(carry, _):
-      u, v = step(*carry)
-      return (u, v), error(u, v)
-
-    return jax.lax.scan(body, (u0, v0), length=num_iters)[1]
+    state = solver.init(jax.random.key(0), u0, v0)
+    state, errors = kbeam_jax.run(solver.step, state, num_iters, trace=lambda s, _: error(s.u, s.v))
+    return errors, p.f(state.u, state.v)
 
   return one
 
@@ -120,19 +185,24 @@ def run_suite(
   u0 = jax.random.uniform(ku, (trials, DIM), minval=-BOX, maxval=BOX)
   v0 = jax.random.uniform(kv, (trials, DIM), minval=-BOX, maxval=BOX)
   records, curves = [], {}
-  jobs = [(p, m, T) for p in ("sum", "difference") for m in METHODS for T in TS]
+  jobs = [(p, m, T) for p in PROBLEMS for m in METHODS for T in TS]
   for name, method, T in tqdm(jobs, desc="bilevel_synthetic", unit="run"):
     fn = jax.vmap(run_method(name, method, T, num_iters))
-    errors, compile_s, run_s = _common.compile_and_time(fn, u0, v0, repeats=repeats)
+    (errors, values), compile_s, run_s = _common.compile_and_time(fn, u0, v0, repeats=repeats)
     errors = np.asarray(errors, np.float64)  # (trials, num_iters)
+    p = problem(name)
+    f_star = float(p.f(jnp.asarray(p.u_star), jnp.asarray(p.v_star)))
     final = errors[:, -1]
+    gap = np.asarray(values, np.float64) - f_star
     records.append(
       dict(
         problem=name,
         method=method,
         T=T,
-        error_mean=float(final.mean()),
-        error_std=float(final.std()),
+        error_mean=float(np.mean(final)),
+        error_std=float(np.std(final)),
+        finite=int(np.sum(np.isfinite(final))),
+        upper_gap_mean=float(np.mean(gap)),
         seconds=run_s,
         compile_seconds=compile_s,
         trials=trials,
@@ -146,8 +216,8 @@ def run_suite(
     iterations=num_iters,
     outer_lr=OUTER_LR,
     inner_lr=INNER_LR,
-    penalty_lr=OUTER_LR / 5,
-    penalty_max_gamma=20.0,
+    penalty_lr=PENALTY_LR,
+    penalty_max_gamma=MAX_GAMMA,
     box=BOX,
     dim=DIM,
     environment=_common.environment(),
@@ -158,30 +228,47 @@ def run_suite(
   return records
 
 
+NOTES = {
+  "continuum": "∇²_vv g singular: the lower solutions form a 5-dimensional affine set.",
+  "scaled_default": "Curvatures 1..100 with the default inner step 0.1 (unstable above 20).",
+  "scaled": "Curvatures 1..100 with the documented settings: inner step 1/λ_max = 0.01; "
+  "the penalty method with Adam (0.01) on v.",
+}
+
+
+def _cell(r) -> str:
+  if r["finite"] < r["trials"]:
+    return f"diverged in {r['trials'] - r['finite']}/{r['trials']} trials"
+  return f"{_common.mean_std(r['error_mean'], r['error_std'])} ({r['seconds']:.3f} s)"
+
+
 def markdown(records, meta) -> str:
   lines = [
     f"# Synthetic bilevel problems: error |(u, v) - (u*, v*)| after {meta['iterations']}"
     f" outer steps (mean ± std over {meta['trials']} trials), and run time",
     "",
     f"Outer step {meta['outer_lr']}, inner step {meta['inner_lr']}; penalty steps "
-    f"{meta['penalty_lr']}, γ capped at {meta['penalty_max_gamma']}. Seconds: all "
-    "trials vmapped, after compiling (median of repeats).",
+    f"{meta['penalty_lr']}, γ capped at {meta['penalty_max_gamma']}; both levels projected "
+    f"onto [-{meta['box']}, {meta['box']}]. Seconds: all trials vmapped, after compiling "
+    "(median of repeats). In brackets after the problem: f(u, v) - f* at the end, mean "
+    "over trials, for T = 10.",
     "",
   ]
-  for name in ("sum", "difference"):
+  for name in PROBLEMS:
     rows = []
     for method in METHODS:
       row = [method]
       for T in TS:
         r = next(r for r in records if (r["problem"], r["method"], r["T"]) == (name, method, T))
-        row.append(f"{_common.mean_std(r['error_mean'], r['error_std'])} ({r['seconds']:.3f} s)")
+        row.append(_cell(r))
+      r10 = next(r for r in records if (r["problem"], r["method"], r["T"]) == (name, method, 10))
+      row.append(f"{r10['upper_gap_mean']:.2e}")
       rows.append(row)
-    lines += [
-      f"## {name}",
-      "",
-      _common.markdown_table(["method"] + [f"T = {T}" for T in TS], rows),
-      "",
-    ]
+    lines += [f"## {name}", ""]
+    if name in NOTES:
+      lines += [NOTES[name], ""]
+    header = ["method"] + [f"T = {T}" for T in TS] + ["f - f* (T = 10)"]
+    lines += [_common.markdown_table(header, rows), ""]
   env = meta["environment"]
   lines += [f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}.", ""]
   return "\n".join(lines)
@@ -193,21 +280,19 @@ def plot(records, curves, path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(2, len(TS), figsize=(4.5 * len(TS), 7), squeeze=False)
-  for i, name in enumerate(("sum", "difference")):
+  fig, axes = plt.subplots(len(PROBLEMS), len(TS), figsize=(4.5 * len(TS), 3.2 * len(PROBLEMS)))
+  for i, name in enumerate(PROBLEMS):
     for j, T in enumerate(TS):
       ax = axes[i, j]
       for method in METHODS:
         r = next(r for r in records if (r["problem"], r["method"], r["T"]) == (name, method, T))
         curve = curves[(name, method, T)]
         t = np.arange(1, len(curve) + 1) * r["seconds_per_iteration"]
-        ax.loglog(t, np.maximum(curve, 1e-12), label=method)
+        ax.loglog(t, np.clip(np.nan_to_num(curve, nan=1e6), 1e-12, 1e6), label=method)
       ax.set(title=f"{name}, T = {T}", xlabel="wall time (s)", ylabel="error")
   axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _common.save_figure(fig, path)
 
 
 def main(args) -> None:

@@ -34,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import kbeam_jax
 from benchmarks import _common
-from kbeam_jax import bilevel, data
+from kbeam_jax import data
 from kbeam_jax.tasks import denoising
 
-METHODS = denoising.METHODS
+METHODS = ("penalty", "approxgrad", "rmd", "naive")
 CASES: dict[str, dict[str, Any]] = {
   "logreg_50": dict(
     model="softmax_regression",
@@ -48,7 +49,7 @@ CASES: dict[str, dict[str, Any]] = {
     num_test=None,
     outer_steps=300,
     chunk=20,
-    num_inner=5,
+    num_steps=5,
     inner_lr=0.3,
     warmup=300,
     upper_lr=0.1,
@@ -67,7 +68,7 @@ CASES: dict[str, dict[str, Any]] = {
     num_test=None,
     outer_steps=100,
     chunk=10,
-    num_inner=3,
+    num_steps=3,
     inner_lr=0.1,
     warmup=300,
     upper_lr=0.2,
@@ -126,19 +127,19 @@ def run_case(
   f, g = denoising.objectives(model)
   args = d.bilevel_args()
   a0 = jnp.zeros(d.y_train.shape, jnp.float32)
-  v0, _ = jax.jit(lambda v: bilevel.inner_solve(g, a0, v, args, cfg["warmup"], cfg["inner_lr"]))(
-    model.init(jax.random.key(trial_seed))
-  )
+  v0 = _common.warm_start(g, a0, model.init(jax.random.key(trial_seed)), args, cfg)
   records, curves = [], {}
   num_chunks = cfg["outer_steps"] // cfg["chunk"]
   for method in METHODS:
-    solver = _common.bilevel_solver(
-      denoising.solver, method, f, g, cfg, upper=optax.adam(cfg["upper_lr"])
+    solver = _common.bilevel_solver(method, f, g, cfg, upper=optax.adam(cfg["upper_lr"]))
+    chunk_fn = jax.jit(
+      lambda state, s=solver: kbeam_jax.run(
+        s.step, state, cfg["chunk"], *args, trace=lambda _, info: info.value
+      )
     )
-    chunk_fn = jax.jit(lambda state, s=solver: denoising.run(s, state, cfg["chunk"], *args))
     state, history, timing = _common.train_in_chunks(
       chunk_fn,
-      solver.init(a0, v0),
+      solver.init(jax.random.key(trial_seed), a0, v0),
       num_chunks,
       checkpoint=out_dir / "checkpoints" / f"denoising_{case}_{method}_{trial_seed}.msgpack",
       resume=resume,

@@ -22,9 +22,9 @@ every meta-batch: the tasks are new):
 
 * ``gd``: the naive baseline, T descent steps on the heads and ``∇_u f`` at ``v_T``
   (the implicit term ``-∇²_uv g (∇²_vv g)⁻¹ ∇_v f`` dropped);
-* ``rmd``: reverse-mode through the T steps (``bilevel.rmd``);
-* ``approxgrad``: ``bilevel.approxgrad`` with T solve steps;
-* ``penalty``: ``bilevel.penalty`` (fixed γ ≈ 1/B or below, see the note above
+* ``rmd``: reverse-mode through the T steps (``bilevel.RMD()``);
+* ``approxgrad``: ``bilevel.ApproxGrad(T, solve_lr)``, T solve steps;
+* ``penalty``: ``bilevel.Penalty`` (fixed γ ≈ 1/B or below, see the note above
   ``settings``), heads warm-started by T descent steps on the lower problem for every new
   meta-batch, then T penalty steps;
 * ``joint``: not bilevel; one shared head over all meta-train classes (classification)
@@ -57,7 +57,7 @@ from kbeam_jax import bilevel, data
 from kbeam_jax.tasks import fewshot
 
 METHODS = ("gd", "rmd", "approxgrad", "penalty", "joint", "untrained")
-BILEVEL = ("gd", "rmd", "approxgrad", "penalty")
+BILEVEL = ("gd", "rmd", "approxgrad", "penalty")  # see method_of
 
 # MAML's sinusoid MSE as reported by Li et al. 2017 (Meta-SGD), Table 1 (MAML row, one
 # adaptation step, 40-40 ReLU network): K-shot -> MSE. Finn et al. 2017 show curves only.
@@ -77,14 +77,14 @@ class Setting(NamedTuple):
   eval_tasks: int
   l2: float
   feature_scale: float
-  inner_steps: int
+  num_steps: int  # T, descent steps on the heads
   inner_lr: float
   solve_lr: float  # ApproxGrad's step on ½|Hq - ∇_v f|², stable below 2 / λ_max(H)²
   upper_lr: float
   penalty_lr: float  # ρ, the step on v: ρ (λ_max(∇²f) + γ λ_max(H)²) < 2 for stability
   penalty_gamma: float  # γ_0 = the cap (fresh tasks every step: no schedule to carry)
   penalty_lower_weight: float
-  penalty_steps: int  # steps on v of the penalized objective, after the T steps on g
+  penalty_num_steps: int  # steps on v of the penalized objective, after the T steps on g
 
 
 # The penalty method's γ here. γ multiplies |∇_v g|², and g *sums* the B tasks of a
@@ -112,14 +112,14 @@ def settings(quick: bool) -> list[Setting]:
     eval_tasks=ev,
     l2=0.01,
     feature_scale=3.0,
-    inner_steps=10,
+    num_steps=10,
     inner_lr=0.5,
     solve_lr=0.1,
     upper_lr=1e-3,
     penalty_lr=0.5,
     penalty_gamma=0.06,  # ≈ 1 / meta_batch of the full run: see the note above
     penalty_lower_weight=0.0,
-    penalty_steps=10,
+    penalty_num_steps=10,
   )
   sine = dict(
     kind="regression",
@@ -130,14 +130,14 @@ def settings(quick: bool) -> list[Setting]:
     eval_tasks=ev,
     l2=1e-3,
     feature_scale=1.0,
-    inner_steps=10,
+    num_steps=10,
     inner_lr=0.5,
     solve_lr=0.1,
     upper_lr=1e-3,
     penalty_lr=1.0,
     penalty_gamma=0.01,  # see the note above
     penalty_lower_weight=0.0,
-    penalty_steps=10,
+    penalty_num_steps=10,
   )
   return [
     Setting("mnist-5w1s", k_shot=1, iterations=it(1000), **mnist),
@@ -167,18 +167,20 @@ class Trainer(NamedTuple):
   params: Any  # state -> u
 
 
-def penalty_solver(s: Setting, f, g):
-  return bilevel.penalty(
-    f,
-    g,
-    optax.adam(s.upper_lr),
-    optax.sgd(s.penalty_lr),
-    num_inner=s.penalty_steps,
-    gamma=s.penalty_gamma,
-    epsilon=1.0,
-    lower_weight=s.penalty_lower_weight,
-    max_gamma=s.penalty_gamma,
-  )
+def method_of(s: Setting, name: str) -> bilevel.Method:
+  """The library's method value for a bilevel method name of this suite."""
+  return {
+    "gd": bilevel.Naive(),
+    "rmd": bilevel.RMD(),
+    "approxgrad": bilevel.ApproxGrad(s.num_steps, s.solve_lr),
+    # γ fixed at γ_0 (fresh tasks every step: no schedule to carry)
+    "penalty": bilevel.Penalty(
+      gamma=s.penalty_gamma,
+      epsilon=1.0,
+      lower_weight=s.penalty_lower_weight,
+      max_gamma=s.penalty_gamma,
+    ),
+  }[name]
 
 
 def trainer(s: Setting, method: str) -> Trainer:
@@ -187,25 +189,6 @@ def trainer(s: Setting, method: str) -> Trainer:
   sample = sampler(s, train=True)
   heads0 = fewshot.init_heads(s.meta_batch, s.sizes[-1], s.num_outputs)
   opt = optax.adam(s.upper_lr)
-
-  if method == "penalty":
-    solver = penalty_solver(s, f, g)
-
-    def init(u, key):
-      return solver.init(u, heads0), key
-
-    def step(state, pool):
-      ps, key = state
-      key, sub = jax.random.split(key)
-      ep = sample(sub, pool, s.meta_batch)
-      heads, _ = bilevel.inner_solve(g, ps.u, heads0, (ep,), s.inner_steps, s.inner_lr)
-      zeros = jax.tree.map(jnp.zeros_like, heads)
-      lower = optax.sgd(s.penalty_lr)
-      ps = ps._replace(v=heads, nu=zeros, lower_state=lower.init(heads))
-      ps, info = solver.step(ps, ep)
-      return (ps, key), {"query_loss": info.value, "gamma": info.gamma}
-
-    return Trainer(init, step, lambda state: state[0].u)
 
   if method == "joint":
 
@@ -237,26 +220,32 @@ def trainer(s: Setting, method: str) -> Trainer:
 
     return Trainer(init, step, lambda state: state[0][0])
 
-  opts = dict(num_steps=s.inner_steps, inner_lr=s.inner_lr)
-  if method == "approxgrad":
-    opts.update(solve_steps=s.inner_steps, solve_lr=s.solve_lr)
+  m = method_of(s, method)
+  penalty = isinstance(m, bilevel.Penalty)
+  steps, lr = (s.penalty_num_steps, s.penalty_lr) if penalty else (s.num_steps, s.inner_lr)
+  solver = bilevel.solver(f, g, opt, m, num_steps=steps, inner_lr=lr)
 
   def init(u, key):
-    return u, opt.init(u), key
+    return solver.init(key, u, heads0), key
 
   def step(state, pool):
-    u, opt_state, key = state
+    st, key = state
     key, sub = jax.random.split(key)
     ep = sample(sub, pool, s.meta_batch)
-    if method == "gd":
-      heads, _ = bilevel.inner_solve(g, u, heads0, (ep,), s.inner_steps, s.inner_lr)
-      grad = jax.grad(f)(u, heads, ep)
-    else:
-      grad, heads = getattr(bilevel, method)(f, g, u, heads0, ep, **opts)
-    updates, opt_state = opt.update(grad, opt_state, u)
-    return (optax.apply_updates(u, updates), opt_state, key), {"query_loss": f(u, heads, ep)}
+    heads = heads0
+    if penalty:  # the heads of fresh tasks first descend on g, then on the penalized L
+      heads = bilevel.argmin(
+        g, st.u, heads0, ep, method=bilevel.Naive(), num_steps=s.num_steps, inner_lr=s.inner_lr
+      )
+    # Fresh tasks: restart the lower level, keep the upper optimizer's state.
+    st = solver.init(sub, st.u, heads)._replace(upper_state=st.upper_state, count=st.count)
+    st, info = solver.step(st, ep)
+    metrics = {"query_loss": info.value}
+    if penalty:
+      metrics["gamma"] = info.gamma
+    return (st, key), metrics
 
-  return Trainer(init, step, lambda state: state[0])
+  return Trainer(init, step, lambda state: state[0].u)
 
 
 def joint_classes(s: Setting) -> int:

@@ -14,3 +14,27 @@ def dtype(request):
       yield jax.numpy.float64
   else:
     yield jax.numpy.float32
+
+
+class CompileCounter:
+  """Counts XLA compilations (``jax.monitoring``'s backend-compile events) since ``reset``."""
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+  def reset(self):
+    self.count = 0
+
+
+@pytest.fixture
+def compile_counter():
+  """A ``CompileCounter`` listening for the duration of one test."""
+  counter = CompileCounter()
+  jax.monitoring.register_event_duration_secs_listener(counter)
+  yield counter
+  jax.monitoring.unregister_event_duration_listener(counter)

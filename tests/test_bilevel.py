@@ -1,7 +1,9 @@
-"""Hypergradients against the closed form on random quadratic bilevel problems (float64),
-against each other and against finite differences; the penalty method on the synthetic
-problems; the optax forms."""
+"""``argmin`` and ``hypergradient`` with every method: against the closed form on random
+quadratic problems (float64), against each other and against finite differences, under
+``jit``, ``vmap``, ``jax.checkpoint`` and inside a Flax NNX loss; CG on singular and
+non-finite systems; one compile for repeated calls; the method values' validation."""
 
+import dataclasses
 import functools
 
 import jax
@@ -9,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _bilevel_cases import CONVERGED, LR, Quadratic, flat
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-import kbeam_jax
 from kbeam_jax import bilevel
 from kbeam_jax.tasks import fewshot
 
@@ -23,80 +25,131 @@ def x64():
     yield
 
 
-class Quadratic:
-  """``g = ½vᵀAv + uᵀBv + cᵀv``, ``f = ½|u - a|² + ½vᵀCv + uᵀDv + eᵀv`` on pytrees."""
-
-  def __init__(self, seed, U=3, V=4):
-    ks = jax.random.split(jax.random.key(seed), 8)
-    Q = jnp.linalg.qr(jax.random.normal(ks[0], (V, V)))[0]
-    self.A = Q @ jnp.diag(jnp.linspace(1.0, 4.0, V)) @ Q.T  # eigenvalues in [1, 4]
-    self.B = jax.random.normal(ks[1], (U, V))
-    self.c = jax.random.normal(ks[2], (V,))
-    M = jax.random.normal(ks[3], (V, V))
-    self.C = M @ M.T / V
-    self.D = jax.random.normal(ks[4], (U, V))
-    self.a, self.e = jax.random.normal(ks[5], (U,)), jax.random.normal(ks[6], (V,))
-    self.u = {"x": jax.random.normal(ks[7], (2,)), "y": [jnp.array([0.3])]}
-    self.v0 = [jnp.zeros(2), {"z": jnp.zeros(2)}]
-
-  def g(self, u, v):
-    uf, vf = ravel_pytree(u)[0], ravel_pytree(v)[0]
-    return 0.5 * vf @ self.A @ vf + uf @ self.B @ vf + self.c @ vf
-
-  def f(self, u, v):
-    uf, vf = ravel_pytree(u)[0], ravel_pytree(v)[0]
-    return (
-      0.5 * jnp.sum((uf - self.a) ** 2) + 0.5 * vf @ self.C @ vf + uf @ self.D @ vf + self.e @ vf
-    )
-
-  def closed_form(self, u):
-    uf, unravel = ravel_pytree(u)
-    v = -jnp.linalg.solve(self.A, self.B.T @ uf + self.c)
-    f_u = uf - self.a + self.D @ v
-    f_v = self.C @ v + self.D.T @ uf + self.e
-    return unravel(f_u - self.B @ jnp.linalg.solve(self.A, f_v))
-
-  def unrolled_value(self, u, T, lr):
-    v, _ = bilevel.inner_solve(self.g, u, self.v0, (), T, lr)
-    return self.f(u, v)
-
-
-LR = 0.25  # 1 / λ_max(A)
-CONVERGED = {
-  "fmd": dict(num_steps=300, inner_lr=LR),
-  "rmd": dict(num_steps=300, inner_lr=LR),
-  "rmd_checkpoint": dict(num_steps=300, inner_lr=LR, checkpoint=True),
-  "approxgrad": dict(num_steps=300, inner_lr=LR, solve_steps=800, solve_lr=1 / 16),
-  "cg": dict(num_steps=300, inner_lr=LR, solve_steps=10),
-  "neumann": dict(num_steps=300, inner_lr=LR, solve_steps=300, solve_lr=LR),
-}
-
-
-def method(name):
-  return getattr(bilevel, name.removesuffix("_checkpoint"))
-
-
-def flat(tree):
-  return ravel_pytree(tree)[0]
+def solve(p, name, **overrides):
+  method, settings = CONVERGED[name]
+  return method, dict(settings, **overrides)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("name", sorted(CONVERGED))
-def test_matches_closed_form(name, seed):
+def test_hypergradient_matches_closed_form(name, seed):
   p = Quadratic(seed)
-  out = jax.jit(functools.partial(method(name), p.f, p.g, **CONVERGED[name]))(p.u, p.v0)
-  expected = flat(p.closed_form(p.u))
-  np.testing.assert_allclose(flat(out.grad), expected, rtol=1e-6, atol=1e-9)
+  method, settings = solve(p, name)
+  out = bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=method, **settings)
+  np.testing.assert_allclose(flat(out.grad), flat(p.closed_form(p.u)), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(flat(out.v), p.v_star(p.u), rtol=1e-9)
   assert jax.tree.structure(out.grad) == jax.tree.structure(p.u)
   assert jax.tree.structure(out.v) == jax.tree.structure(p.v0)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERGED))
+def test_grad_through_argmin_is_the_hypergradient(name):
+  p = Quadratic(2)
+  method, settings = solve(p, name)
+  argmin = functools.partial(bilevel.argmin, method=method, **settings)
+  grad = jax.grad(lambda u: p.f(u, argmin(p.g, u, p.v0)))(p.u)
+  out = bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=method, **settings)
+  np.testing.assert_allclose(flat(grad), flat(out.grad), rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(flat(grad), flat(p.closed_form(p.u)), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERGED))
+def test_argmin_under_vmap_and_jit(name):
+  p = Quadratic(3)
+  method, settings = solve(p, name)
+  us = jax.tree.map(lambda x: jnp.stack([x, -2.0 * x, x + 1.0]), p.u)
+
+  @jax.jit
+  @jax.vmap
+  def grads(u):
+    return jax.grad(lambda u: p.f(u, bilevel.argmin(p.g, u, p.v0, method=method, **settings)))(u)
+
+  out = grads(us)
+  for i in range(3):
+    u_i = jax.tree.map(lambda x, i=i: x[i], us)
+    got = flat(jax.tree.map(lambda x, i=i: x[i], out))
+    np.testing.assert_allclose(got, flat(p.closed_form(u_i)), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERGED))
+def test_argmin_is_differentiable_in_args(name):
+  # g(u, v, c) = ½vᵀAv + uᵀBv + cᵀv: v* = -A⁻¹(Bᵀu + c), so d f(u, v*)/dc = -A⁻¹ ∇_v f.
+  p = Quadratic(4)
+  method, settings = solve(p, name)
+  g = lambda u, v, c: p.g(u, v) + c @ flat(v)
+  c = jnp.array([0.5, -1.0, 0.2, 0.3])
+  F = lambda c: p.f(p.u, bilevel.argmin(g, p.u, p.v0, c, method=method, **settings))
+  v = -jnp.linalg.solve(p.A, p.B.T @ flat(p.u) + p.c + c)
+  f_v = p.C @ v + p.D.T @ flat(p.u) + p.e
+  np.testing.assert_allclose(jax.grad(F)(c), -jnp.linalg.solve(p.A, f_v), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["fmd", "rmd", "cg", "approxgrad"])
+def test_argmin_composes_with_checkpoint_and_integer_args(name):
+  p = Quadratic(5)
+  method, settings = solve(p, name)
+  g = lambda u, v, c, n: p.g(u, v) + c @ flat(v) * n  # n: an integer argument
+  c, n = jnp.ones(4), jnp.int32(1)
+
+  @jax.checkpoint
+  def F(u, c):
+    return p.f(u, bilevel.argmin(g, u, p.v0, c, n, method=method, **settings))
+
+  gu, gc = jax.grad(F, argnums=(0, 1))(p.u, c)
+  gu_plain, gc_plain = jax.grad(F.__wrapped__, argnums=(0, 1))(p.u, c)
+  np.testing.assert_allclose(flat(gu), flat(gu_plain), rtol=1e-12)
+  np.testing.assert_allclose(gc, gc_plain, rtol=1e-12)
+
+
+class Ridge(nnx.Module):
+  """Learns the log L2 coefficient of a ridge regression by hypergradient."""
+
+  def __init__(self):
+    self.log_l2 = nnx.Param(jnp.array(0.0))
+
+  def __call__(self, data):
+    x_tr, y_tr, x_val, y_val = data
+
+    def g(log_l2, w):  # lower: training loss + L2
+      return 0.5 * jnp.mean((x_tr @ w - y_tr) ** 2) + 0.5 * jnp.exp(log_l2) * jnp.sum(w**2)
+
+    w = bilevel.argmin(
+      g,
+      self.log_l2[...],
+      jnp.zeros(x_tr.shape[1]),
+      method=bilevel.CG(20),
+      num_steps=200,
+      inner_lr=0.2,
+    )
+    return 0.5 * jnp.mean((x_val @ w - y_val) ** 2)
+
+
+def test_argmin_inside_a_flax_nnx_loss():
+  kx, kw, kn = jax.random.split(jax.random.key(6), 3)
+  x = jax.random.normal(kx, (40, 5))
+  y = x @ jax.random.normal(kw, (5,)) + 0.5 * jax.random.normal(kn, (40,))
+  data = (x[:20], y[:20], x[20:], y[20:])
+  model = Ridge()
+  grad = nnx.grad(lambda m: m(data))(model).log_l2[...]
+
+  def closed(log_l2):  # the exact ridge solution, differentiated by autodiff
+    lam = jnp.exp(log_l2)
+    w = jnp.linalg.solve(x[:20].T @ x[:20] / 20 + lam * jnp.eye(5), x[:20].T @ y[:20] / 20)
+    return 0.5 * jnp.mean((x[20:] @ w - y[20:]) ** 2)
+
+  np.testing.assert_allclose(grad, jax.grad(closed)(0.0), rtol=1e-6)
+  optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+  before = float(model(data))
+  for _ in range(20):
+    optimizer.update(model, nnx.grad(lambda m: m(data))(model))
+  assert float(model(data)) < before
 
 
 @pytest.mark.parametrize("T", [1, 7, 10])
 def test_fmd_and_rmd_agree_to_round_off_for_the_same_T(T):
   p = Quadratic(2)
-  fwd = bilevel.fmd(p.f, p.g, p.u, p.v0, num_steps=T, inner_lr=LR)
-  rev = bilevel.rmd(p.f, p.g, p.u, p.v0, num_steps=T, inner_lr=LR)
-  chk = bilevel.rmd(p.f, p.g, p.u, p.v0, num_steps=T, inner_lr=LR, checkpoint=True)
+  run = lambda m: bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=m, num_steps=T, inner_lr=LR)
+  fwd, rev, chk = run(bilevel.FMD()), run(bilevel.RMD()), run(bilevel.RMD(checkpoint=True))
   np.testing.assert_allclose(flat(fwd.grad), flat(rev.grad), rtol=1e-12, atol=1e-14)
   np.testing.assert_allclose(flat(chk.grad), flat(rev.grad), rtol=1e-12, atol=1e-14)
   # ... and it is the derivative of the unrolled loop: central finite differences.
@@ -108,15 +161,27 @@ def test_fmd_and_rmd_agree_to_round_off_for_the_same_T(T):
     for e in jnp.eye(uf.size)
   ]
   np.testing.assert_allclose(flat(rev.grad), fd, rtol=1e-6, atol=1e-8)
-  # and with T < ∞ it is not the closed form (the test would not notice a shortcut).
+  # with T < ∞ it is not the closed form (the test would notice a shortcut).
   if T == 1:
     assert not np.allclose(flat(rev.grad), flat(p.closed_form(p.u)), rtol=1e-3)
+
+
+def test_unrolled_methods_differentiate_through_v0():
+  # MAML's pattern: the inner loop starts at u itself.
+  p = Quadratic(3)
+  u = flat(p.u)[:3] * 0.0 + jnp.array([0.1, -0.2, 0.3])
+  g = lambda u, v: 0.5 * jnp.sum((v - 1.0) ** 2)
+  f = lambda u, v: jnp.sum(v**2)
+  for m in (bilevel.FMD(), bilevel.RMD()):
+    F = lambda u, m=m: f(u, bilevel.argmin(g, u, u, method=m, num_steps=3, inner_lr=0.5))
+    np.testing.assert_allclose(jax.grad(F)(u), 2 * (0.125 * u + 0.875) * 0.125, rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(CONVERGED))
 def test_all_match_finite_differences_when_converged(name):
   p = Quadratic(3)
-  out = method(name)(p.f, p.g, p.u, p.v0, **CONVERGED[name])
+  method, settings = solve(p, name)
+  out = bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=method, **settings)
   uf, unravel = ravel_pytree(p.u)
   value = jax.jit(lambda x: p.unrolled_value(unravel(x), 300, LR))
   h = 1e-6
@@ -124,22 +189,29 @@ def test_all_match_finite_differences_when_converged(name):
   np.testing.assert_allclose(flat(out.grad), fd, rtol=1e-6, atol=1e-8)
 
 
-def test_schedule_for_the_inner_step():
+def test_schedule_and_optax_inner_optimizer():
   p = Quadratic(4)
   sched = lambda t: LR / (1.0 + 0.01 * t)
-  a = bilevel.fmd(p.f, p.g, p.u, p.v0, num_steps=9, inner_lr=sched)
-  b = bilevel.rmd(p.f, p.g, p.u, p.v0, num_steps=9, inner_lr=sched, checkpoint=True)
-  np.testing.assert_allclose(flat(a.grad), flat(b.grad), rtol=1e-12)
+  run = lambda m, **kw: bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=m, **kw).grad
+  a = run(bilevel.FMD(), num_steps=9, inner_lr=sched)
+  b = run(bilevel.RMD(checkpoint=True), num_steps=9, inner_lr=sched)
+  np.testing.assert_allclose(flat(a), flat(b), rtol=1e-12)
+  # Any optax optimizer as the inner loop: unrolled methods agree with each other, the
+  # implicit ones reach the closed form once it has converged.
+  adam = optax.adam(0.05)
+  a = run(bilevel.FMD(), num_steps=20, inner=adam)
+  b = run(bilevel.RMD(), num_steps=20, inner=adam)
+  np.testing.assert_allclose(flat(a), flat(b), rtol=1e-10)
+  c = run(bilevel.CG(10), num_steps=3000, inner=adam)
+  np.testing.assert_allclose(flat(c), flat(p.closed_form(p.u)), rtol=1e-5)
 
 
 def test_damping_changes_the_solve():
   p = Quadratic(5)
-  kw = dict(num_steps=300, inner_lr=LR, solve_steps=10)
-  plain = bilevel.cg(p.f, p.g, p.u, p.v0, **kw)
-  damped = bilevel.cg(p.f, p.g, p.u, p.v0, damping=1.0, **kw)
-  # with σ = 1 the solve is (A + I)⁻¹ ∇_v f
-  uf, unravel = ravel_pytree(p.u)
-  v = flat(plain.v)
+  kw = dict(num_steps=300, inner_lr=LR)
+  damped = bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=bilevel.CG(10, damping=1.0), **kw)
+  uf = flat(p.u)
+  v = flat(damped.v)
   f_v = p.C @ v + p.D.T @ uf + p.e
   expected = uf - p.a + p.D @ v - p.B @ jnp.linalg.solve(p.A + jnp.eye(4), f_v)
   np.testing.assert_allclose(flat(damped.grad), expected, rtol=1e-8)
@@ -158,7 +230,9 @@ def test_cg_stays_finite_when_run_past_convergence():
   def hypergradient():
     cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, float), tree)
     heads = cast(fewshot.init_heads(25, 40, 1))
-    out = bilevel.cg(f, g, cast(u), heads, cast(ep), num_steps=2000, inner_lr=0.5, solve_steps=300)
+    out = bilevel.hypergradient(
+      f, g, cast(u), heads, cast(ep), method=bilevel.CG(300), num_steps=2000, inner_lr=0.5
+    )
     return flat(out.grad)
 
   with jax.enable_x64(False):
@@ -167,185 +241,107 @@ def test_cg_stays_finite_when_run_past_convergence():
   double = hypergradient()
   assert double.dtype == jnp.float64
   np.testing.assert_allclose(single, double, atol=1e-3 * float(jnp.abs(double).max()))
-  with pytest.raises(ValueError, match="tol"):
-    bilevel.cg(f, g, [], [], num_steps=1, inner_lr=0.1, solve_steps=5, tol=0.0)
 
 
-# The penalty paper's synthetic problems, u, v in R^10.
-def synthetic(name):
-  if name == "sum":
-    f = lambda u, v: jnp.sum(u**2) + jnp.sum(v**2)
-    g = lambda u, v: jnp.sum((1.0 - u - v) ** 2)
-    return f, g, 0.5
-  f = lambda u, v: jnp.sum(v**2) - jnp.sum((u - v) ** 2)
-  g = lambda u, v: jnp.sum((u - v) ** 2)
-  return f, g, 0.0
-
-
-@pytest.mark.parametrize("augmented", [False, True])
-@pytest.mark.parametrize("problem", ["sum", "difference"])
-def test_penalty_reaches_the_synthetic_solutions(problem, augmented):
-  f, g, solution = synthetic(problem)
-  ku, kv = jax.random.split(jax.random.key(0))
-  u0 = jax.random.uniform(ku, (10,), minval=-5.0, maxval=5.0)
-  v0 = jax.random.uniform(kv, (10,), minval=-5.0, maxval=5.0)
-  solver = bilevel.penalty(
-    f, g, optax.sgd(0.01), optax.sgd(0.01), num_inner=5, augmented=augmented, max_gamma=20.0
-  )
-  state, info = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 4000))(solver.init(u0, v0))
-  # A capped γ leaves an O(1/γ) bias; the multipliers of the augmented variant remove it.
-  atol = 1e-4 if augmented else 1e-2
-  np.testing.assert_allclose(state.u, solution, atol=atol)
-  np.testing.assert_allclose(state.v, solution, atol=atol)
-  assert int(state.increases) > 0 and float(state.gamma) > 1.0
-  assert float(info.grad_v_g_norm[-1]) < 0.1
-
-
-def test_penalty_gamma_grows_when_the_gradient_is_small():
-  f, g, _ = synthetic("sum")
-  solver = bilevel.penalty(
-    f,
-    g,
-    optax.sgd(0.0),
-    optax.sgd(0.0),
-    gamma=2.0,
-    epsilon=1e6,
-    gamma_factor=3.0,
-    epsilon_factor=0.5,
-  )
-  state, info = solver.step(solver.init(jnp.zeros(10), jnp.zeros(10)))
-  assert float(state.gamma) == 6.0 and float(state.epsilon) == 5e5 and bool(info.increased)
-
-
-def test_penalty_warmup_adds_steps_on_v_to_the_first_step_only():
-  f, g, _ = synthetic("sum")
-  u, v = jnp.full(10, 0.2), jnp.zeros(10)
-  kw = dict(gamma=5.0, max_gamma=5.0)
-  make = lambda T, W: bilevel.penalty(
-    f, g, optax.sgd(0.01), optax.sgd(0.02), num_inner=T, warmup_steps=W, **kw
-  )
-  warm, cold, long = make(3, 40), make(3, 0), make(43, 0)
-  s_warm, _ = warm.step(warm.init(u, v))
-  s_long, _ = long.step(long.init(u, v))  # T + W steps on v, then one on u
-  np.testing.assert_allclose(s_warm.v, s_long.v, rtol=1e-12)
-  np.testing.assert_allclose(s_warm.u, s_long.u, rtol=1e-12)
-  s_warm2, _ = warm.step(s_warm)
-  s_cold2, _ = cold.step(s_warm)  # from the same state the second step is plain
-  np.testing.assert_allclose(s_warm2.v, s_cold2.v, rtol=1e-12)
-  # the transform form takes the same extra steps on its first update
-  tx = bilevel.scale_by_penalty(v, optax.sgd(0.02), num_inner=3, warmup_steps=40, **kw)
-  _, tx_state = tx.update(None, tx.init(u), u, upper_fn=f, lower_fn=g)
-  np.testing.assert_allclose(tx_state.v, s_long.v, rtol=1e-12)
-  with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
-    make(3, -1)
-
-
-TRANSFORMS = {
-  "rmd": lambda v: bilevel.scale_by_hypergradient("rmd", v, num_steps=20, inner_lr=LR),
-  "fmd": lambda v: bilevel.scale_by_hypergradient("fmd", v, num_steps=20, inner_lr=LR),
-  "approxgrad": lambda v: bilevel.scale_by_hypergradient(
-    "approxgrad", v, num_steps=20, inner_lr=LR, solve_steps=50, solve_lr=1 / 16
-  ),
-  "cg": lambda v: bilevel.scale_by_hypergradient("cg", v, num_steps=20, inner_lr=LR, solve_steps=5),
-  "neumann": lambda v: bilevel.scale_by_hypergradient(
-    "neumann", v, num_steps=20, inner_lr=LR, solve_steps=20, solve_lr=LR
-  ),
-  "penalty": lambda v: bilevel.scale_by_penalty(v, optax.sgd(0.1), num_inner=5),
-}
-
-
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
-def test_transform_conformance(name, dtype):
-  p = Quadratic(6)
-  cast = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)
-  u, v0 = cast(p.u), cast(p.v0)
-  f = lambda a, b: p.f(a, b).astype(dtype)
-  g = lambda a, b: p.g(a, b).astype(dtype)
-  tx = optax.chain(TRANSFORMS[name](v0), optax.sgd(0.05))
-  state = tx.init(u)
-  update = jax.jit(lambda g_, s, x: tx.update(g_, s, x, upper_fn=f, lower_fn=g, extra=1))
-  for _ in range(3):
-    updates, state = update(u, state, u)
-    u = optax.apply_updates(u, updates)
-  assert update._cache_size() == 1
-  assert all(
-    x.dtype == dtype for x in jax.tree.leaves((u, state)) if jnp.issubdtype(x.dtype, jnp.floating)
-  )
-  assert jax.tree.structure(u) == jax.tree.structure(p.u)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_cg_on_a_singular_hessian_gives_the_minimum_norm_answer(dtype):
+  # ∇²_vv g = 2AᵀA = diag(2, .5, 0) and ∇_v f has a component in its null space: plain CG
+  # used to return NaN. v*(u) = {v : v_1 = u_1, v_2 = u_2}; descent from v0 keeps v_3 = 1,
+  # so f(u, v_T) = u_1² + u_2² + 1 and the hypergradient is (2u_1, 2u_2, 0).
+  A = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]], dtype)
+  f = lambda u, v: jnp.sum(v**2)
+  g = lambda u, v: jnp.sum((A @ (u - v)) ** 2)
+  u, v0 = jnp.array([1.0, 2.0, 3.0], dtype), jnp.array([0.0, 0.0, 1.0], dtype)
+  out = bilevel.hypergradient(f, g, u, v0, method=bilevel.CG(10), num_steps=200, inner_lr=0.5)
+  np.testing.assert_allclose(out.grad, [2.0, 4.0, 0.0], rtol=1e-5, atol=1e-6)
+  # the pseudo-inverse formula, by hand
+  H, B = 2 * A.T @ A, -2 * A.T @ A
+  q = jnp.linalg.pinv(H) @ (2 * out.v)
+  np.testing.assert_allclose(out.grad, -B @ q, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(CONVERGED))
-def test_transform_descends_to_the_bilevel_solution(name):
-  p = Quadratic(7)
-  p.D = jnp.zeros_like(p.D)  # F(u) = f(u, v*(u)) is then convex: a minimum exists
-  options = dict(CONVERGED[name], num_steps=50)  # warm-started: 50 inner steps per update
-  tx = optax.chain(
-    bilevel.scale_by_hypergradient(name.removesuffix("_checkpoint"), p.v0, **options),
-    optax.sgd(0.2),
-  )
-  u, state = p.u, tx.init(p.u)
-  update = jax.jit(lambda s, x: tx.update(None, s, x, upper_fn=p.f, lower_fn=p.g))
-  for _ in range(300):
-    updates, state = update(state, u)
-    u = optax.apply_updates(u, updates)
-  start = np.linalg.norm(flat(p.closed_form(p.u)))
-  np.testing.assert_allclose(flat(p.closed_form(u)), 0.0, atol=1e-6 * start)
-
-
-class Hyper(nnx.Module):
-  """An upper-level 'model': a per-feature scale applied to the inner regression data."""
-
-  def __init__(self):
-    self.scale = nnx.Param(jnp.ones(3))
-
-
-def test_hypergradient_transform_inside_nnx_optimizer():
-  x = jax.random.normal(jax.random.key(8), (5, 3))
-  y = x @ jnp.array([1.0, -2.0, 0.5])
-  model = Hyper()
-  graphdef, params0 = nnx.split(model, nnx.Param)
-  params0 = nnx.as_pure(params0)  # plain arrays: the optimizer below updates model in place
-
-  def lower_fn(params, w):  # ridge regression on scaled features
-    s = nnx.merge(graphdef, params).scale[...]
-    return 0.5 * jnp.mean((x * s[None, :] @ w - y) ** 2) + 0.05 * jnp.sum(w**2)
-
-  def upper_fn(params, w):
-    return 0.5 * jnp.mean((x @ w - y) ** 2)
-
-  tx = optax.chain(
-    bilevel.scale_by_hypergradient("rmd", jnp.zeros(3), num_steps=10, inner_lr=0.3), optax.sgd(0.1)
-  )
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  for _ in range(4):
-    optimizer.update(
-      model, nnx.grad(lambda m: jnp.sum(m.scale[...]))(model), upper_fn=upper_fn, lower_fn=lower_fn
+def test_a_diverged_inner_solve_gives_a_non_finite_hypergradient(name):
+  # ρ = 3 on g = ½|v - u|²: v_t - u = (-2)^t (v_0 - u) overflows. f does not depend on u,
+  # so ∇_u f = 0: a solve that skipped a non-finite right-hand side returned exactly 0.
+  method, _ = CONVERGED[name]
+  f = lambda u, v: jnp.sum((v - 1.0) ** 2)
+  g = lambda u, v: 0.5 * jnp.sum((v - u) ** 2)
+  with jax.enable_x64(False):
+    out = bilevel.hypergradient(
+      f, g, jnp.array([3.0, 1.0]), jnp.zeros(2), method=method, num_steps=200, inner_lr=3.0
     )
-  params = params0
-  state = tx.init(params)
-  for _ in range(4):
-    updates, state = tx.update(None, state, params, upper_fn=upper_fn, lower_fn=lower_fn)
-    params = optax.apply_updates(params, updates)
-  np.testing.assert_allclose(model.scale[...], params["scale"], rtol=1e-10)
-  assert not np.allclose(params["scale"], 1.0)
+    assert not bool(jnp.all(jnp.isfinite(out.grad)))
+
+
+@pytest.mark.parametrize("name", sorted(CONVERGED))
+def test_repeated_eager_calls_compile_once(name, compile_counter):
+  p = Quadratic(8)
+  method, settings = solve(p, name, num_steps=20)
+  bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=method, **settings)
+  bilevel.argmin(p.g, p.u, p.v0, method=method, **settings)
+  u2 = jax.tree.map(lambda x: x + 1.0, p.u)
+  compile_counter.reset()
+  bilevel.hypergradient(p.f, p.g, u2, p.v0, method=method, **settings)
+  bilevel.argmin(p.g, u2, p.v0, method=method, **settings)
+  assert compile_counter.count == 0
+  # a method value equal to the first is the same compiled program
+  bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=dataclasses.replace(method), **settings)
+  assert compile_counter.count == 0
+
+
+def test_method_values_are_immutable_hashable_and_validated():
+  assert bilevel.CG(10) == bilevel.CG(10) and hash(bilevel.CG(10)) == hash(bilevel.CG(10))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    bilevel.CG(10).tol = 0.1
+  bad = [
+    (lambda: bilevel.CG(0), r"CG\.solve_steps must be an int >= 1, got solve_steps=0"),
+    (lambda: bilevel.CG(10, tol=0.0), r"CG\.tol must be a finite number > 0"),
+    (lambda: bilevel.CG(10, damping=float("nan")), r"CG\.damping must be a finite number >= 0"),
+    (lambda: bilevel.ApproxGrad(10, -0.5), r"ApproxGrad\.solve_lr must be a finite number > 0"),
+    (lambda: bilevel.ApproxGrad(2.5, 0.1), r"ApproxGrad\.solve_steps must be an int"),
+    (lambda: bilevel.Neumann(10, float("inf")), r"Neumann\.solve_lr must be a finite number"),
+    (lambda: bilevel.RMD(checkpoint=1), r"RMD\.checkpoint must be a bool"),
+    (lambda: bilevel.Penalty(gamma=0.0), r"Penalty\.gamma must be a finite number > 0"),
+    (lambda: bilevel.Penalty(gamma=float("nan")), r"Penalty\.gamma must be a finite"),
+    (lambda: bilevel.Penalty(gamma=2.0, max_gamma=1.0), r"Penalty\.max_gamma must be >= gamma"),
+    (lambda: bilevel.Penalty(max_gamma=float("nan")), r"Penalty\.max_gamma must be >= gamma"),
+    (lambda: bilevel.Penalty(gamma_factor=0.5), r"Penalty\.gamma_factor must be >= 1"),
+    (lambda: bilevel.Penalty(epsilon_factor=0.0), r"Penalty\.epsilon_factor must be in"),
+    (lambda: bilevel.Penalty(lower_weight=-1.0), r"Penalty\.lower_weight must be a finite"),
+    (lambda: bilevel.Penalty(warmup_steps=-1), r"Penalty\.warmup_steps must be an int >= 0"),
+  ]
+  for make, message in bad:
+    with pytest.raises(ValueError, match=message):
+      make()
 
 
 def test_bad_input():
   p = Quadratic(9)
-  with pytest.raises(ValueError, match=r"num_steps \(T\) must be >= 0, got num_steps \(T\)=-1"):
-    bilevel.rmd(p.f, p.g, p.u, p.v0, num_steps=-1, inner_lr=LR)
+  cg = bilevel.CG(5)
+  hg = functools.partial(bilevel.hypergradient, p.f, p.g, p.u, p.v0)
+  with pytest.raises(ValueError, match="num_steps must be >= 0, got num_steps=-1"):
+    hg(method=cg, num_steps=-1, inner_lr=LR)
   with pytest.raises(ValueError, match="upper objective f.* must return a scalar"):
-    bilevel.fmd(lambda u, v: flat(v), p.g, p.u, p.v0, num_steps=2, inner_lr=LR)
+    bilevel.hypergradient(lambda u, v: flat(v), p.g, p.u, p.v0, method=cg, num_steps=2, inner_lr=LR)
   with pytest.raises(ValueError, match="lower objective g.* must return a scalar"):
-    bilevel.cg(p.f, lambda u, v: flat(v), p.u, p.v0, num_steps=2, inner_lr=LR, solve_steps=2)
-  with pytest.raises(ValueError, match="solve_steps must be >= 0"):
-    bilevel.neumann(p.f, p.g, p.u, p.v0, num_steps=2, inner_lr=LR, solve_steps=-2, solve_lr=0.1)
-  with pytest.raises(ValueError, match="method must be one of"):
-    bilevel.scale_by_hypergradient("implicit", p.v0, num_steps=1, inner_lr=LR)
-  tx = bilevel.scale_by_hypergradient("rmd", p.v0, num_steps=1, inner_lr=LR)
-  with pytest.raises(ValueError, match="grads and params must have the same pytree structure"):
-    tx.update({"x": jnp.zeros(2)}, tx.init(p.u), p.u, upper_fn=p.f, lower_fn=p.g)
-  with pytest.raises(ValueError, match="gamma must be a number >= 0"):
-    bilevel.penalty(p.f, p.g, optax.sgd(0.1), optax.sgd(0.1), gamma=-1.0)
-  with pytest.raises(ValueError, match="gamma_factor >= 1"):
-    bilevel.scale_by_penalty(p.v0, optax.sgd(0.1), gamma_factor=0.5)
+    bilevel.argmin(lambda u, v: flat(v), p.u, p.v0, method=cg, num_steps=2, inner_lr=LR)
+  with pytest.raises(TypeError, match=r"not the class: write bilevel\.CG\(\.\.\.\)"):
+    hg(method=bilevel.CG, num_steps=2, inner_lr=LR)
+  with pytest.raises(TypeError, match="method must be one of"):
+    hg(method="cg", num_steps=2, inner_lr=LR)
+  with pytest.raises(TypeError, match="penalty method computes no hypergradient"):
+    hg(method=bilevel.Penalty(), num_steps=2, inner_lr=LR)
+  with pytest.raises(ValueError, match="exactly one of inner_lr= .* got neither"):
+    hg(method=cg, num_steps=2)
+  with pytest.raises(ValueError, match="exactly one of inner_lr= .* got both"):
+    hg(method=cg, num_steps=2, inner_lr=LR, inner=optax.sgd(LR))
+  for lr in (float("nan"), -0.1, 0.0, True):
+    with pytest.raises(ValueError, match="inner_lr must be a finite number > 0"):
+      hg(method=cg, num_steps=2, inner_lr=lr)
+  with pytest.raises(ValueError, match="schedule must give finite values > 0 .* at step 3"):
+    hg(method=cg, num_steps=5, inner_lr=lambda t: 0.3 - 0.1 * t)
+  with pytest.raises(TypeError, match="inner must be an optax.GradientTransformation"):
+    hg(method=cg, num_steps=2, inner=0.1)
+  with pytest.raises(TypeError, match="u must hold floating-point arrays"):
+    bilevel.argmin(p.g, jnp.arange(3), p.v0, method=cg, num_steps=2, inner_lr=LR)

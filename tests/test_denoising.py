@@ -6,8 +6,16 @@ import numpy as np
 import optax
 import pytest
 
+import kbeam_jax
 from kbeam_jax import bilevel
 from kbeam_jax.tasks import denoising
+
+METHODS = {
+  "penalty": bilevel.Penalty(gamma=1.0, epsilon=0.1, max_gamma=2.0),
+  "approxgrad": bilevel.ApproxGrad(200, 0.04),
+  "rmd": bilevel.RMD(),
+  "naive": bilevel.Naive(),
+}
 
 L2 = 1e-2  # makes the tiny lower problem strongly convex
 
@@ -32,7 +40,10 @@ def tiny():
 
 def solve_lower(g, a, v, args, steps=1000):
   """Gradient descent on the lower problem (step 0.1: 0.5 oscillates on these pixels)."""
-  return jax.jit(lambda a, v: bilevel.inner_solve(g, a, v, args, steps, 0.1)[0])(a, v)
+  solve = lambda a, v: bilevel.argmin(
+    g, a, v, *args, method=bilevel.Naive(), num_steps=steps, inner_lr=0.1
+  )
+  return jax.jit(solve)(a, v)
 
 
 def test_data_shapes_and_corruption(tiny):
@@ -84,7 +95,7 @@ def test_lower_optimum_is_reached(tiny):
   assert norm(grad) < 1e-3 * norm(grad0)
 
 
-@pytest.mark.parametrize("method", denoising.METHODS)
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_upper_objective_decreases_and_runs_are_deterministic(tiny, method):
   model = denoising.softmax_regression()
   f, g = denoising.objectives(model, l2=L2)
@@ -94,20 +105,18 @@ def test_upper_objective_decreases_and_runs_are_deterministic(tiny, method):
   # Step sizes inside the stability bounds of this data (λ_max(∇²_vv g) ≈ 5 at the lower
   # optimum, ≈ 20 at v = 0): descent ρ < 2/λ, ApproxGrad's solve_lr < 2/λ², the penalty's
   # ρ·γ·λ² < 2. T = 30 warm-started steps keep v near v*(a) while a moves.
-  solver = denoising.solver(
-    method,
+  solver = bilevel.solver(
     f,
     g,
-    upper=optax.adam(0.3),
+    optax.adam(0.3),
+    METHODS[method],
+    num_steps=30,
     inner_lr=0.02 if method == "penalty" else 0.1,
-    num_inner=30,
-    solve_steps=200,
-    solve_lr=0.04,
-    penalty_options=dict(gamma=1.0, epsilon=0.1, max_gamma=2.0),
   )
-  run = jax.jit(lambda s: denoising.run(solver, s, 10, *args))
-  state, values = run(solver.init(a0, v0))
-  state_again, values_again = run(solver.init(a0, v0))
+  trace = lambda s, info: info.value
+  run = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 10, *args, trace=trace))
+  state, values = run(solver.init(jax.random.key(0), a0, v0))
+  state_again, values_again = run(solver.init(jax.random.key(0), a0, v0))
   np.testing.assert_array_equal(values, values_again)
   np.testing.assert_array_equal(state.u, state_again.u)
   assert values.shape == (10,) and state.u.shape == (40,)
@@ -134,11 +143,13 @@ def test_rmd_and_approxgrad_agree_on_the_task():
   args = d.bilevel_args()
   a = jax.random.normal(jax.random.key(0), (20,))
   v = solve_lower(g, a, model.init(None), args)
-  opts = dict(num_steps=1000, inner_lr=0.1)
-  rmd = bilevel.rmd(f, g, a, v, *args, **opts).grad
+  hg = lambda m: bilevel.hypergradient(
+    f, g, a, v, *args, method=m, num_steps=1000, inner_lr=0.1
+  ).grad
+  rmd = hg(bilevel.RMD())
   # descent on ½|Hq - b|² is stable below 2/λ_max(H)² (≈ 0.09 here) and converges at the
   # rate of κ(H)²: many small steps
-  ag = bilevel.approxgrad(f, g, a, v, *args, **opts, solve_steps=5000, solve_lr=0.04).grad
+  ag = hg(bilevel.ApproxGrad(5000, 0.04))
   cosine = jnp.vdot(rmd, ag) / (jnp.linalg.norm(rmd) * jnp.linalg.norm(ag))
   assert float(cosine) > 0.95
 
@@ -175,8 +186,6 @@ def test_bad_inputs(tiny):
     denoising.make_data(
       images, labels + 5, images, labels, num_train=5, num_val=5, noise=0.1, seed=0
     )
-  with pytest.raises(ValueError, match="unknown method 'sgd'"):
-    denoising.solver("sgd", None, None, upper=optax.sgd(1.0), inner_lr=0.1, num_inner=1)
   with pytest.raises(ValueError, match="l2 must be >= 0"):
     denoising.objectives(denoising.softmax_regression(), l2=-1.0)
   _, g = denoising.objectives(denoising.softmax_regression())

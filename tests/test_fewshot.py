@@ -178,13 +178,18 @@ def test_objective_shapes_and_bad_input():
     fewshot.mean_ci95([])
 
 
+def descend(g, u, heads, ep, steps, lr):
+  """``steps`` plain descent steps on the heads."""
+  return bilevel.argmin(g, u, heads, ep, method=bilevel.Naive(), num_steps=steps, inner_lr=lr)
+
+
 def test_lower_optimum_is_reached_regression_closed_form():
   """Descent on g reaches the ridge solution computed in closed form, task by task."""
   ep = fewshot.sample_sinusoid(jax.random.key(0), num_tasks=4, k_shot=5, num_query=5)
   u = fewshot.init_mlp(jax.random.key(1), [1, 8, 6])
   l2 = 0.05
   f, g = fewshot.objectives("regression", l2=l2)
-  heads, _ = bilevel.inner_solve(g, u, fewshot.init_heads(4, 6, 1), (ep,), 3000, 0.4)
+  heads = descend(g, u, fewshot.init_heads(4, 6, 1), ep, 3000, 0.4)
   z = np.asarray(fewshot.features(u, ep.support_x), np.float64)
   for b in range(4):
     phi = np.concatenate([z[b], np.ones((5, 1))], axis=1)  # bias as a last feature
@@ -200,7 +205,7 @@ def test_lower_optimum_is_reached_classification():
   f, g = fewshot.objectives("classification", l2=0.1)
   heads0 = fewshot.init_heads(3, 8, 3)
   norm = lambda h: float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(h))))
-  heads, _ = bilevel.inner_solve(g, u, heads0, (ep,), 500, 1.0)
+  heads = descend(g, u, heads0, ep, 500, 1.0)
   grad0 = norm(jax.grad(g, argnums=1)(u, heads0, ep))
   assert norm(jax.grad(g, argnums=1)(u, heads, ep)) < 1e-4 * grad0
   # fit_heads on precomputed features solves the same problem
@@ -221,14 +226,14 @@ def test_stacked_heads_give_the_mean_of_per_task_hypergradients():
   ep = fewshot.sample_sinusoid(jax.random.key(2), num_tasks=3, k_shot=5, num_query=7)
   u = fewshot.init_mlp(jax.random.key(3), [1, 8, 6])
   f, g = fewshot.objectives("regression", l2=0.1)
-  opts = dict(num_steps=30, inner_lr=0.3, solve_steps=30, solve_lr=0.1)
+  opts = dict(method=bilevel.ApproxGrad(30, 0.1), num_steps=30, inner_lr=0.3)
   stacked = jax.jit(
-    lambda u, ep: bilevel.approxgrad(f, g, u, fewshot.init_heads(3, 6, 1), ep, **opts).grad
+    lambda u, ep: bilevel.hypergradient(f, g, u, fewshot.init_heads(3, 6, 1), ep, **opts).grad
   )(u, ep)
 
   def one(ep_i):
     ep1 = jax.tree.map(lambda a: a[None], ep_i)
-    return bilevel.approxgrad(f, g, u, fewshot.init_heads(1, 6, 1), ep1, **opts).grad
+    return bilevel.hypergradient(f, g, u, fewshot.init_heads(1, 6, 1), ep1, **opts).grad
 
   per_task = jax.jit(jax.vmap(one))(ep)
   for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(per_task), strict=True):
@@ -265,7 +270,7 @@ def upper_value(s, u, ep):
   """The upper objective at the lower solution: f(u, w*(u)) on a fixed batch of tasks."""
   f, g = fewshot.objectives(s.kind, l2=s.l2, feature_scale=s.feature_scale)
   heads0 = fewshot.init_heads(ep.support_x.shape[0], s.sizes[-1], s.num_outputs)
-  heads, _ = bilevel.inner_solve(g, u, heads0, (ep,), 200, s.inner_lr)
+  heads = descend(g, u, heads0, ep, 200, s.inner_lr)
   return float(f(u, heads, ep))
 
 

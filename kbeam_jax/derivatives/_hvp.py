@@ -160,3 +160,63 @@ def hvp_joint(
   grad_v = _grad_v(g)
   _, pullback = jax.vjp(lambda u_, v_: grad_v(u_, v_, *args), u, v)
   return pullback(q)
+
+
+def linearize_hvp_vv(
+  g: Callable[..., jax.Array], u: PyTree, v: PyTree, *args: Any
+) -> Callable[[PyTree], PyTree]:
+  """The linear map ``q ↦ ∇²_vv g(u, v) · q``, linearized once at ``(u, v)``.
+
+  ``jax.linearize`` of ``∇_v g`` evaluates the gradient once and keeps what its
+  derivative needs, so each product afterwards costs one forward-mode pass of the
+  linearized gradient and no recomputation of ``g``: the matrix of an iterative solve.
+
+  Args:
+    g: scalar function ``g(u, v, *args)``.
+    u, v: the point.
+    *args: extra arguments passed to ``g``.
+
+  Returns:
+    A function of a pytree like ``v`` returning a pytree like ``v``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.derivatives import linearize_hvp_vv
+    >>> g = lambda u, v: (u * v ** 2).sum()
+    >>> H = linearize_hvp_vv(g, jnp.array([3.0]), jnp.array([1.0]))
+    >>> H(jnp.array([1.0])), H(jnp.array([2.0]))
+    (Array([6.], dtype=float32), Array([12.], dtype=float32))
+  """
+  grad_v = _grad_v(g)
+  _, linear = jax.linearize(lambda v_: grad_v(u, v_, *args), v)
+  return lambda q: linear(q)
+
+
+def vjp_grad_v(
+  g: Callable[..., jax.Array], u: PyTree, v: PyTree, q: PyTree, *args: Any
+) -> tuple[PyTree, tuple[Any, ...]]:
+  """``(∇²_uv g · q, ∂_args(∇_v g)ᵀ q)``: the vjp of ``∇_v g`` in ``u`` and in ``args``.
+
+  The mixed term of an implicit hypergradient, for ``u`` and for every argument of
+  ``g`` at once (integer arguments get zero cotangents of dtype ``float0``).
+
+  Args:
+    g: scalar function ``g(u, v, *args)``.
+    u, v: the point.
+    q: direction, a pytree like ``v``.
+    *args: extra arguments passed to ``g``.
+
+  Returns:
+    ``(like u, tuple like args)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.derivatives import vjp_grad_v
+    >>> g = lambda u, v, c: (u * c * v ** 2).sum()
+    >>> vjp_grad_v(g, jnp.array([3.0]), jnp.array([2.0]), jnp.array([1.0]), jnp.array([1.0]))
+    (Array([4.], dtype=float32), (Array([12.], dtype=float32),))
+  """
+  check_same_structure(v, q, "v", "q")
+  grad_v = _grad_v(g)
+  _, pullback = jax.vjp(lambda u_, args_: grad_v(u_, v, *args_), u, args)
+  return pullback(q)

@@ -38,9 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kbeam_jax.tasks._bilevel_run import METHODS as METHODS
-from kbeam_jax.tasks._bilevel_run import run as run
-from kbeam_jax.tasks._bilevel_run import solver as solver
 from kbeam_jax.tasks._classifiers import NUM_CLASSES, check_labels, l2_penalty, split_pool
 from kbeam_jax.tasks._classifiers import Classifier as Classifier
 from kbeam_jax.tasks._classifiers import accuracy as accuracy

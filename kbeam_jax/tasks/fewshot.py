@@ -12,8 +12,8 @@ The heads of a meta-batch of B tasks are one lower variable stacked on a leading
 (``{"w": (B, d, n), "b": (B, n)}``) and the lower objective is the *sum* of the per-task
 objectives, ``g(u, W) = Σ_i [E_tr(u, w_i) + (λ/2)|w_i|²]``. The tasks do not interact,
 so ``∇²_WW g`` is block diagonal, one descent step on ``W`` is one step on every head with
-the same step size, and every hypergradient of the library (``bilevel.rmd``,
-``bilevel.approxgrad``, the penalty method) applies to the whole meta-batch in one call:
+the same step size, and every method of the library (``bilevel.RMD()``,
+``bilevel.ApproxGrad(...)``, the penalty method) applies to the whole meta-batch in one call:
 the result equals the per-task hypergradients vmapped and averaged, because the upper
 objective is the *mean* query loss ``f(u, W) = (1/B) Σ_i E_val(u, w_i)``. The ridge term
 ``λ`` makes each lower problem strongly convex (a 1-shot support set is separable, so
@@ -321,8 +321,8 @@ def objectives(
     >>> ep = fewshot.sample_sinusoid(jax.random.key(0), num_tasks=3, k_shot=5, num_query=5)
     >>> u = fewshot.init_mlp(jax.random.key(1), [1, 16, 16])
     >>> heads = fewshot.init_heads(3, 16, 1)
-    >>> out = bilevel.approxgrad(f, g, u, heads, ep, num_steps=20, inner_lr=0.5,
-    ...                          solve_steps=20, solve_lr=0.5)
+    >>> out = bilevel.hypergradient(f, g, u, heads, ep, method=bilevel.ApproxGrad(20, 0.5),
+    ...                             num_steps=20, inner_lr=0.5)
     >>> out.v["w"].shape, [p["w"].shape for p in out.grad]
     ((3, 16, 1), [(1, 16), (16, 16)])
   """

@@ -39,11 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kbeam_jax.tasks._bilevel_run import EXTRA_METHODS as EXTRA_METHODS
-from kbeam_jax.tasks._bilevel_run import METHODS as METHODS
-from kbeam_jax.tasks._bilevel_run import keep_in_box as keep_in_box
-from kbeam_jax.tasks._bilevel_run import run as run
-from kbeam_jax.tasks._bilevel_run import solver as solver
 from kbeam_jax.tasks._classifiers import (
   NUM_CLASSES,
   NUM_PIXELS,
@@ -146,6 +141,18 @@ def init_poisons(
     )
   idx = rng.choice(candidates, size=num_poison, replace=False)
   return data.x_train[idx].copy(), np.full(num_poison, target, np.int32)
+
+
+def project_images(x: jax.Array) -> jax.Array:
+  """The poisons' constraint: pixels in [0, 1] (``project_u`` of the bilevel solver).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.tasks import poisoning
+    >>> poisoning.project_images(jnp.array([-0.5, 0.3, 1.2]))
+    Array([0. , 0.3, 1. ], dtype=float32)
+  """
+  return jnp.clip(x, 0.0, 1.0).astype(x.dtype)
 
 
 def bilevel_args(
