@@ -225,7 +225,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     }
     lines += [
       f"## {case}: {cfg['model']}, {cfg['noise']:.0%} noise, {cfg['num_train']} train / "
-      f"{cfg['num_val']} validation, {cfg['outer_steps']} outer steps, T = {cfg['num_inner']}",
+      f"{cfg['num_val']} validation, {cfg['outer_steps']} outer steps, T = {cfg['num_steps']}",
       "",
       f"References: trained on noisy train + validation {ref['noisy']} (lower bound); "
       f"clean train + validation {ref['oracle']} (oracle); validation only "

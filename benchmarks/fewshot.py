@@ -348,7 +348,7 @@ def run_one(
   ``test_curve``: it shows when meta-training starts to hurt the unseen classes."""
   key_init, key_train, key_eval = jax.random.split(jax.random.key(seed), 3)
   u0 = fewshot.init_mlp(key_init, s.sizes)
-  t = trainer(s, method)
+  t = trainer(s, "gd" if method == "untrained" else method)  # untrained: never stepped
   state = t.init(u0, key_train)
   timing = {"compile_s": 0.0, "chunk_s": 0.0, "run_s": 0.0}
   curve: list[float] = []

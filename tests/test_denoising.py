@@ -143,9 +143,9 @@ def test_rmd_and_approxgrad_agree_on_the_task():
   args = d.bilevel_args()
   a = jax.random.normal(jax.random.key(0), (20,))
   v = solve_lower(g, a, model.init(None), args)
-  hg = lambda m: bilevel.hypergradient(
-    f, g, a, v, *args, method=m, num_steps=1000, inner_lr=0.1
-  ).grad
+  hg = lambda m: (
+    bilevel.hypergradient(f, g, a, v, *args, method=m, num_steps=1000, inner_lr=0.1).grad
+  )
   rmd = hg(bilevel.RMD())
   # descent on ½|Hq - b|² is stable below 2/λ_max(H)² (≈ 0.09 here) and converges at the
   # rate of κ(H)²: many small steps

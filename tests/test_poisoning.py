@@ -212,9 +212,9 @@ def test_targeted_hypergradients_match_finite_differences(tiny):
     u = jnp.asarray(x_p, jnp.float64)
     v_star = solve_lower(g, u, model.init(None), args, 20_000)
     F = lambda u: f(u, solve_lower(g, u, v_star, args, 20_000), *args)
-    hg = lambda m, T: bilevel.hypergradient(
-      f, g, u, v_star, *args, method=m, num_steps=T, inner_lr=0.3
-    ).grad
+    hg = lambda m, T: (
+      bilevel.hypergradient(f, g, u, v_star, *args, method=m, num_steps=T, inner_lr=0.3).grad
+    )
     rmd = hg(bilevel.RMD(), 3000)
     cg = hg(bilevel.CG(200), 1)
     approx = hg(bilevel.ApproxGrad(2000, 0.04), 1)

@@ -211,10 +211,15 @@ class CG(Implicit):
 
   * a non-finite ``b`` (a diverged inner solve) gives a NaN ``q``, so a NaN
     hypergradient, never the plausible ``q = 0``;
-  * when CG breaks down (a direction of zero or negative curvature: a singular or
-    indefinite ``H``, where ``b`` has a component in the null space), the system is solved
-    again in the least-squares sense by CG on ``H² q = H b`` from 0, whose iterates stay
-    in the range of ``H``: the minimum-norm answer ``q = H⁺ b``, never NaN.
+  * on a singular ``H`` whose null space ``b`` has a component in (a continuum of lower
+    solutions), plain CG is wrong from its first step and then breaks down. After a
+    breakdown (zero or negative curvature: also an indefinite ``H``, a non-convex lower
+    problem), or when its answer has a larger residual ``|b - Hq|`` than ``q = 0``, CG
+    solves again on the normal equations ``H²q = Hb`` from 0, whose iterates stay in the
+    range of ``H``: the minimum-norm answer ``q = H⁺b``, never NaN, and it keeps whichever
+    answer has the smaller residual. That check costs one product per solve; the second
+    solve (two products per iteration, the condition number squared) runs only when it
+    triggers.
 
   Attributes:
     solve_steps: the most CG iterations, >= 1.
@@ -240,12 +245,16 @@ class CG(Implicit):
   def solve(self, matvec, b):
     A = _damped(matvec, self.damping)
     q, broke_down = conjugate_gradient(A, b, self.solve_steps, self.tol)
-    AA = lambda x: A(A(x))
-    q = jax.lax.cond(
-      broke_down,
-      lambda: conjugate_gradient(AA, A(b), self.solve_steps, self.tol)[0],
-      lambda: q,
-    )
+    residual = lambda q: tree_sq_norm(jax.tree.map(jnp.subtract, b, A(q)))
+    residual_q = residual(q)
+    wrong = broke_down | ~(residual_q <= tree_sq_norm(b))  # worse than q = 0, or NaN
+
+    def least_squares():  # q = H⁺b by CG on the normal equations H²q = Hb from 0
+      q2 = conjugate_gradient(lambda x: A(A(x)), A(b), self.solve_steps, self.tol)[0]
+      better = residual(q2) <= residual_q
+      return jax.tree.map(lambda a, c: jnp.where(better, a, c), q2, q)
+
+    q = jax.lax.cond(wrong, least_squares, lambda: q)
     finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(b)]))
     return jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q)
 
@@ -268,14 +277,14 @@ def conjugate_gradient(
   stop = (tol**2) * rr0
 
   def cond(carry):
-    i, _, _, _, rr, _, broke = carry
+    i, _, _, _, rr, _, _, broke = carry
     return (i < max_iters) & (rr > stop) & ~broke
 
   def body(carry):
-    i, q, r, p, rr, top, _ = carry
+    i, q, r, p, rr, pp, top, _ = carry
     Ap = A(p)
     pAp = tree_vdot(p, Ap).astype(dtype)
-    pp = tree_sq_norm(p).astype(dtype)
+    # pp = |p|² by the recursion |r + βp|² = |r|² + β²|p|² (r ⟂ p in CG): no extra pass.
     curvature = pAp / jnp.maximum(pp, jnp.finfo(dtype).tiny)
     top = jnp.maximum(top, curvature)
     broke = ~(curvature > tiny * top) | ~jnp.isfinite(pAp)
@@ -285,11 +294,12 @@ def conjugate_gradient(
     rr_new = tree_sq_norm(r).astype(dtype)
     beta = rr_new / jnp.where(rr > 0, rr, 1)
     p = jax.tree.map(lambda ri, pi: ri + beta.astype(pi.dtype) * pi, r, p)
-    return i + 1, q, r, p, jnp.where(broke, rr, rr_new), top, broke
+    pp = rr_new + beta**2 * pp
+    return i + 1, q, r, p, jnp.where(broke, rr, rr_new), pp, top, broke
 
   zeros = jax.tree.map(jnp.zeros_like, b)
-  init = (jnp.zeros([], jnp.int32), zeros, b, b, rr0, zero, jnp.zeros([], bool))
-  _, q, _, _, _, _, broke = jax.lax.while_loop(cond, body, init)
+  init = (jnp.zeros([], jnp.int32), zeros, b, b, rr0, rr0, zero, jnp.zeros([], bool))
+  _, q, _, _, _, _, _, broke = jax.lax.while_loop(cond, body, init)
   return q, broke
 
 
