@@ -54,16 +54,26 @@ PENALTY_LR, MAX_GAMMA = OUTER_LR / 5, 20.0
 
 
 class Problem(NamedTuple):
-  """A synthetic problem: objectives, its solution and the step sizes it runs with."""
+  """A synthetic problem: objectives, its solution and the settings it runs with."""
 
   f: Any
   g: Any
   u_star: np.ndarray
   v_star: np.ndarray
-  inner_lr: float  # the hypergradient methods' inner step (and solve step)
-  penalty_inner: optax.GradientTransformation  # the penalty method's optimizer for v
-  penalty_gamma: float  # γ_0 (the schedule grows it up to MAX_GAMMA)
-  outer_lr: float
+  curvature: float  # λ_max(∇²_vv g): the step sizes below follow from it
+  inner_lr: float = INNER_LR  # the hypergradient methods' step on v
+  penalty_lr: float = PENALTY_LR  # the penalty method's steps on u and v
+  penalty_adam: bool = False  # Adam on u and v for the penalty method instead
+
+  @property
+  def solve_lr(self) -> float:
+    """ApproxGrad's descent on ½|Hq - b|² is stable below 2/λ²: min(ρ, 1/λ²)."""
+    return min(self.inner_lr, 1.0 / self.curvature**2)
+
+  @property
+  def neumann_lr(self) -> float:
+    """The Neumann series converges below 2/λ: min(ρ, 1/λ)."""
+    return min(self.inner_lr, 1.0 / self.curvature)
 
 
 def continuum_matrices(seed: int = 0):
@@ -77,17 +87,13 @@ def continuum_matrices(seed: int = 0):
 
 def problem(name: str) -> Problem:
   """The objectives, solution and settings of a synthetic problem."""
-  sgd = optax.sgd(PENALTY_LR)
   if name == "sum":
     return Problem(
       lambda u, v: jnp.sum(u**2) + jnp.sum(v**2),
       lambda u, v: jnp.sum((1.0 - u - v) ** 2),
       np.full(DIM, 0.5),
       np.full(DIM, 0.5),
-      INNER_LR,
-      sgd,
-      1.0,
-      OUTER_LR,
+      curvature=2.0,
     )
   if name == "difference":
     return Problem(
@@ -95,10 +101,7 @@ def problem(name: str) -> Problem:
       lambda u, v: jnp.sum((u - v) ** 2),
       np.zeros(DIM),
       np.zeros(DIM),
-      INNER_LR,
-      sgd,
-      1.0,
-      OUTER_LR,
+      curvature=2.0,
     )
   if name == "continuum":
     A, B, a, c = continuum_matrices()
@@ -106,29 +109,25 @@ def problem(name: str) -> Problem:
     M = np.concatenate([-np.asarray(B), np.asarray(A)], axis=1).astype(np.float64)
     x0 = np.concatenate([np.asarray(a), np.asarray(c)]).astype(np.float64)
     x = x0 - M.T @ np.linalg.solve(M @ M.T, M @ x0)
+    curvature = float(np.linalg.eigvalsh(2 * np.asarray(A).T @ np.asarray(A)).max())
     return Problem(
       lambda u, v: jnp.sum((u - a) ** 2) + jnp.sum((v - c) ** 2),
       lambda u, v: jnp.sum((A @ v - B @ u) ** 2),
       x[:DIM],
       x[DIM:],
-      INNER_LR,
-      sgd,
-      1.0,
-      OUTER_LR,
+      curvature=curvature,
+      # plain steps on L_γ are stable while ρ·γ·λ² < 2: ρ = 1/(γ_max λ²)
+      penalty_lr=1.0 / (MAX_GAMMA * curvature**2),
     )
   if name in ("scaled", "scaled_default"):
     d = jnp.geomspace(1.0, 100.0, DIM)
-    default = name == "scaled_default"
-    return Problem(
-      lambda u, v: jnp.sum((v - 1.0) ** 2) + jnp.sum(u**2),
-      lambda u, v: 0.5 * jnp.sum(d * (v - u) ** 2),
-      np.full(DIM, 0.5),
-      np.full(DIM, 0.5),
-      INNER_LR if default else 1.0 / 100.0,
-      sgd if default else optax.adam(0.01),
-      1.0,
-      OUTER_LR,
-    )
+    f = lambda u, v: jnp.sum((v - 1.0) ** 2) + jnp.sum(u**2)
+    g = lambda u, v: 0.5 * jnp.sum(d * (v - u) ** 2)
+    half = np.full(DIM, 0.5)
+    if name == "scaled_default":
+      return Problem(f, g, half, half, curvature=100.0)
+    # the documented settings: ρ = 1/λ_max for descent, Adam for the penalty method
+    return Problem(f, g, half, half, curvature=100.0, inner_lr=0.01, penalty_adam=True)
   raise KeyError(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}.")
 
 
@@ -142,16 +141,14 @@ def project(x):
 def method_of(name: str, T: int, p: Problem) -> bilevel.Method:
   """The library's method value for a method name of this suite (solves with T steps)."""
   if name.startswith("penalty"):
-    return bilevel.Penalty(
-      gamma=p.penalty_gamma, max_gamma=MAX_GAMMA, augmented=name == "penalty_al"
-    )
+    return bilevel.Penalty(max_gamma=MAX_GAMMA, augmented=name == "penalty_al")
   return {
     "gd": bilevel.Naive(),
     "rmd": bilevel.RMD(),
     "fmd": bilevel.FMD(),
-    "approxgrad": bilevel.ApproxGrad(T, p.inner_lr),
+    "approxgrad": bilevel.ApproxGrad(T, p.solve_lr),
     "cg": bilevel.CG(T),
-    "neumann": bilevel.Neumann(T, p.inner_lr),
+    "neumann": bilevel.Neumann(T, p.neumann_lr),
   }[name]
 
 
@@ -159,10 +156,12 @@ def run_method(name: str, method: str, T: int, num_iters: int):
   """``(u0, v0) -> (errors (num_iters,), final upper value)`` for one trial."""
   p = problem(name)
   m = method_of(method, T, p)
-  if isinstance(m, bilevel.Penalty):
-    upper, inner = optax.sgd(PENALTY_LR), dict(inner=p.penalty_inner)
+  if isinstance(m, bilevel.Penalty) and p.penalty_adam:
+    upper, inner = optax.adam(0.01), dict(inner=optax.adam(0.05))
+  elif isinstance(m, bilevel.Penalty):
+    upper, inner = optax.sgd(p.penalty_lr), dict(inner_lr=p.penalty_lr)
   else:
-    upper, inner = optax.sgd(p.outer_lr), dict(inner_lr=p.inner_lr)
+    upper, inner = optax.sgd(OUTER_LR), dict(inner_lr=p.inner_lr)
   solver = bilevel.solver(
     p.f, p.g, upper, m, num_steps=T, project_u=project, project_v=project, **inner
   )
@@ -229,10 +228,12 @@ def run_suite(
 
 
 NOTES = {
-  "continuum": "∇²_vv g singular: the lower solutions form a 5-dimensional affine set.",
+  "continuum": "∇²_vv g singular: the lower solutions form a 5-dimensional affine set. "
+  "ApproxGrad's solve step 1/λ_max², the penalty method's steps 1/(γ_max λ_max²).",
   "scaled_default": "Curvatures 1..100 with the default inner step 0.1 (unstable above 20).",
-  "scaled": "Curvatures 1..100 with the documented settings: inner step 1/λ_max = 0.01; "
-  "the penalty method with Adam (0.01) on v.",
+  "scaled": "Curvatures 1..100 with the documented settings: inner step 1/λ_max = 0.01, "
+  "ApproxGrad's solve step 1/λ_max² and Neumann's 1/λ_max; the penalty method with Adam "
+  "on both levels (0.01 on u, 0.05 on v).",
 }
 
 
@@ -250,8 +251,8 @@ def markdown(records, meta) -> str:
     f"Outer step {meta['outer_lr']}, inner step {meta['inner_lr']}; penalty steps "
     f"{meta['penalty_lr']}, γ capped at {meta['penalty_max_gamma']}; both levels projected "
     f"onto [-{meta['box']}, {meta['box']}]. Seconds: all trials vmapped, after compiling "
-    "(median of repeats). In brackets after the problem: f(u, v) - f* at the end, mean "
-    "over trials, for T = 10.",
+    "(median of repeats). Last column: f(u, v) - f* at the end, mean over trials, T = 10 "
+    "(below 0 where v is not yet a lower solution).",
     "",
   ]
   for name in PROBLEMS:
