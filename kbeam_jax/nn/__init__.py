@@ -5,6 +5,7 @@ fast inside ``lax.scan`` on the CPU."""
 from kbeam_jax.nn._beams import apply_beams as apply_beams
 from kbeam_jax.nn._beams import stack_modules as stack_modules
 from kbeam_jax.nn._beams import unstack as unstack
+from kbeam_jax.nn._checkpoint import checkpoint_exists as checkpoint_exists
 from kbeam_jax.nn._checkpoint import load_checkpoint as load_checkpoint
 from kbeam_jax.nn._checkpoint import save_checkpoint as save_checkpoint
 from kbeam_jax.nn._conv import Conv as Conv
@@ -16,6 +17,7 @@ __all__ = [
   "Conv",
   "TrainState",
   "apply_beams",
+  "checkpoint_exists",
   "conv2d",
   "load_checkpoint",
   "max_pool2",
