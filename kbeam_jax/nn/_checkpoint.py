@@ -42,7 +42,11 @@ def _name(entry: Any) -> str:
 def _flatten(tree: PyTree) -> tuple[list[tuple[tuple[str, ...], str, Any]], Any]:
   """``[(names, readable path, leaf)]`` and the treedef of ``tree``."""
   with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  leaves = [(tuple(_name(e) for e in p), jax.tree_util.keystr(p), x) for p, x in with_path]
+  # every name starts with "tree", so a tree that is a single array has a name too
+  leaves = [
+    (("tree", *(_name(e) for e in p)), jax.tree_util.keystr(p) or "(the root)", x)
+    for p, x in with_path
+  ]
   return leaves, treedef
 
 
@@ -66,7 +70,7 @@ def _unnest(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], An
 
 
 def _readable(names: tuple[str, ...]) -> str:
-  return "".join(f"[{n!r}]" for n in names) or "(the root)"
+  return "".join(f"[{n!r}]" for n in names[1:]) or "(the root)"
 
 
 def _dtype_of(x: Any) -> np.dtype:
