@@ -43,7 +43,7 @@ def test_stack_modules_errors():
     def __init__(self, rngs):
       self.norm = nnx.BatchNorm(3, rngs=rngs)
 
-  with pytest.raises(ValueError, match="nnx.Param"):
+  with pytest.raises(ValueError, match=r"also holds \['BatchStat'\].*nnx.LayerNorm"):
     nn.stack_modules(WithStats, jax.random.key(0), 2)
 
 
@@ -61,6 +61,119 @@ def test_stacked_nnx_beams_drive_the_kbeam_solver():
   state, info = kbeam_jax.run(solver.step, state, 200)
   assert info.values.shape == (200, 3)
   assert bool(jnp.all(info.values[-1] > info.values[0]))
+
+
+class Leader(nnx.Module):
+  def __init__(self, rngs, norm=False):
+    self.linear = nnx.Linear(2, 2, rngs=rngs)
+    self.norm = nnx.BatchNorm(2, rngs=rngs) if norm else None
+
+  def __call__(self, x):
+    out = self.linear(x)
+    return out if self.norm is None else self.norm(out)
+
+
+X = jnp.array([[1.0, 0.5], [-0.3, 2.0], [0.7, -1.0]])
+
+
+def leader_objective(graphdef, rest=()):
+  def minimax_fn(params, v):
+    out = nnx.merge(graphdef, params, *rest)(X)
+    return jnp.mean(out @ v) + 0.5 * jnp.mean(out**2) - 0.5 * jnp.sum(v**2)
+
+  return minimax_fn
+
+
+def pure_updates(tx, params, minimax_fn, steps):
+  """The same updates on plain arrays, outside nnx."""
+  opt_state = tx.init(params)
+  for _ in range(steps):
+    updates, opt_state = tx.update(None, opt_state, params, minimax_fn=minimax_fn)
+    params = optax.apply_updates(params, updates)
+  return params, opt_state
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_nnx_optimizer_update_without_grads(chained):
+  """K-beam in nnx.Optimizer with no dummy gradients, its state read as plain arrays."""
+  beams = jax.random.normal(jax.random.key(3), (4, 2))
+  if chained:
+    tx = optax.chain(minimax.scale_by_kbeam(optax.sgd(0.1), beams), optax.adam(0.05))
+  else:
+    tx = minimax.kbeam_sgd(0.1, optax.sgd(0.1), beams)
+  model = Leader(nnx.Rngs(0))
+  graphdef, params0 = nnx.split(model, nnx.Param)
+  params0 = nnx.as_pure(params0)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    graphdef, _ = nnx.split(model, nnx.Param)
+    nn.update_without_grads(optimizer, model, minimax_fn=leader_objective(graphdef))
+
+  for _ in range(5):
+    train_step(model, optimizer)
+  params, opt_state = pure_updates(tx, params0, leader_objective(graphdef), 5)
+  np.testing.assert_allclose(model.linear.kernel[...], params["linear"]["kernel"], rtol=1e-6)
+  assert int(optimizer.step[...]) == 5
+  certificate = nn.optimizer_state(optimizer, "certificate")
+  assert type(certificate) is type(jnp.zeros(())) and certificate.shape == ()  # not OptArray
+  np.testing.assert_allclose(certificate, optax.tree.get(opt_state, "certificate"), rtol=1e-5)
+  np.testing.assert_allclose(
+    nn.optimizer_state(optimizer, "values"), optax.tree.get(opt_state, "values"), rtol=1e-5
+  )
+  state = nn.optimizer_state(optimizer)
+  assert jax.tree.structure(state) == jax.tree.structure(opt_state)
+  with pytest.raises(KeyError, match="no field 'certifcate'; its fields are .*'certificate'"):
+    nn.optimizer_state(optimizer, "certifcate")
+
+
+def test_update_without_grads_refuses_transforms_that_need_grads():
+  model = Leader(nnx.Rngs(0))
+  graphdef, _ = nnx.split(model, nnx.Param)
+  f = leader_objective(graphdef)
+  with pytest.raises(TypeError, match="needs gradients"):  # sgd passes None through
+    nn.update_without_grads(
+      nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param), model, minimax_fn=f
+    )
+  with pytest.raises(ValueError) as err:  # adam fails inside optax: a note says why
+    nn.update_without_grads(
+      nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param), model, minimax_fn=f
+    )
+  assert "update_without_grads passes grads=None" in "".join(err.value.__notes__)
+
+
+def test_batchnorm_leader_pattern():
+  """A leader with BatchNorm: split its statistics out, merge them back in the objective,
+  advance them by one forward pass after each update (the README's pattern)."""
+  beams = jax.random.normal(jax.random.key(3), (4, 2))
+  tx = minimax.kbeam_sgd(0.1, optax.sgd(0.1), beams)
+  model = Leader(nnx.Rngs(0), norm=True)
+  graphdef, params0, rest0 = nnx.split(model, nnx.Param, ...)
+  params0, rest0 = nnx.as_pure(params0), nnx.as_pure(rest0)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)  # rest: the running statistics
+    rest = nnx.as_pure(rest)  # plain arrays: the objective runs under vmap and grad
+    nn.update_without_grads(optimizer, model, minimax_fn=leader_objective(graphdef, (rest,)))
+    model(X)  # training mode: advances the running statistics once per update
+
+  for _ in range(3):
+    train_step(model, optimizer)
+  # in training mode BatchNorm normalizes by the batch, so the running statistics do not
+  # change the objective: the updates equal the pure loop's with the initial statistics
+  params, _ = pure_updates(tx, params0, leader_objective(graphdef, (rest0,)), 3)
+  np.testing.assert_allclose(model.linear.kernel[...], params["linear"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(model.norm.scale[...], params["norm"]["scale"], rtol=1e-6)
+  # and the statistics moved: after update t, one pass at momentum 0.99 with the batch mean
+  expected = jnp.zeros(2)
+  for t in (1, 2, 3):
+    p_t = pure_updates(tx, params0, leader_objective(graphdef, (rest0,)), t)[0]["linear"]
+    expected = 0.99 * expected + 0.01 * jnp.mean(X @ p_t["kernel"] + p_t["bias"][None], 0)
+  assert float(jnp.min(jnp.abs(expected))) > 1e-3
+  np.testing.assert_allclose(model.norm.mean[...], expected, rtol=1e-5)
 
 
 def test_linen_train_state_forwards_extra_arguments():
