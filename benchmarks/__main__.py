@@ -24,7 +24,9 @@ class Suite:
 
   title: str  # one line for the listing in the main --help
   description: str
-  time: str  # wall time on 2 CPU cores: full run; --quick
+  # wall time on 2 CPU cores: full runs as measured for the README (idle machine); --quick
+  # as upper bounds, measured while other jobs loaded the machine (load average about 7)
+  time: str
   data: str  # files read from KBEAM_JAX_DATA ("" for none)
   trials: str | None = None  # default trial count (None: the suite has no --trials)
   iters: str | None = None  # default iteration count (None: no --iters)
@@ -38,7 +40,7 @@ SUITES = {
     "2D minimax surfaces, GDA vs K-beam (K-beam paper, Table 1)",
     "the K-beam paper's 2D minimax surfaces (Table 1): error |u_T - u*| of GDA, alternating "
     "GDA, optimistic GDA, extragradient and K-beam K = 1..10 with every ε-rule",
-    "full 8 min; --quick (10 trials, 2 surfaces) about 1 min",
+    "full 8 min; --quick (10 trials, 2 surfaces) under 1 min",
     "",
     trials="100 (--quick: 10)",
   ),
@@ -46,7 +48,7 @@ SUITES = {
     "synthetic bilevel problems, every hypergradient method (penalty paper)",
     "the penalty paper's two synthetic bilevel problems: error of RMD, FMD, ApproxGrad, CG, "
     "Neumann and the penalty method after 2000 outer steps",
-    "full 20 s; --quick about 30 s (compilation dominates)",
+    "full 20 s; --quick under 30 s (compilation dominates)",
     "",
     trials="20 (--quick: 5)",
   ),
@@ -62,7 +64,7 @@ SUITES = {
     "the K-beam paper's GAN on a mixture of 7 Gaussians: JSD, modes covered and sample "
     "quality for GDA and K-beam K = 1, 2, 5, 10",
     "full (10 trials × 50,000 iterations) about 2 h (17 times the 7.4 min measured with "
-    "--trials 3 --iters 10000); --quick (2 × 1,000) about 1 min",
+    "--trials 3 --iters 10000); --quick (2 × 1,000) under 2.5 min",
     "",
     trials="10 (--quick: 2)",
     iters="50,000 (--quick: 1,000)",
@@ -72,7 +74,7 @@ SUITES = {
     "minimax filter on GENKI faces",
     "the minimax filter on GENKI faces (Hamm, JMLR 2017): expression kept, gender hidden, "
     "for linear and 2-layer filters solved by K-beam, Kiwiel's rule and alternating GDA",
-    "full 4 min; --quick about 1 min",
+    "full 4 min; --quick under 2.5 min",
     "genki/genki.mat",
     trials="3 (--quick: 1)",
     iters="2,000 (--quick: 500)",
@@ -83,7 +85,7 @@ SUITES = {
     "the DANN game MNIST -> MNIST-M with K = 1, 2, 5 domain classifiers as beams, beside "
     "source-only and target-trained bounds",
     "full (10,000 iterations) about 1.5 h (2.5 times the 35 min measured with --iters 4000); "
-    "--quick (20) about 1 min",
+    "--quick (20) under 3.5 min",
     MNIST + "; photographs from --photos DIR or scikit-learn's sample images",
     iters="10,000 (--quick: 20)",
     resume=True,
@@ -93,7 +95,7 @@ SUITES = {
     "importance weights for noisy MNIST labels (bilevel)",
     "importance weights for noisy MNIST labels (penalty, ApproxGrad, RMD, naive): test "
     "accuracy of the retrained classifier, precision and recall of the flagged points",
-    "full 5 min; --quick about 1 min",
+    "full 5 min; --quick under 1.5 min",
     MNIST,
     trials="1",
     resume=True,
@@ -102,7 +104,7 @@ SUITES = {
     "data poisoning of a softmax classifier on MNIST (bilevel)",
     "data poisoning of a softmax classifier on MNIST, untargeted and targeted 3 -> 8, with "
     "10 to 60 poison points (penalty, ApproxGrad, CG, RMD, naive, label flip)",
-    "full 2.7 min; --quick about 1 min",
+    "full 2.7 min; --quick under 2.5 min",
     MNIST,
     trials="1",
     resume=True,
@@ -111,7 +113,7 @@ SUITES = {
     "few-shot learning: sinusoids and MNIST (bilevel)",
     "few-shot learning as a bilevel problem: sinusoid regression and 5-way MNIST with "
     "rotations (RMD, ApproxGrad, penalty, naive, joint, untrained)",
-    "full 9.6 min; --quick about 1.5 min",
+    "full 9.6 min; --quick under 5 min",
     MNIST,
     trials="1",
     resume=True,
@@ -140,7 +142,7 @@ def _epilog(names: list[str]) -> str:
     s = SUITES[name]
     lines += [
       f"{name}: {s.description}.",
-      f"  run time on 2 CPU cores: {s.time}",
+      f"  run time on 2 CPU cores: {s.time} (--quick: measured on a busy machine)",
       f"  data: {s.data + ' (under $KBEAM_JAX_DATA)' if s.data else 'none'}",
     ]
   return "\n".join(lines)
@@ -252,6 +254,11 @@ def _check_data(parser: argparse.ArgumentParser, suites: list[str]) -> None:
         parser.error(f"{name} reads {SUITES[name].data}: {e}")
 
 
+def suite_module(name: str):
+  """The module ``benchmarks.<name>``; importing it starts the suite's work (JAX, data)."""
+  return importlib.import_module(f"benchmarks.{name}")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
@@ -262,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"--photos {args.photos}: not a folder; pass a directory of photographs")
   for suite in suites:
     start = time.perf_counter()
-    importlib.import_module(f"benchmarks.{suite}").main(args)
+    suite_module(suite).main(args)
     print((args.out / f"{suite}.md").read_text())
     print(
       f"[{suite}] done in {time.perf_counter() - start:.1f} s; "

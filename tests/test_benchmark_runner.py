@@ -21,7 +21,7 @@ def no_suite_runs(monkeypatch):
   def forbidden(name):
     raise AssertionError(f"{name} was started although the arguments are invalid")
 
-  monkeypatch.setattr(cli.importlib, "import_module", forbidden)
+  monkeypatch.setattr(cli, "suite_module", forbidden)
 
 
 def error_of(argv, capsys):
@@ -84,7 +84,7 @@ def test_valid_arguments_reach_the_suite(tmp_path, monkeypatch):
       seen.update(vars(args))
       (args.out / "gan_mog.md").write_text("table\n")
 
-  monkeypatch.setattr(cli.importlib, "import_module", lambda name: Suite)
+  monkeypatch.setattr(cli, "suite_module", lambda name: Suite)
   out = tmp_path / "new" / "results"  # created by the suite
   out.mkdir(parents=True)
   assert cli.main(["gan_mog", "--trials", "3", "--iters", "7", "--out", str(out)]) == 0
