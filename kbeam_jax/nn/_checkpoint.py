@@ -116,7 +116,8 @@ def _manager(path: Path, write: bool):
 
 def _check_directory(path: Path, action: str) -> None:
   if path.is_file():
-    head = path.read_bytes()[:1]
+    with path.open("rb") as f:
+      head = f.read(1)
     old = head and (head[0] & 0xF0 == 0x80 or head[0] in (0xDE, 0xDF))  # a msgpack map
     raise ValueError(
       f"cannot {action} checkpoint {path}: it is a file, and a checkpoint is a directory "

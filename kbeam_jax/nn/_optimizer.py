@@ -52,7 +52,7 @@ def update_without_grads(optimizer: nnx.Optimizer, model: nnx.Module, /, **extra
     >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
     >>> graphdef, _ = nnx.split(model, nnx.Param)
     >>> x = jnp.ones((4, 2))
-    >>> f = lambda params, v: jnp.mean((nnx.merge(graphdef, params)(x) - v) ** 2) - v @ v
+    >>> f = lambda params, v: jnp.mean((nnx.merge(graphdef, params)(x)[:, 0] - v[0]) ** 2) - v @ v
     >>> optimizer = nnx.Optimizer(
     ...     model, minimax.kbeam_sgd(0.1, optax.sgd(0.1), jnp.zeros((3, 1))), wrt=nnx.Param)
     >>> _ = nn.update_without_grads(optimizer, model, minimax_fn=f)
