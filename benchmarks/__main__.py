@@ -1,64 +1,275 @@
-"""``python -m benchmarks SUITE [--quick] [--out DIR]``, SUITE one of SUITES or ``all``.
+"""``python -m benchmarks SUITE [options]``: run one benchmark suite, or ``all``.
 
 Each suite module has ``main(args)`` taking the parsed arguments below; ``all`` runs the
-suites that need no data files (the README's main job).
+suites that need no data files (the README's main job). Every argument is checked before
+any work starts; ``python -m benchmarks SUITE --help`` describes one suite: what it
+measures, its run time on 2 CPU cores, the data it reads and the options it takes.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-# suite name -> needs data files (from KBEAM_JAX_DATA)
+
+@dataclass(frozen=True)
+class Suite:
+  """What ``--help`` says about a suite, and the options it takes."""
+
+  title: str  # one line for the listing in the main --help
+  description: str
+  # wall time on 2 CPU cores: full runs as measured for the README (idle machine); --quick
+  # as upper bounds, measured while other jobs loaded the machine (load average about 7)
+  time: str
+  data: str  # files read from KBEAM_JAX_DATA ("" for none)
+  trials: str | None = None  # default trial count (None: the suite has no --trials)
+  iters: str | None = None  # default iteration count (None: no --iters)
+  resume: bool = False  # checkpoints every training run (--resume)
+  photos: bool = False  # --photos DIR
+
+
+MNIST = "mnist/ (train and t10k IDX files, gzip or raw)"
 SUITES = {
-  "surfaces": False,
-  "bilevel_synthetic": False,
-  "bilevel_scaling": False,
-  "gan_mog": False,
-  "privacy": True,
-  "domain_adaptation": True,
-  "denoising": True,
-  "poisoning": True,
-  "fewshot": True,
+  "surfaces": Suite(
+    "2D minimax surfaces, GDA vs K-beam (K-beam paper, Table 1)",
+    "the K-beam paper's 2D minimax surfaces (Table 1): error |u_T - u*| of GDA, alternating "
+    "GDA, optimistic GDA, extragradient and K-beam K = 1..10 with every ε-rule",
+    "full 8 min; --quick (10 trials, 2 surfaces) under 1 min",
+    "",
+    trials="100 (--quick: 10)",
+  ),
+  "bilevel_synthetic": Suite(
+    "synthetic bilevel problems, every hypergradient method (penalty paper)",
+    "the penalty paper's two synthetic bilevel problems: error of RMD, FMD, ApproxGrad, CG, "
+    "Neumann and the penalty method after 2000 outer steps",
+    "full 20 s; --quick under 30 s (compilation dominates)",
+    "",
+    trials="20 (--quick: 5)",
+  ),
+  "bilevel_scaling": Suite(
+    "time and memory of one hypergradient vs T and dim(v)",
+    "time and memory of one hypergradient of each method against the inner steps T and "
+    "dim(v), with fitted exponents",
+    "full 100 s; --quick under 3 min",
+    "",
+  ),
+  "gan_mog": Suite(
+    "GAN on a mixture of 7 Gaussians, GDA vs K-beam",
+    "the K-beam paper's GAN on a mixture of 7 Gaussians: JSD, modes covered and sample "
+    "quality for GDA and K-beam K = 1, 2, 5, 10",
+    "full (10 trials × 50,000 iterations) about 2 h (17 times the 7.4 min measured with "
+    "--trials 3 --iters 10000); --quick (2 × 1,000) under 2.5 min",
+    "",
+    trials="10 (--quick: 2)",
+    iters="50,000 (--quick: 1,000)",
+    resume=True,
+  ),
+  "privacy": Suite(
+    "minimax filter on GENKI faces",
+    "the minimax filter on GENKI faces (Hamm, JMLR 2017): expression kept, gender hidden, "
+    "for linear and 2-layer filters solved by K-beam, Kiwiel's rule and alternating GDA",
+    "full 4 min; --quick under 2.5 min",
+    "genki/genki.mat",
+    trials="3 (--quick: 1)",
+    iters="2,000 (--quick: 500)",
+    resume=True,
+  ),
+  "domain_adaptation": Suite(
+    "DANN MNIST -> MNIST-M, K domain classifiers as beams",
+    "the DANN game MNIST -> MNIST-M with K = 1, 2, 5 domain classifiers as beams, beside "
+    "source-only and target-trained bounds",
+    "full (10,000 iterations) about 1.5 h (2.5 times the 35 min measured with --iters 4000); "
+    "--quick (20) under 3.5 min",
+    MNIST + "; photographs from --photos DIR or scikit-learn's sample images",
+    iters="10,000 (--quick: 20)",
+    resume=True,
+    photos=True,
+  ),
+  "denoising": Suite(
+    "importance weights for noisy MNIST labels (bilevel)",
+    "importance weights for noisy MNIST labels (penalty, ApproxGrad, RMD, naive): test "
+    "accuracy of the retrained classifier, precision and recall of the flagged points",
+    "full 5 min; --quick under 1.5 min",
+    MNIST,
+    trials="1",
+    resume=True,
+  ),
+  "poisoning": Suite(
+    "data poisoning of a softmax classifier on MNIST (bilevel)",
+    "data poisoning of a softmax classifier on MNIST, untargeted and targeted 3 -> 8, with "
+    "10 to 60 poison points (penalty, ApproxGrad, CG, RMD, naive, label flip)",
+    "full 2.7 min; --quick under 2.5 min",
+    MNIST,
+    trials="1",
+    resume=True,
+  ),
+  "fewshot": Suite(
+    "few-shot learning: sinusoids and MNIST (bilevel)",
+    "few-shot learning as a bilevel problem: sinusoid regression and 5-way MNIST with "
+    "rotations (RMD, ApproxGrad, penalty, naive, joint, untrained)",
+    "full 9.6 min; --quick under 5 min",
+    MNIST,
+    trials="1",
+    resume=True,
+  ),
 }
+ALL = [name for name, suite in SUITES.items() if not suite.data]
+
+
+def _count(flag: str, least: int = 1):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{flag} takes a whole number, got {text!r}") from None
+    if value < least:
+      default = f" (leave {flag} out for the suite's default)" if least else ""
+      raise argparse.ArgumentTypeError(f"{flag} must be at least {least}, got {value}{default}")
+    return value
+
+  return parse
+
+
+def _epilog(names: list[str]) -> str:
+  lines = []
+  for name in names:
+    s = SUITES[name]
+    lines += [
+      f"{name}: {s.description}.",
+      f"  run time on 2 CPU cores: {s.time} (--quick: measured on a busy machine)",
+      f"  data: {s.data + ' (under $KBEAM_JAX_DATA)' if s.data else 'none'}",
+    ]
+  return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks",
+    description="Run a benchmark suite: it prints a table and writes SUITE.json, SUITE.md "
+    "and SUITE.png to --out. `python -m benchmarks SUITE --help` shows one suite's options, "
+    "run times and data. Data files are read from $KBEAM_JAX_DATA (for this repository: "
+    "KBEAM_JAX_DATA=../shared/data); nothing is downloaded.",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  sub = parser.add_subparsers(
+    dest="suite",
+    metavar="SUITE",
+    required=True,
+    title="suites (run time of a full run on 2 CPU cores; SUITE --help for more)",
+  )
+  for name in [*SUITES, "all"]:
+    names = ALL if name == "all" else [name]
+    if name == "all":
+      short = long = "the suites that need no data files: " + ", ".join(ALL)
+    else:
+      suite = SUITES[name]
+      data = suite.data.split(" (")[0] if suite.data else "none"
+      full = re.sub(r" \(.*?\)", "", suite.time.split(";")[0])
+      short = f"{suite.title}; {full}; data: {data}"
+      long = suite.description
+    p = sub.add_parser(
+      name,
+      help=short,
+      description=f"python -m benchmarks {name}: {long}.",
+      epilog=_epilog(names),
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+      "--quick", action="store_true", help="few trials and iterations: a smoke check for CI"
+    )
+    p.add_argument(
+      "--out",
+      type=Path,
+      default=Path("results"),
+      help="output folder, created if missing (default: results)",
+    )
+    p.add_argument(
+      "--seed", type=_count("--seed", 0), default=0, help="first random seed (default: 0)"
+    )
+    p.set_defaults(trials=None, iters=None, resume=False, photos=None)
+    uses = {a: [n for n in names if getattr(SUITES[n], a)] for a in ("trials", "iters", "resume")}
+    if uses["trials"]:
+      defaults = "; ".join(f"{n}: {SUITES[n].trials}" for n in uses["trials"])
+      p.add_argument(
+        "--trials", type=_count("--trials"), help=f"trials (seeds) per method (default {defaults})"
+      )
+    if uses["iters"]:
+      defaults = "; ".join(f"{n}: {SUITES[n].iters}" for n in uses["iters"])
+      p.add_argument(
+        "--iters", type=_count("--iters"), help=f"training iterations (default {defaults})"
+      )
+    if uses["resume"]:
+      p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoints in --out when present (a run interrupted and "
+        "resumed ends with the numbers of a straight run)",
+      )
+    if any(SUITES[n].photos for n in names):
+      p.add_argument(
+        "--photos",
+        type=Path,
+        default=None,
+        help="a directory of photographs for the MNIST-M patches (default: scikit-learn's "
+        "sample images)",
+      )
+  return parser
+
+
+def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+  """``--out`` must be (or become) a writable folder: checked before any work."""
+  for folder in (out, *out.parents):
+    if folder.exists():
+      if not folder.is_dir():
+        parser.error(
+          f"--out {out}: {folder} is a file, not a folder; pass a folder for the results "
+          "(e.g. --out results)"
+        )
+      if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: cannot write in {folder} (permission denied)")
+      return
+
+
+def _check_data(parser: argparse.ArgumentParser, suites: list[str]) -> None:
+  """The data files a suite reads must exist before it starts computing."""
+  from kbeam_jax import data
+
+  need = {"privacy": [("genki.mat", "genki")]}
+  mnist = [
+    (f"{p}-{k}", "mnist")
+    for p in ("train", "t10k")
+    for k in ("images-idx3-ubyte", "labels-idx1-ubyte")
+  ]
+  for name in suites:
+    for file, subdir in need.get(name, mnist if SUITES[name].data else []):
+      try:
+        data.find_file([file + ".gz", file] if subdir == "mnist" else file, subdir)
+      except FileNotFoundError as e:
+        parser.error(f"{name} reads {SUITES[name].data}: {e}")
+
+
+def suite_module(name: str):
+  """The module ``benchmarks.<name>``; importing it starts the suite's work (JAX, data)."""
+  return importlib.import_module(f"benchmarks.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-  parser.add_argument("suite", choices=tuple(SUITES) + ("all",), help="which suite to run")
-  parser.add_argument(
-    "--quick",
-    action="store_true",
-    help="few trials and no repeats: a smoke check for CI (about a minute)",
-  )
-  parser.add_argument("--out", type=Path, default=Path("results"), help="output folder")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--trials", type=int, default=None, help="override the trial count")
-  parser.add_argument(
-    "--iters", type=int, default=None, help="override the iteration count (suites that train)"
-  )
-  parser.add_argument(
-    "--resume", action="store_true", help="continue from the checkpoints in --out if present"
-  )
-  parser.add_argument(
-    "--photos",
-    type=Path,
-    default=None,
-    help="domain_adaptation: a directory of photographs for the MNIST-M patches "
-    "(default: scikit-learn's sample images)",
-  )
+  parser = _parser()
   args = parser.parse_args(argv)
-
-  if args.suite == "all":
-    suites = [s for s, needs_data in SUITES.items() if not needs_data]
-  else:
-    suites = [args.suite]
+  suites = ALL if args.suite == "all" else [args.suite]
+  _check_out(parser, args.out)
+  _check_data(parser, suites)
+  if args.photos is not None and not args.photos.is_dir():
+    parser.error(f"--photos {args.photos}: not a folder; pass a directory of photographs")
   for suite in suites:
     start = time.perf_counter()
-    importlib.import_module(f"benchmarks.{suite}").main(args)
+    suite_module(suite).main(args)
     print((args.out / f"{suite}.md").read_text())
     print(
       f"[{suite}] done in {time.perf_counter() - start:.1f} s; "

@@ -7,13 +7,17 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, monkeypatch):
   monkeypatch.setenv("KBEAM_JAX_QUICK", "1")
   monkeypatch.setenv("MPLBACKEND", "Agg")
+  # the kernel imports this checkout's kbeam_jax, not whichever copy pip installed
+  python_path = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(python_path))
   nb = nbformat.read(path, as_version=4)
   assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
     f"{path.name} is stored with outputs; clear them before committing."

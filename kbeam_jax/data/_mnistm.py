@@ -28,10 +28,28 @@ def load_photos(directory: str | os.PathLike | None = None) -> list[np.ndarray]:
     return [np.asarray(im, np.uint8) for im in load_sample_images().images]
   from PIL import Image
 
-  files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+  directory = Path(directory).expanduser()
+  if not directory.is_dir():
+    raise FileNotFoundError(
+      f"photo directory {directory} "
+      + ("is a file" if directory.exists() else "does not exist")
+      + "; pass a folder of images (e.g. BSDS500's images/), or nothing for scikit-learn's "
+      "sample photographs."
+    )
+  files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
   if not files:
     raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {directory}.")
-  return [np.asarray(Image.open(p).convert("RGB"), np.uint8) for p in files]
+  photos = []
+  for p in files:
+    try:
+      with Image.open(p) as img:
+        photos.append(np.asarray(img.convert("RGB"), np.uint8))
+    except (OSError, ValueError) as e:  # PIL: unidentified, truncated or damaged images
+      raise ValueError(
+        f"cannot read the image {p} ({type(e).__name__}: {e}); it is damaged or not an "
+        "image. Remove or replace it."
+      ) from e
+  return photos
 
 
 def mnist_m(
@@ -58,12 +76,34 @@ def mnist_m(
     >>> out.shape, int(out[0, 0, 0, 0]), int(out[0, 15, 15, 0])
     ((2, 28, 28, 3), 200, 55)
   """
+  if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+    raise ValueError(f"size must be a positive int, got {size!r}.")
+  if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+    raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
   digits = np.asarray(digits)
   if digits.ndim != 3 or digits.shape[1:] != (size, size):
     raise ValueError(f"digits must be (N, {size}, {size}), got {digits.shape}.")
-  photos = [p for p in photos if p.ndim == 3 and min(p.shape[:2]) >= size]
+  if digits.dtype != np.uint8:
+    raise ValueError(
+      f"digits must be uint8 grey values 0..255 (as load_mnist returns them), got "
+      f"{digits.dtype}; for floats in [0, 1] pass (digits * 255).round().astype(np.uint8)."
+    )
+  if isinstance(photos, np.ndarray):
+    photos = list(photos) if photos.ndim == 4 else [photos]
+  photos = [np.asarray(p) for p in photos]
   if not photos:
-    raise ValueError(f"need at least one colour photograph of at least {size}×{size} pixels.")
+    raise ValueError("photos is empty: pass colour photographs (see load_photos).")
+  for i, p in enumerate(photos):
+    if p.ndim != 3 or p.shape[2] not in (3, 4) or p.dtype != np.uint8:
+      raise ValueError(
+        f"photo {i} is a {p.dtype} array of shape {p.shape}; each photograph must be uint8 "
+        "(H, W, 3) colour (load_photos converts any image file to that)."
+      )
+    if min(p.shape[:2]) < size:
+      raise ValueError(
+        f"photo {i} is {p.shape[0]}×{p.shape[1]} pixels, smaller than the {size}×{size} "
+        "patch; drop it or pass larger photographs."
+      )
   rng = np.random.default_rng(seed)
   out = np.empty(digits.shape + (3,), np.uint8)
   which = rng.integers(len(photos), size=len(digits))

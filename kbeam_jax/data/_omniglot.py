@@ -51,6 +51,11 @@ def _find_root(root, data_dir) -> Path:
   )
 
 
+def _subfolders(folder: Path) -> list[Path]:
+  """Sorted subfolders, without hidden ones (``.ipynb_checkpoints``, ``.git``, ...)."""
+  return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def load_omniglot(
   root: str | os.PathLike | None = None,
   *,
@@ -73,8 +78,9 @@ def load_omniglot(
   Raises:
     FileNotFoundError: ``root`` is not a directory (or no ``omniglot/`` was found).
     ValueError: the tree holds no alphabet folder, an alphabet holds no character folder,
-      a character folder holds no PNG, or the images differ in size and no
-      ``image_size`` was given.
+      a character folder holds no PNG, a PNG cannot be read (naming it), or the images
+      differ in size and no ``image_size`` was given. Hidden folders (``.name``) are
+      skipped.
 
   Example:
     >>> import os, tempfile, numpy as np
@@ -94,19 +100,24 @@ def load_omniglot(
   """
   from PIL import Image
 
+  size = (image_size, image_size) if isinstance(image_size, int | np.integer) else image_size
+  if size is not None and (
+    not isinstance(size, tuple | list)
+    or len(size) != 2
+    or not all(isinstance(n, int | np.integer) and not isinstance(n, bool) for n in size)
+    or min(size) < 1
+  ):
+    raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}.")
+  image_size = size
   root = _find_root(root, data_dir)
-  if isinstance(image_size, int):
-    image_size = (image_size, image_size)
-  if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
-    raise ValueError(f"image_size must be a positive int or (height, width), got {image_size}.")
-  alphabets = sorted(p for p in root.iterdir() if p.is_dir())
+  alphabets = _subfolders(root)
   if not alphabets:
     raise ValueError(
       f"{root} holds no alphabet folders; expected root/<alphabet>/<character>/*.png."
     )
   images, labels, alphabet_of, characters = [], [], [], []
   for a, alphabet in enumerate(alphabets):
-    folders = sorted(p for p in alphabet.iterdir() if p.is_dir())
+    folders = _subfolders(alphabet)
     if not folders:
       raise ValueError(f"alphabet folder {alphabet} holds no character folders.")
     for folder in folders:
@@ -114,11 +125,17 @@ def load_omniglot(
       if not files:
         raise ValueError(f"character folder {folder} holds no .png files.")
       for file in files:
-        with Image.open(file) as img:
-          img = img.convert("L")
-          if image_size is not None:
-            img = img.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
-          images.append(np.asarray(img, np.uint8))
+        try:
+          with Image.open(file) as img:
+            img = img.convert("L")
+            if image_size is not None:
+              img = img.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
+            images.append(np.asarray(img, np.uint8))
+        except (OSError, ValueError) as e:  # PIL: unidentified, truncated or damaged files
+          raise ValueError(
+            f"cannot read the image {file} ({type(e).__name__}: {e}); it is damaged or not a "
+            "PNG. Remove or replace it."
+          ) from e
         labels.append(len(characters))
         alphabet_of.append(a)
       characters.append(f"{alphabet.name}/{folder.name}")

@@ -33,7 +33,7 @@ def find_file(
   tried = []
   for root in data_dirs(data_dir):
     for folder in (root / subdir, root):
-      tried.append(str(folder))
+      tried.append(str(folder) + ("" if folder.is_dir() else " (no such directory)"))
       for name in names:
         if (folder / name).is_file():
           return folder / name

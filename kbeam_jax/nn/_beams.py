@@ -25,7 +25,7 @@ def stack_modules(
 
   Args:
     make: ``rngs -> module``; every variable of the module must be an ``nnx.Param``
-      (modules with batch statistics or RNG streams need their own handling).
+      (``nnx.BatchNorm``'s statistics or RNG streams are an error saying what to use).
     key: a ``jax.random.key``; beam k is built from ``jax.random.split(key, K)[k]``.
     num_beams: K >= 1.
 
@@ -47,10 +47,14 @@ def stack_modules(
   K = check_num_beams(num_beams)
   graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))), nnx.Param, ...)
   if jax.tree.leaves(rest):
+    kinds = sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=_is_var)})
     raise ValueError(
       "stack_modules needs a module whose variables are all nnx.Param; this one also holds "
-      f"{sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=_is_var)})}. "
-      "Split those out yourself (nnx.split(module, nnx.Param, ...)) and vmap over both."
+      f"{kinds}. A beam's variables are what the follower optimizer ascends on, and "
+      "statistics that a forward pass writes (BatchNorm's running mean and variance) would "
+      "never be updated there (or be changed by weight decay). In the beams' module use a "
+      "normalization without running statistics (nnx.LayerNorm, nnx.GroupNorm) or none; "
+      "BatchNorm can stay in the leader (see kbeam_jax.nn.update_without_grads)."
     )
 
   def one(k):
