@@ -101,22 +101,24 @@ def test_argmin_composes_with_checkpoint_and_integer_args(name):
   np.testing.assert_allclose(gc, gc_plain, rtol=1e-12)
 
 
+def ridge_loss(log_l2, w, x, y):
+  """The lower problem of ``Ridge``: training loss + L2 (module level: one compile)."""
+  return 0.5 * jnp.mean((x @ w - y) ** 2) + 0.5 * jnp.exp(log_l2) * jnp.sum(w**2)
+
+
 class Ridge(nnx.Module):
   """Learns the log L2 coefficient of a ridge regression by hypergradient."""
 
   def __init__(self):
     self.log_l2 = nnx.Param(jnp.array(0.0))
 
-  def __call__(self, data):
-    x_tr, y_tr, x_val, y_val = data
-
-    def g(log_l2, w):  # lower: training loss + L2
-      return 0.5 * jnp.mean((x_tr @ w - y_tr) ** 2) + 0.5 * jnp.exp(log_l2) * jnp.sum(w**2)
-
+  def __call__(self, x_tr, y_tr, x_val, y_val):
     w = bilevel.argmin(
-      g,
+      ridge_loss,
       self.log_l2[...],
       jnp.zeros(x_tr.shape[1]),
+      x_tr,
+      y_tr,
       method=bilevel.CG(20),
       num_steps=200,
       inner_lr=0.2,
@@ -130,7 +132,7 @@ def test_argmin_inside_a_flax_nnx_loss():
   y = x @ jax.random.normal(kw, (5,)) + 0.5 * jax.random.normal(kn, (40,))
   data = (x[:20], y[:20], x[20:], y[20:])
   model = Ridge()
-  grad = nnx.grad(lambda m: m(data))(model).log_l2[...]
+  grad = nnx.grad(lambda m: m(*data))(model).log_l2[...]
 
   def closed(log_l2):  # the exact ridge solution, differentiated by autodiff
     lam = jnp.exp(log_l2)
@@ -139,10 +141,18 @@ def test_argmin_inside_a_flax_nnx_loss():
 
   np.testing.assert_allclose(grad, jax.grad(closed)(0.0), rtol=1e-6)
   optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
-  before = float(model(data))
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: m(*data))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  before = float(model(*data))
   for _ in range(20):
-    optimizer.update(model, nnx.grad(lambda m: m(data))(model))
-  assert float(model(data)) < before
+    train_step(model, optimizer)
+  assert float(model(*data)) < before
+  assert abs(float(jax.grad(closed)(model.log_l2[...]))) < 0.5 * abs(float(grad))
 
 
 @pytest.mark.parametrize("T", [1, 7, 10])
