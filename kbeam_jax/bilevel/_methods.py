@@ -217,9 +217,9 @@ class CG(Implicit):
     problem), or when its answer has a larger residual ``|b - Hq|`` than ``q = 0``, CG
     solves again on the normal equations ``H²q = Hb`` from 0, whose iterates stay in the
     range of ``H``: the minimum-norm answer ``q = H⁺b``, never NaN, and it keeps whichever
-    answer has the smaller residual. That check costs one product per solve; the second
-    solve (two products per iteration, the condition number squared) runs only when it
-    triggers.
+    answer has the smaller residual. That check costs two products per solve; the second
+    solve (two products per iteration, the condition number squared) iterates only when
+    it triggers (also under ``vmap``: it is a loop of zero iterations otherwise).
 
   Attributes:
     solve_steps: the most CG iterations, >= 1.
@@ -249,18 +249,18 @@ class CG(Implicit):
     residual_q = residual(q)
     wrong = broke_down | ~(residual_q <= tree_sq_norm(b))  # worse than q = 0, or NaN
 
-    def least_squares():  # q = H⁺b by CG on the normal equations H²q = Hb from 0
-      q2 = conjugate_gradient(lambda x: A(A(x)), A(b), self.solve_steps, self.tol)[0]
-      better = residual(q2) <= residual_q
-      return jax.tree.map(lambda a, c: jnp.where(better, a, c), q2, q)
-
-    q = jax.lax.cond(wrong, least_squares, lambda: q)
+    # q = H⁺b by CG on the normal equations H²q = Hb from 0, with zero iterations unless
+    # needed (a while loop, not a cond: under vmap a cond would run both branches).
+    budget = jnp.where(wrong, self.solve_steps, 0)
+    q2, _ = conjugate_gradient(lambda x: A(A(x)), A(b), budget, self.tol)
+    better = wrong & (residual(q2) <= residual_q)
+    q = jax.tree.map(lambda a, c: jnp.where(better, a, c), q2, q)
     finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(b)]))
     return jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q)
 
 
 def conjugate_gradient(
-  A: MatVec, b: PyTree, max_iters: int, tol: float
+  A: MatVec, b: PyTree, max_iters: int | jax.Array, tol: float
 ) -> tuple[PyTree, jax.Array]:
   """CG from 0 on a symmetric ``A``; returns ``(q, broke_down)``.
 
