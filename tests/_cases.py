@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from kbeam_jax import minimax
+from kbeam_jax import bilevel, minimax
 
 K = 3
 
@@ -75,3 +75,46 @@ TRANSFORMS = {
     minimax.scale_by_kbeam(optax.adam(0.1), beams), optax.adam(0.02)
   ),
 }
+
+
+# --- bilevel: min_u f(u, v*(u)), the same dict/list pytrees ------------------------------
+def upper(u, v, scale=1.0):
+  """``½|u|² + ½|v - 1|²``."""
+  uf, vf = ravel_pytree(u)[0], ravel_pytree(v)[0]
+  return 0.5 * jnp.sum(uf**2) + 0.5 * jnp.sum((vf - 1.0) ** 2)
+
+
+def lower(u, v, scale=1.0):
+  """``½|v - scale·u|²``: ``v* = scale·u``, and the bilevel solution is
+  ``u* = scale / (1 + scale²)`` in every coordinate (0.5, 0.5 at scale 1)."""
+  uf, vf = ravel_pytree(u)[0], ravel_pytree(v)[0]
+  return 0.5 * jnp.sum((vf - scale * uf) ** 2)
+
+
+# name -> (method, inner-loop settings, upper step): every method with settings at which
+# it reaches the solution of (upper, lower) (the naive baseline reaches u = 0 instead).
+BILEVEL_METHODS = {
+  "naive": (bilevel.Naive(), dict(num_steps=5, inner_lr=0.9), 0.3),
+  "fmd": (bilevel.FMD(), dict(num_steps=5, inner_lr=0.9), 0.3),
+  "rmd": (bilevel.RMD(), dict(num_steps=5, inner_lr=0.9), 0.3),
+  "rmd_checkpoint": (bilevel.RMD(checkpoint=True), dict(num_steps=5, inner_lr=0.9), 0.3),
+  "approxgrad": (bilevel.ApproxGrad(10, 0.9), dict(num_steps=5, inner_lr=0.9), 0.3),
+  "cg": (bilevel.CG(5), dict(num_steps=5, inner_lr=0.9), 0.3),
+  "neumann": (bilevel.Neumann(10, 0.9), dict(num_steps=5, inner_lr=0.9), 0.3),
+  "penalty": (
+    bilevel.Penalty(max_gamma=10.0, augmented=True),
+    dict(num_steps=5, inner_lr=0.1),
+    0.1,
+  ),
+}
+
+
+def bilevel_solver(name):
+  method, inner, lr = BILEVEL_METHODS[name]
+  return bilevel.solver(upper, lower, optax.sgd(lr), method, **inner)
+
+
+def bilevel_transform(name, v):
+  """The optax form of ``bilevel_solver(name)``, chained with the same upper step."""
+  method, inner, lr = BILEVEL_METHODS[name]
+  return optax.chain(bilevel.scale_by_hypergradient(method, v, **inner), optax.sgd(lr))

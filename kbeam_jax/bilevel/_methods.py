@@ -243,20 +243,26 @@ class CG(Implicit):
     _require_number("CG", "damping", self.damping, positive=False)
 
   def solve(self, matvec, b):
-    A = _damped(matvec, self.damping)
-    q, broke_down = conjugate_gradient(A, b, self.solve_steps, self.tol)
-    residual = lambda q: tree_sq_norm(jax.tree.map(jnp.subtract, b, A(q)))
+    # The CG recursion runs in float32 at least (in bfloat16 its scalars, and the breakdown
+    # test relative to the machine epsilon, mean nothing); the products keep b's dtype.
+    wide = lambda tree: jax.tree.map(
+      lambda x: x.astype(jnp.promote_types(x.dtype, "float32")), tree
+    )
+    like_b = lambda tree: jax.tree.map(lambda x, y: x.astype(y.dtype), tree, b)
+    A = _damped(lambda x: wide(matvec(like_b(x))), self.damping)
+    rhs = wide(b)
+    q, broke_down = conjugate_gradient(A, rhs, self.solve_steps, self.tol)
+    residual = lambda q: tree_sq_norm(jax.tree.map(jnp.subtract, rhs, A(q)))
     residual_q = residual(q)
-    wrong = broke_down | ~(residual_q <= tree_sq_norm(b))  # worse than q = 0, or NaN
-
+    wrong = broke_down | ~(residual_q <= tree_sq_norm(rhs))  # worse than q = 0, or NaN
     # q = H⁺b by CG on the normal equations H²q = Hb from 0, with zero iterations unless
     # needed (a while loop, not a cond: under vmap a cond would run both branches).
     budget = jnp.where(wrong, self.solve_steps, 0)
-    q2, _ = conjugate_gradient(lambda x: A(A(x)), A(b), budget, self.tol)
+    q2, _ = conjugate_gradient(lambda x: A(A(x)), A(rhs), budget, self.tol)
     better = wrong & (residual(q2) <= residual_q)
     q = jax.tree.map(lambda a, c: jnp.where(better, a, c), q2, q)
     finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(b)]))
-    return jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q)
+    return like_b(jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q))
 
 
 def conjugate_gradient(
