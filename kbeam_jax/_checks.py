@@ -103,3 +103,22 @@ def check_float_leaves(tree: Any, what: str) -> None:
         f"{what} must hold floating-point arrays to be differentiated, but the leaf at "
         f"{jax.tree_util.keystr(path) or '<root>'} has dtype {jnp.result_type(leaf)}."
       )
+
+
+def checked_projection(project: Callable[[Any], Any] | None, what: str) -> Callable[[Any], Any]:
+  """``project``, checked at trace time to keep the structure, shapes and dtypes."""
+  if project is None:
+    return lambda x: x
+
+  def checked(x):
+    y = project(x)
+    check_same_structure(x, y, what, f"project_{what}({what})")
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+      if jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+        raise ValueError(
+          f"project_{what} must return {what} with the same shapes and dtypes, but it turned "
+          f"{jnp.shape(a)} {jnp.result_type(a)} into {jnp.shape(b)} {jnp.result_type(b)}."
+        )
+    return y
+
+  return checked

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from kbeam_jax import derivatives
-from kbeam_jax._checks import check_float_leaves, check_same_structure, scalar_output
+from kbeam_jax._checks import check_float_leaves, checked_projection, scalar_output
 from kbeam_jax._solver import Solver
 from kbeam_jax._tree import tree_norm, tree_sq_norm
 from kbeam_jax.bilevel import _argmin, _methods
@@ -125,25 +125,6 @@ class Core(NamedTuple):
 
 def all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def checked_projection(project: Projection | None, what: str) -> Projection:
-  """``project``, checked at trace time to keep the structure, shapes and dtypes."""
-  if project is None:
-    return lambda x: x
-
-  def checked(x):
-    y = project(x)
-    check_same_structure(x, y, what, f"project_{what}({what})")
-    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
-      if jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b):
-        raise ValueError(
-          f"project_{what} must return {what} with the same shapes and dtypes, but it turned "
-          f"{jnp.shape(a)} {jnp.result_type(a)} into {jnp.shape(b)} {jnp.result_type(b)}."
-        )
-    return y
-
-  return checked
 
 
 def hypergradient_core(
