@@ -216,8 +216,8 @@ class CG(Implicit):
     breakdown (zero or negative curvature: also an indefinite ``H``, a non-convex lower
     problem), or when its answer has a larger residual ``|b - Hq|`` than ``q = 0``, CG
     solves again on the normal equations ``H²q = Hb`` from 0, whose iterates stay in the
-    range of ``H``: the minimum-norm answer ``q = H⁺b``, never NaN, and it keeps whichever
-    answer has the smaller residual. That check costs two products per solve; the second
+    range of ``H``: the minimum-norm answer ``q = H⁺b``, never NaN. That check costs one
+    product per solve (``Hb``, the second solve's right-hand side); the second
     solve (two products per iteration, the condition number squared) iterates only when
     it triggers (also under ``vmap``: it is a loop of zero iterations otherwise).
 
@@ -251,24 +251,22 @@ class CG(Implicit):
     like_b = lambda tree: jax.tree.map(lambda x, y: x.astype(y.dtype), tree, b)
     A = _damped(lambda x: wide(matvec(like_b(x))), self.damping)
     rhs = wide(b)
-    q, broke_down = conjugate_gradient(A, rhs, self.solve_steps, self.tol)
-    residual = lambda q: tree_sq_norm(jax.tree.map(jnp.subtract, rhs, A(q)))
-    residual_q = residual(q)
+    q, residual_q, broke_down = conjugate_gradient(A, rhs, self.solve_steps, self.tol)
     wrong = broke_down | ~(residual_q <= tree_sq_norm(rhs))  # worse than q = 0, or NaN
     # q = H⁺b by CG on the normal equations H²q = Hb from 0, with zero iterations unless
     # needed (a while loop, not a cond: under vmap a cond would run both branches).
     budget = jnp.where(wrong, self.solve_steps, 0)
-    q2, _ = conjugate_gradient(lambda x: A(A(x)), A(rhs), budget, self.tol)
-    better = wrong & (residual(q2) <= residual_q)
-    q = jax.tree.map(lambda a, c: jnp.where(better, a, c), q2, q)
+    q2, _, _ = conjugate_gradient(lambda x: A(A(x)), A(rhs), budget, self.tol)
+    q = jax.tree.map(lambda a, c: jnp.where(wrong, a, c), q2, q)
     finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(b)]))
     return like_b(jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q))
 
 
 def conjugate_gradient(
   A: MatVec, b: PyTree, max_iters: int | jax.Array, tol: float
-) -> tuple[PyTree, jax.Array]:
-  """CG from 0 on a symmetric ``A``; returns ``(q, broke_down)``.
+) -> tuple[PyTree, jax.Array, jax.Array]:
+  """CG from 0 on a symmetric ``A``; returns ``(q, |r|², broke_down)``, ``r`` the residual
+  ``b - Aq`` as CG's recursion tracks it.
 
   Stops when ``|r| <= tol·|b|`` or after ``max_iters``. A direction ``p`` whose curvature
   ``pᵀAp / |p|²`` is not positive, or below ``1e3·eps`` times the largest curvature seen
@@ -305,8 +303,8 @@ def conjugate_gradient(
 
   zeros = jax.tree.map(jnp.zeros_like, b)
   init = (jnp.zeros([], jnp.int32), zeros, b, b, rr0, rr0, zero, jnp.zeros([], bool))
-  _, q, _, _, _, _, _, broke = jax.lax.while_loop(cond, body, init)
-  return q, broke
+  _, q, _, _, rr, _, _, broke = jax.lax.while_loop(cond, body, init)
+  return q, rr, broke
 
 
 def _damped(matvec: MatVec, damping: float) -> MatVec:
