@@ -155,18 +155,35 @@ def save_figure(fig: Any, path: Path) -> None:
   plt.close(fig)
 
 
-def bilevel_methods(cfg: dict[str, Any]) -> dict[str, Any]:
-  """A bilevel suite's method names -> the library's method values, from its config
-  (``solve_steps``, ``solve_lr``, the penalty options ``penalty``)."""
+def bilevel_method(
+  name: str,
+  *,
+  solve_steps: int = 10,
+  solve_lr: float | None = None,
+  neumann_lr: float | None = None,
+  penalty: dict[str, Any] | None = None,
+):
+  """The library's method value for a method name of the bilevel suites (the one table):
+  ``naive`` (also ``gd``), ``fmd``, ``rmd``, ``rmd_checkpoint``, ``approxgrad``, ``cg``,
+  ``neumann``, ``penalty`` and ``penalty_al`` (augmented)."""
   from kbeam_jax import bilevel
 
-  return {
-    "penalty": bilevel.Penalty(**cfg["penalty"]),
-    "approxgrad": bilevel.ApproxGrad(cfg["solve_steps"], cfg["solve_lr"]),
-    "rmd": bilevel.RMD(),
-    "naive": bilevel.Naive(),
-    "cg": bilevel.CG(cfg["solve_steps"]),
+  options = penalty or {}
+  table = {
+    "naive": lambda: bilevel.Naive(),
+    "gd": lambda: bilevel.Naive(),
+    "fmd": lambda: bilevel.FMD(),
+    "rmd": lambda: bilevel.RMD(),
+    "rmd_checkpoint": lambda: bilevel.RMD(checkpoint=True),
+    "approxgrad": lambda: bilevel.ApproxGrad(solve_steps, solve_lr),
+    "cg": lambda: bilevel.CG(solve_steps),
+    "neumann": lambda: bilevel.Neumann(solve_steps, neumann_lr or solve_lr),
+    "penalty": lambda: bilevel.Penalty(**options),
+    "penalty_al": lambda: bilevel.Penalty(**dict(options, augmented=True)),
   }
+  if name not in table:
+    raise KeyError(f"unknown bilevel method {name!r}; known: {', '.join(table)}.")
+  return table[name]()
 
 
 def bilevel_solver(name: str, f, g, cfg: dict[str, Any], upper, project_u=None):
@@ -177,7 +194,9 @@ def bilevel_solver(name: str, f, g, cfg: dict[str, Any], upper, project_u=None):
 
   from kbeam_jax import bilevel
 
-  method = bilevel_methods(cfg)[name]
+  method = bilevel_method(
+    name, solve_steps=cfg["solve_steps"], solve_lr=cfg["solve_lr"], penalty=cfg["penalty"]
+  )
   if isinstance(method, bilevel.Penalty) and cfg["penalty_lower"] == "adam":
     inner = dict(inner=optax.adam(cfg["penalty_lr"]))
   elif isinstance(method, bilevel.Penalty):

@@ -82,23 +82,16 @@ def mlp_problem(V: int, seed: int = 0):
   return f, g, (jnp.zeros(U), v0, x, y)
 
 
-METHOD_VALUES = {
-  "fmd": bilevel.FMD(),
-  "rmd": bilevel.RMD(),
-  "rmd_checkpoint": bilevel.RMD(checkpoint=True),
-  "approxgrad": bilevel.ApproxGrad(SOLVE_STEPS, 0.2),
-  "cg": bilevel.CG(SOLVE_STEPS),
-  "neumann": bilevel.Neumann(SOLVE_STEPS, 0.2),
-}
 INNER_LR = 0.4
 
 
 def hypergradient_fn(method: str, T: int):
   """``(f, g, u, v, *data) -> hypergradient`` of one method through ``bilevel.hypergradient``."""
+  value = _common.bilevel_method(method, solve_steps=SOLVE_STEPS, solve_lr=0.2)
 
   def fn(f, g, u, v, *data):
     return bilevel.hypergradient(
-      f, g, u, v, *data, method=METHOD_VALUES[method], num_steps=T, inner_lr=INNER_LR
+      f, g, u, v, *data, method=value, num_steps=T, inner_lr=INNER_LR
     ).grad
 
   return fn

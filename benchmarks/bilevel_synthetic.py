@@ -138,24 +138,16 @@ def project(x):
   return jnp.clip(x, -BOX, BOX)
 
 
-def method_of(name: str, T: int, p: Problem) -> bilevel.Method:
-  """The library's method value for a method name of this suite (solves with T steps)."""
-  if name.startswith("penalty"):
-    return bilevel.Penalty(max_gamma=MAX_GAMMA, augmented=name == "penalty_al")
-  return {
-    "gd": bilevel.Naive(),
-    "rmd": bilevel.RMD(),
-    "fmd": bilevel.FMD(),
-    "approxgrad": bilevel.ApproxGrad(T, p.solve_lr),
-    "cg": bilevel.CG(T),
-    "neumann": bilevel.Neumann(T, p.neumann_lr),
-  }[name]
-
-
 def run_method(name: str, method: str, T: int, num_iters: int):
   """``(u0, v0) -> (errors (num_iters,), final upper value)`` for one trial."""
   p = problem(name)
-  m = method_of(method, T, p)
+  m = _common.bilevel_method(
+    method,
+    solve_steps=T,
+    solve_lr=p.solve_lr,
+    neumann_lr=p.neumann_lr,
+    penalty=dict(max_gamma=MAX_GAMMA),
+  )
   if isinstance(m, bilevel.Penalty) and p.penalty_adam:
     upper, inner = optax.adam(0.01), dict(inner=optax.adam(0.05))
   elif isinstance(m, bilevel.Penalty):

@@ -168,19 +168,15 @@ class Trainer(NamedTuple):
 
 
 def method_of(s: Setting, name: str) -> bilevel.Method:
-  """The library's method value for a bilevel method name of this suite."""
-  return {
-    "gd": bilevel.Naive(),
-    "rmd": bilevel.RMD(),
-    "approxgrad": bilevel.ApproxGrad(s.num_steps, s.solve_lr),
-    # γ fixed at γ_0 (fresh tasks every step: no schedule to carry)
-    "penalty": bilevel.Penalty(
-      gamma=s.penalty_gamma,
-      epsilon=1.0,
-      lower_weight=s.penalty_lower_weight,
-      max_gamma=s.penalty_gamma,
-    ),
-  }[name]
+  """The library's method value for a bilevel method of this suite; the penalty method's
+  γ is fixed at γ_0 (fresh tasks every step: no schedule to carry)."""
+  gamma = s.penalty_gamma
+  return _common.bilevel_method(
+    name,
+    solve_steps=s.num_steps,
+    solve_lr=s.solve_lr,
+    penalty=dict(gamma=gamma, epsilon=1.0, lower_weight=s.penalty_lower_weight, max_gamma=gamma),
+  )
 
 
 def trainer(s: Setting, method: str) -> Trainer:

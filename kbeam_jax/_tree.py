@@ -28,3 +28,8 @@ def tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
 def tree_axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
   """``a·x + y`` leaf by leaf, in the dtype of ``y``."""
   return jax.tree.map(lambda xi, yi: (a * xi + yi).astype(yi.dtype), x, y)
+
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+  """Whether every entry of every leaf is finite (a scalar bool)."""
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

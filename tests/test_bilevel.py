@@ -355,3 +355,75 @@ def test_bad_input():
     hg(method=cg, num_steps=2, inner=0.1)
   with pytest.raises(TypeError, match="u must hold floating-point arrays"):
     bilevel.argmin(p.g, jnp.arange(3), p.v0, method=cg, num_steps=2, inner_lr=LR)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERGED))
+def test_a_lower_variable_that_f_ignores(name):
+  # f reads only the first leaf of v: the cotangent of the other is a symbolic zero.
+  p = Quadratic(10)
+  method, settings = CONVERGED[name]
+  f = lambda u, v: jnp.sum(v[0] ** 2) + flat(u) @ flat(u)
+  out = bilevel.hypergradient(f, p.g, p.u, p.v0, method=method, **settings)
+  uf = flat(p.u)
+  v = p.v_star(p.u)
+  f_v = jnp.concatenate([2 * v[:2], jnp.zeros(2)])
+  expected = 2 * uf - p.B @ jnp.linalg.solve(p.A, f_v)
+  np.testing.assert_allclose(flat(out.grad), expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["fmd", "rmd", "cg", "approxgrad", "neumann"])
+def test_a_hyperparameter_that_g_closes_over_is_differentiated(name):
+  # g closes over lam (no *args): v* = u / (1 + lam), f = (v - 1)²,
+  # dF/dlam = 2(v* - 1)·(-u / (1 + lam)²).
+  method, settings = CONVERGED[name]
+  settings = dict(settings, inner_lr=0.4)
+  u = jnp.array([2.0])
+
+  def F(lam):
+    g = lambda u, v: 0.5 * jnp.sum((v - u) ** 2) + 0.5 * lam * jnp.sum(v**2)
+    v = bilevel.argmin(g, u, jnp.zeros(1), method=method, **settings)
+    return jnp.sum((v - 1.0) ** 2)
+
+  lam = 0.5
+  v_star = 2.0 / (1 + lam)
+  np.testing.assert_allclose(
+    jax.grad(F)(lam), 2 * (v_star - 1) * (-2.0 / (1 + lam) ** 2), rtol=1e-6
+  )
+
+
+@pytest.mark.parametrize("name", ["fmd", "cg", "neumann"])
+def test_mixed_dtypes(name):
+  # u in float32, v in float64: the derivative comes back in u's dtype and is right.
+  p = Quadratic(11)
+  method, settings = CONVERGED[name]
+  u32 = jax.tree.map(lambda x: x.astype(jnp.float32), p.u)
+  out = bilevel.hypergradient(p.f, p.g, u32, p.v0, method=method, **settings)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out.grad))
+  assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(out.v))
+  np.testing.assert_allclose(flat(out.grad), flat(p.closed_form(u32)), rtol=1e-5)
+
+
+def test_cg_on_an_indefinite_hessian():
+  # A non-convex lower problem at v_T: ∇²_vv g = diag(2, -0.5, 1). The implicit formula
+  # still holds (H is invertible); plain CG meets negative curvature and must not be used.
+  d = jnp.array([2.0, -0.5, 1.0])
+  g = lambda u, v: 0.5 * jnp.sum(d * v**2) - u @ v
+  f = lambda u, v: 0.5 * jnp.sum((v - 1.0) ** 2)
+  u, v_star = jnp.array([1.0, 2.0, 3.0]), jnp.array([1.0, 2.0, 3.0]) / d
+  method = bilevel.CG(20)
+  grad = jax.grad(
+    lambda u: f(u, bilevel.argmin(g, u, v_star, method=method, num_steps=0, inner_lr=0.1))
+  )(u)
+  np.testing.assert_allclose(grad, (v_star - 1.0) / d, rtol=1e-6)
+  # the same under vmap (the fallback is a loop of zero iterations where it is not needed)
+  us = jnp.stack([u, 2 * u])
+  grads = jax.vmap(
+    jax.grad(lambda u: f(u, bilevel.argmin(g, u, u / d, method=method, num_steps=0, inner_lr=0.1)))
+  )(us)
+  np.testing.assert_allclose(grads, (us / d[None] - 1.0) / d[None], rtol=1e-6)
+
+
+def test_a_bare_method_base_class_is_rejected():
+  p = Quadratic(12)
+  with pytest.raises(TypeError, match="method must be one of"):
+    bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=bilevel.Method(), num_steps=1, inner_lr=LR)

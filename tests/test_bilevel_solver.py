@@ -149,7 +149,7 @@ def test_penalty_reports_divergence_when_the_penalized_objective_is_unbounded():
   state, info = run(1.0)
   assert bool(info.diverging[-1]) and float(jnp.abs(state.v).max()) > 100.0
   assert float(state.lower.gamma) < 2.0  # the schedule never got past the threshold
-  assert not bool(info.diverging[: bilevel.DIVERGENCE_STEPS - 1].any())
+  assert not bool(info.diverging[: bilevel.Penalty().divergence_steps - 1].any())
   state, info = run(4.0)  # γ_0 above the threshold: the README's advice
   assert not bool(info.diverging.any()) and float(jnp.abs(state.v).max()) < 10.0
 
@@ -326,3 +326,59 @@ def test_bad_input():
   solver = bilevel.solver(p.f, p.g, optax.sgd(0.1), bilevel.CG(2), num_steps=1, inner_lr=0.1)
   with pytest.raises(TypeError, match="v must hold floating-point arrays"):
     solver.init(jax.random.key(0), p.u, jnp.arange(3))
+
+
+def test_penalty_schedule_by_hand():
+  # After zero steps on v, at (u, v) = (0.4, 0.2) on the sum problem: ∇_v g = -2(1 - u - v)
+  # = -0.8, ∇_u L = ∇_v L = 2·0.4 + γ·4·(-0.4) (for u; 2·0.2 + ... for v).
+  f, g, _ = synthetic("sum")
+  u, v = jnp.full(10, 0.4), jnp.full(10, 0.2)
+
+  def one_step(**options):
+    tx = bilevel.scale_by_penalty(v, num_steps=0, inner_lr=0.1, **options)
+    state = tx.init(u)
+    grad, state = tx.update(None, state, u, upper_fn=f, lower_fn=g)
+    return grad, state.lower
+
+  gamma = 2.0
+  sq = 10 * ((0.8 + gamma * 4 * -0.4) ** 2 + (0.4 + gamma * 4 * -0.4) ** 2)
+  # |∇L|² >= ε²: the schedule stays
+  _, lower = one_step(gamma=gamma, epsilon=0.9 * np.sqrt(sq), augmented=True)
+  assert float(lower.gamma) == gamma and int(lower.increases) == 0
+  np.testing.assert_allclose(lower.nu, 0.0)
+  # |∇L|² < ε²: γ ← min(c_γ γ, γ_max) (capped here), ε ← c_ε ε, ν ← ν + γ ∇_v g
+  _, lower = one_step(
+    gamma=gamma, epsilon=1.1 * np.sqrt(sq), gamma_factor=3.0, max_gamma=5.0, augmented=True
+  )
+  assert float(lower.gamma) == 5.0 and int(lower.increases) == 1
+  np.testing.assert_allclose(lower.epsilon, 0.9 * 1.1 * np.sqrt(sq), rtol=1e-12)
+  np.testing.assert_allclose(lower.nu, gamma * -0.8, rtol=1e-12)
+
+
+def test_penalty_lower_weight_adds_g_to_the_steps_on_v():
+  # One plain step on v: v ← v - ρ(∇_v L + λ∇_v g); λ = 1 moves v by an extra -ρ∇_v g.
+  f, g, _ = synthetic("sum")
+  u, v = jnp.full(10, 0.4), jnp.full(10, 0.2)
+  run = lambda lam: bilevel.scale_by_penalty(
+    v, num_steps=1, inner_lr=0.01, gamma=2.0, lower_weight=lam
+  )
+  states = []
+  for lam in (0.0, 1.0):
+    tx = run(lam)
+    states.append(tx.update(None, tx.init(u), u, upper_fn=f, lower_fn=g)[1])
+  np.testing.assert_allclose(states[1].v - states[0].v, -0.01 * -0.8, rtol=1e-12)
+
+
+def test_penalty_restart_recipe_starts_the_lower_level_afresh():
+  # Re-init with the same upper state: the warm-up and the divergence baseline apply again.
+  f, g, _ = synthetic("sum")
+  solver = bilevel.penalty(f, g, optax.sgd(0.01), num_steps=1, inner_lr=0.01, warmup_steps=5)
+  key, u, v = jax.random.key(0), jnp.full(10, 0.2), jnp.zeros(10)
+  state, _ = solver.step(solver.init(key, u, v))
+  restarted = solver.init(key, state.u, v)._replace(
+    upper_state=state.upper_state, count=state.count
+  )
+  again, _ = solver.step(restarted)
+  fresh, _ = solver.step(solver.init(key, state.u, v))
+  np.testing.assert_allclose(again.v, fresh.v, rtol=1e-12)
+  assert np.isfinite(float(again.lower.first_lower_grad_norm))

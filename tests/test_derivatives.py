@@ -80,3 +80,24 @@ def test_non_scalar_function_is_a_clear_error():
   u, v, _, q_v = random_point(jax.random.key(5))
   with pytest.raises(ValueError, match="g must return a scalar"):
     derivatives.hvp_vv(lambda u, v: ravel_pytree(v)[0], u, v, q_v)
+
+
+def test_linearized_and_mixed_products_against_dense_matrices():
+  with jax.enable_x64(True):
+    ks = jax.random.split(jax.random.key(3), 4)
+    A = jax.random.normal(ks[0], (4, 4))
+    A = A @ A.T
+    B = jax.random.normal(ks[1], (3, 4))
+    c = jax.random.normal(ks[2], (4,))
+    g = lambda u, v, c: 0.5 * v @ A @ v + u @ B @ v + jnp.sum(jnp.sin(v)) * (c @ v)
+    u, v, q = jnp.ones(3), jax.random.normal(ks[3], (4,)), jnp.arange(4.0)
+    H = jax.hessian(g, argnums=1)(u, v, c)
+    grad, hvp = derivatives.grad_and_hvp_vv(g, u, v, c)
+    np.testing.assert_allclose(grad, jax.grad(g, argnums=1)(u, v, c), rtol=1e-12)
+    np.testing.assert_allclose(hvp(q), H @ q, rtol=1e-12)
+    np.testing.assert_allclose(derivatives.linearize_hvp_vv(g, u, v, c)(q), H @ q, rtol=1e-12)
+    u_bar, (c_bar,) = derivatives.vjp_grad_v(g, u, v, q, c)
+    J_u = jax.jacfwd(jax.grad(g, argnums=1), argnums=0)(u, v, c)  # (V, U)
+    J_c = jax.jacfwd(jax.grad(g, argnums=1), argnums=2)(u, v, c)  # (V, V)
+    np.testing.assert_allclose(u_bar, J_u.T @ q, rtol=1e-12)
+    np.testing.assert_allclose(c_bar, J_c.T @ q, rtol=1e-12)

@@ -23,7 +23,6 @@ from kbeam_jax.bilevel._methods import Method as Method
 from kbeam_jax.bilevel._methods import Naive as Naive
 from kbeam_jax.bilevel._methods import Neumann as Neumann
 from kbeam_jax.bilevel._methods import Penalty as Penalty
-from kbeam_jax.bilevel._outer import DIVERGENCE_STEPS as DIVERGENCE_STEPS
 from kbeam_jax.bilevel._outer import BilevelState as BilevelState
 from kbeam_jax.bilevel._outer import HypergradientInfo as HypergradientInfo
 from kbeam_jax.bilevel._outer import PenaltyInfo as PenaltyInfo
@@ -36,7 +35,6 @@ from kbeam_jax.bilevel._transform import scale_by_penalty as scale_by_penalty
 
 __all__ = [
   "CG",
-  "DIVERGENCE_STEPS",
   "FMD",
   "RMD",
   "ApproxGrad",

@@ -49,15 +49,32 @@ class Hypergradient(NamedTuple):
 
 class Inner(NamedTuple):
   """The inner loop's settings, hashable and equal for equal settings (a static argument
-  of the compiled functions): ``lr`` for plain descent, or an optax ``inner`` optimizer."""
+  of the compiled functions): ``lr`` for plain descent, or ``given``, an optax optimizer."""
 
   num_steps: int
   lr: StepSize | None
-  inner: optax.GradientTransformation | None
+  given: optax.GradientTransformation | None
 
   @property
   def optimizer(self) -> optax.GradientTransformation:
-    return self.inner if self.inner is not None else optax.sgd(self.lr)
+    return self.given if self.given is not None else optax.sgd(self.lr)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_schedule(schedule: Callable[[jax.Array], jax.Array], num_steps: int) -> None:
+  """Raises unless ``schedule`` is finite and > 0 on steps ``0..num_steps-1`` (checked once
+  per schedule and step count; a schedule that needs traced values passes unchecked)."""
+  try:
+    values = np.asarray(jax.vmap(schedule)(jnp.arange(max(num_steps, 1))))
+  except jax.errors.ConcretizationTypeError:
+    return
+  good = np.isfinite(values) & (values > 0)
+  if not np.all(good):
+    bad = int(np.argmax(~good))
+    raise ValueError(
+      f"the inner_lr schedule must give finite values > 0 on the steps 0..{num_steps - 1},"
+      f" got {values[bad]} at step {bad}."
+    )
 
 
 def check_inner(
@@ -77,14 +94,7 @@ def check_inner(
       raise TypeError(f"inner must be an optax.GradientTransformation, got {inner!r}.")
     return Inner(num_steps, None, inner)
   if callable(inner_lr):
-    steps = jnp.arange(max(num_steps, 1))
-    values = np.asarray(jax.vmap(inner_lr)(steps))
-    if not np.all(np.isfinite(values) & (values > 0)):
-      bad = int(np.argmax(~(np.isfinite(values) & (values > 0))))
-      raise ValueError(
-        f"the inner_lr schedule must give finite values > 0 on the steps 0..{num_steps - 1},"
-        f" got {values[bad]} at step {bad}."
-      )
+    _check_schedule(inner_lr, num_steps)
   elif not (
     isinstance(inner_lr, int | float | np.floating)
     and not isinstance(inner_lr, bool)
@@ -153,13 +163,20 @@ def _fmd_fwd(g, inner, u, v0, args):
   offset = 0
   for i in which:
     size = int(np.prod(jnp.shape(leaves[i])))
-    blocks[i] = jac[offset : offset + size].reshape(jnp.shape(leaves[i]) + (jac.shape[1],))
+    block = jac[offset : offset + size].reshape(jnp.shape(leaves[i]) + (jac.shape[1],))
+    blocks[i] = block.astype(jnp.result_type(leaves[i]))  # the cotangent's dtype
     offset += size
   return v_T, jax.tree.unflatten(treedef, blocks)
 
 
 def _fmd_bwd(g, inner, jac, v_bar):
   del g, inner
+  zero = jax.custom_derivatives.SymbolicZero
+  v_bar = jax.tree.map(
+    lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, zero) else c,
+    v_bar,
+    is_leaf=lambda c: isinstance(c, zero),
+  )
   v_bar = ravel_pytree(v_bar)[0]
   return jax.tree.map(
     lambda J: None if J is None else (J @ v_bar.astype(J.dtype)),
@@ -206,6 +223,10 @@ def _argmin(g, method, inner: Inner, u, v0, args):
     return jax.lax.stop_gradient(lower_loop(g, inner, None, u, v0, args))
   if isinstance(method, _methods.RMD):
     return lower_loop(g, inner, "sqrt" if method.checkpoint else "step", u, v0, args)
+  # The custom rules differentiate their explicit inputs only: values g closes over (a
+  # hyperparameter under an outer jax.grad, say) become explicit arguments.
+  g, consts = jax.closure_convert(g, u, v0, *args)
+  args = (*args, *consts)
   if isinstance(method, _methods.FMD):
     return _fmd(g, inner, u, v0, args)
   return _implicit(g, inner, method, u, v0, args)
@@ -240,12 +261,15 @@ def argmin(
   ``u ↦ f(u, argmin(g, u, v0, ...))`` is the hypergradient (see ``hypergradient``). It
   composes with ``jit``, ``vmap`` and ``jax.checkpoint``.
 
-  Pass data as ``*args`` rather than closing ``g`` over traced arrays; ``args`` are
-  differentiated too (implicitly, like ``u``). ``v0`` is a starting point: only ``RMD``
-  and ``FMD`` differentiate through it (the unrolled loop depends on it); for the
-  implicit methods and ``Naive`` its cotangent is zero (a fixed point does not depend on
-  where the search started). Calls with the same ``g`` object, method, settings and
-  shapes reuse one compiled program.
+  ``args``, and any traced value ``g`` closes over, are differentiated too (implicitly,
+  like ``u``). ``v0`` is a starting point: only ``RMD`` and ``FMD`` differentiate through
+  it (the unrolled loop depends on it); for the implicit methods and ``Naive`` its
+  cotangent is zero (a fixed point does not depend on where the search started). Calls
+  with the same ``g`` object, method, settings and shapes reuse one compiled program
+  (``argmin`` and ``hypergradient`` are jitted with ``g`` static: define ``g`` once, not
+  in a loop). Reverse mode only: the implicit methods and ``FMD`` are ``custom_vjp``
+  rules, so ``jax.jvp``, ``jax.jacfwd`` and second derivatives through ``argmin`` need
+  ``RMD`` or ``Naive``.
 
   Args:
     g: lower objective ``g(u, v, *args) -> scalar``.
@@ -256,8 +280,8 @@ def argmin(
       ``Neumann(...)``.
     num_steps: T >= 0, inner steps.
     inner_lr: ρ > 0, a number or a schedule ``t -> ρ_t``: plain gradient descent.
-    inner: instead of ``inner_lr``, any optax optimizer for ``v`` (its state starts
-      fresh from ``v0`` on every call).
+    inner: instead of ``inner_lr``, any optax optimizer for ``v`` (its state, and the step
+      count of a schedule, start fresh from ``v0`` on every call).
 
   Returns:
     ``v_T``, a pytree like ``v0``.

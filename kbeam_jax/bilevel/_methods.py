@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kbeam_jax._tree import tree_axpy, tree_sq_norm, tree_vdot
+from kbeam_jax._tree import tree_all_finite, tree_axpy, tree_sq_norm, tree_vdot
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -214,7 +214,8 @@ class CG(Implicit):
   * on a singular ``H`` whose null space ``b`` has a component in (a continuum of lower
     solutions), plain CG is wrong from its first step and then breaks down. After a
     breakdown (zero or negative curvature: also an indefinite ``H``, a non-convex lower
-    problem), or when its answer has a larger residual ``|b - Hq|`` than ``q = 0``, CG
+    problem), or when its answer has a larger residual ``|b - Hq|`` than ``q = 0`` (the
+    residual as CG's recursion tracks it), CG
     solves again on the normal equations ``H²q = Hb`` from 0, whose iterates stay in the
     range of ``H``: the minimum-norm answer ``q = H⁺b``, never NaN. That check costs one
     product per solve (``Hb``, the second solve's right-hand side); the second
@@ -258,7 +259,7 @@ class CG(Implicit):
     budget = jnp.where(wrong, self.solve_steps, 0)
     q2, _, _ = conjugate_gradient(lambda x: A(A(x)), A(rhs), budget, self.tol)
     q = jax.tree.map(lambda a, c: jnp.where(wrong, a, c), q2, q)
-    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(b)]))
+    finite = tree_all_finite(b)
     return like_b(jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q))
 
 
@@ -334,6 +335,8 @@ class Penalty(Method):
     lower_weight: λ >= 0, weight of ``g`` added to ``v``'s objective.
     augmented: add the multiplier term ``νᵀ∇_v g`` (augmented Lagrangian).
     warmup_steps: extra steps on ``v`` in the first outer step, before ``u`` moves.
+    divergence_steps: ``info.diverging`` turns true once ``|∇_v g|`` has risen this many
+      steps in a row to above its value after the first step (or ``v`` is not finite).
 
   Example:
     >>> from kbeam_jax import bilevel
@@ -352,9 +355,11 @@ class Penalty(Method):
   lower_weight: float = 0.0
   augmented: bool = False
   warmup_steps: int = 0
+  divergence_steps: int = 10
 
   def __post_init__(self):
     _require_number("Penalty", "gamma", self.gamma, positive=True)
+    _require_int("Penalty", "divergence_steps", self.divergence_steps, 1)
     _require_number("Penalty", "epsilon", self.epsilon, positive=True)
     _require_number("Penalty", "lower_weight", self.lower_weight, positive=False)
     _require_int("Penalty", "warmup_steps", self.warmup_steps, 0)
@@ -380,7 +385,7 @@ def check_method(method: Any, *, penalty_ok: bool) -> Method:
     raise TypeError(
       f"method must be a method value, not the class: write bilevel.{method.__name__}(...)."
     )
-  if not isinstance(method, Method):
+  if type(method) not in METHODS:
     names = ", ".join(f"bilevel.{m.__name__}(...)" for m in METHODS)
     raise TypeError(f"method must be one of {names}; got {method!r}.")
   if isinstance(method, Penalty) and not penalty_ok:

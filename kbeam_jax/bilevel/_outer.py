@@ -13,8 +13,8 @@ with the optax transforms:
     ``∇_v L = ∇_v f + ∇²_vv g (ν + γ∇_v g)`` (one ``hvp_joint``).
 
   When ``|∇L|² < ε²`` there, γ, ε (and ν) tighten for the next step. When ``|∇_v g|``
-  has risen for ``DIVERGENCE_STEPS`` steps in a row to above its value after the first
-  step, or ``v`` is no longer finite, the info says ``diverging``: the penalized
+  has risen for ``Penalty.divergence_steps`` steps in a row to above its value after the
+  first step, or ``v`` is no longer finite, the info says ``diverging``: the penalized
   objective is unbounded at this γ (raise γ_0).
 
 ``solver`` adds the upper optimizer and the projections; ``scale_by_hypergradient`` is the
@@ -33,14 +33,11 @@ import optax
 from kbeam_jax import derivatives
 from kbeam_jax._checks import check_float_leaves, checked_projection, scalar_output
 from kbeam_jax._solver import Solver
-from kbeam_jax._tree import tree_norm, tree_sq_norm
+from kbeam_jax._tree import tree_all_finite, tree_norm, tree_sq_norm
 from kbeam_jax.bilevel import _argmin, _methods
 
 PyTree = Any
 Projection = Callable[[PyTree], PyTree]
-
-# Consecutive steps of rising |∇_v g| after which the penalty method reports divergence.
-DIVERGENCE_STEPS = 10
 
 
 class BilevelState(NamedTuple):
@@ -94,7 +91,7 @@ class PenaltyInfo(NamedTuple):
     penalized_grad_sq: ``|∇L_γ|²`` in ``(u, v)``, compared with ``ε²``.
     gamma, epsilon: the schedule for the next step.
     increased: the schedule tightened at this step.
-    diverging: ``|∇_v g|`` rose for ``DIVERGENCE_STEPS`` steps in a row to above its value
+    diverging: ``|∇_v g|`` rose for ``divergence_steps`` steps in a row to above its value
       after the first step, or ``v`` is not finite: ``L_γ`` is unbounded at this γ. Raise
       γ_0 (``Penalty(gamma=...)``).
     finite: ``∇_u L_γ`` is finite.
@@ -114,17 +111,16 @@ class PenaltyInfo(NamedTuple):
 class Core(NamedTuple):
   """A method's direction for ``u``, shared by the solver and the transform.
 
-  ``init(u, v) -> lower`` and
-  ``direction(f, g, u, v, lower, count, args) -> (grad_u, v, lower, info)``, ``count``
-  the number of steps taken before this one.
+  ``init(u, v) -> lower`` and ``direction(f, g, u, v, lower, args) -> (grad_u, v, lower,
+  info)``, ``grad_u`` in the dtypes of ``u``.
   """
 
   init: Callable[..., Any]
   direction: Callable[..., tuple[PyTree, PyTree, Any, Any]]
 
 
-def all_finite(tree: PyTree) -> jax.Array:
-  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def like(grad: PyTree, u: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), grad, u)
 
 
 def hypergradient_core(
@@ -134,8 +130,7 @@ def hypergradient_core(
     del u, v
     return ()
 
-  def direction(f, g, u, v, lower, count, args):
-    del count
+  def direction(f, g, u, v, lower, args):
     value, out = _argmin.value_and_hypergradient(f, g, method, inner, u, v, args)
     grad_v = jax.grad(scalar_output(g, "the lower objective g(u, v)"), argnums=1)
     dtype = jnp.result_type(value)
@@ -143,11 +138,19 @@ def hypergradient_core(
       value=value,
       grad_norm=tree_norm(out.grad).astype(dtype),
       lower_grad_norm=tree_norm(grad_v(u, out.v, *args)).astype(dtype),
-      finite=all_finite(out.grad),
+      finite=tree_all_finite(out.grad),
     )
-    return out.grad, project_v(out.v), lower, info
+    return like(out.grad, u), project_v(out.v), lower, info
 
   return Core(init, direction)
+
+
+def penalized_grad_v(f, g, u, v, gamma, nu, args):
+  """``(∇_v L, ∇_v g)``: the gradient in ``v`` alone (no products in ``u``)."""
+  f_v = jax.grad(f, argnums=1)(u, v, *args)
+  g_v, hvp = derivatives.grad_and_hvp_vv(g, u, v, *args)
+  hv = hvp(jax.tree.map(lambda n, x: (n + gamma * x).astype(x.dtype), nu, g_v))
+  return jax.tree.map(lambda a, b: (a + b).astype(a.dtype), f_v, hv), g_v
 
 
 def penalized_grads(f, g, u, v, gamma, nu, args):
@@ -179,7 +182,7 @@ def penalty_core(method: _methods.Penalty, inner: _argmin.Inner, project_v: Proj
   def lower_steps(f, g, u, v, lower, num, args):
     def body(_, carry):
       v, opt_state = carry
-      _, _, grad_v, g_v = penalized_grads(f, g, u, v, lower.gamma, lower.nu, args)
+      grad_v, g_v = penalized_grad_v(f, g, u, v, lower.gamma, lower.nu, args)
       if m.lower_weight:
         grad_v = jax.tree.map(lambda a, b: a + m.lower_weight * b, grad_v, g_v)
       updates, opt_state = opt.update(grad_v, opt_state, v)
@@ -187,12 +190,13 @@ def penalty_core(method: _methods.Penalty, inner: _argmin.Inner, project_v: Proj
 
     return jax.lax.fori_loop(0, num, body, (v, lower.opt_state))
 
-  def direction(f, g, u, v, lower, count, args):
+  def direction(f, g, u, v, lower, args):
     f = scalar_output(f, "the upper objective f(u, v)")
     g = scalar_output(g, "the lower objective g(u, v)")
+    first_step = jnp.isinf(lower.first_lower_grad_norm)  # the first since init
     num = inner.num_steps
     if m.warmup_steps:  # extra steps on v before u first moves
-      num = num + jnp.where(count == 0, m.warmup_steps, 0)
+      num = num + jnp.where(first_step, m.warmup_steps, 0)
     v, opt_state = lower_steps(f, g, u, v, lower, num, args)
     value, grad_u, grad_v, g_v = penalized_grads(f, g, u, v, lower.gamma, lower.nu, args)
     dtype = lower.gamma.dtype
@@ -207,7 +211,7 @@ def penalty_core(method: _methods.Penalty, inner: _argmin.Inner, project_v: Proj
     epsilon = jnp.where(increase, m.epsilon_factor * lower.epsilon, lower.epsilon)
     violation = tree_norm(g_v).astype(dtype)
     rises = jnp.where(violation > lower.lower_grad_norm, lower.rises + 1, 0)
-    first = jnp.where(count == 0, violation, lower.first_lower_grad_norm)
+    first = jnp.where(first_step, violation, lower.first_lower_grad_norm)
     new_lower = PenaltyLower(
       opt_state=opt_state,
       gamma=gamma.astype(dtype),
@@ -226,10 +230,10 @@ def penalty_core(method: _methods.Penalty, inner: _argmin.Inner, project_v: Proj
       gamma=new_lower.gamma,
       epsilon=new_lower.epsilon,
       increased=increase,
-      diverging=((rises >= DIVERGENCE_STEPS) & (violation > first)) | ~all_finite(v),
-      finite=all_finite(grad_u),
+      diverging=((rises >= m.divergence_steps) & (violation > first)) | ~tree_all_finite(v),
+      finite=tree_all_finite(grad_u),
     )
-    return grad_u, v, new_lower, info
+    return like(grad_u, u), v, new_lower, info
 
   return Core(init, direction)
 
@@ -274,7 +278,9 @@ def solver(
       ``Neumann(...)`` or ``Penalty(...)``.
     num_steps: T, steps on ``v`` per step on ``u``.
     inner_lr: the step size on ``v`` (a number or a schedule): plain gradient descent.
-    inner: instead, any optax optimizer for ``v``.
+    inner: instead, any optax optimizer for ``v``. The hypergradient methods start its
+      state (and a schedule's count) afresh at every outer step; the penalty method keeps
+      it from step to step.
     project_u: optional projection of ``u`` after every step (same shapes and dtypes).
     project_v: optional projection of ``v``.
 
@@ -308,8 +314,7 @@ def solver(
     return BilevelState(u, v, upper.init(u), core.init(u, v), jnp.zeros([], jnp.int32))
 
   def step(state: BilevelState, *args: Any) -> tuple[BilevelState, Any]:
-    grad, v, lower, info = core.direction(f, g, state.u, state.v, state.lower, state.count, args)
-    grad = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), grad, state.u)
+    grad, v, lower, info = core.direction(f, g, state.u, state.v, state.lower, args)
     updates, upper_state = upper.update(grad, state.upper_state, state.u)
     u = project_u(optax.apply_updates(state.u, updates))
     return BilevelState(u, v, upper_state, lower, optax.safe_increment(state.count)), info

@@ -105,10 +105,7 @@ def scale_by_hypergradient(
       )
     if updates is not None:
       check_same_structure(updates, params, "grads", "params")
-    grad, v, lower, info = core.direction(
-      upper_fn, lower_fn, params, state.v, state.lower, state.count, ()
-    )
-    grad = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), grad, params)
+    grad, v, lower, info = core.direction(upper_fn, lower_fn, params, state.v, state.lower, ())
     new_state = ScaleByHypergradientState(
       v=v,
       lower=lower,

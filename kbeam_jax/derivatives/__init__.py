@@ -1,5 +1,6 @@
 """Hessian-vector products on pytrees (forward-over-reverse and mixed vjp)."""
 
+from kbeam_jax.derivatives._hvp import grad_and_hvp_vv as grad_and_hvp_vv
 from kbeam_jax.derivatives._hvp import hvp as hvp
 from kbeam_jax.derivatives._hvp import hvp_joint as hvp_joint
 from kbeam_jax.derivatives._hvp import hvp_uv as hvp_uv
@@ -9,6 +10,7 @@ from kbeam_jax.derivatives._hvp import linearize_hvp_vv as linearize_hvp_vv
 from kbeam_jax.derivatives._hvp import vjp_grad_v as vjp_grad_v
 
 __all__ = [
+  "grad_and_hvp_vv",
   "hvp",
   "hvp_joint",
   "hvp_uv",

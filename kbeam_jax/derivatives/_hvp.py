@@ -4,10 +4,15 @@ Every second derivative in the package goes through these functions:
 
 * ``hvp_vv``   ``∇²_vv g · q``, forward-over-reverse (a ``jvp`` of ``∇_v g``);
 * ``hvp_uv``   ``∇²_uv g · q``, a ``vjp`` of ``∇_v g`` with respect to ``u``;
-* ``jvp_grad_v`` ``∇²_vu g · du + ∇²_vv g · dv``, the directional derivative of ``∇_v g``
-  (the forward-mode product that FMD carries);
+* ``jvp_grad_v`` ``∇²_vu g · du + ∇²_vv g · dv``, the directional derivative of ``∇_v g``;
 * ``hvp_joint`` ``(∇²_uv g · q, ∇²_vv g · q)`` in one ``vjp`` (the penalty method's
-  gradient of ``½|∇_v g|²`` when ``q = ∇_v g``).
+  gradient of ``½|∇_v g|²`` when ``q = ∇_v g``);
+* ``grad_and_hvp_vv`` / ``linearize_hvp_vv`` ``∇_v g`` and ``q ↦ ∇²_vv g · q`` linearized
+  once (the matrix of the implicit methods' linear solves);
+* ``vjp_grad_v`` ``(∇²_uv g · q, ∂_args(∇_v g)ᵀ q)`` (their mixed term).
+
+FMD and RMD differentiate the unrolled inner loop by ``jax.jvp`` / autodiff of the loop
+itself.
 """
 
 from __future__ import annotations
@@ -162,14 +167,16 @@ def hvp_joint(
   return pullback(q)
 
 
-def linearize_hvp_vv(
+def grad_and_hvp_vv(
   g: Callable[..., jax.Array], u: PyTree, v: PyTree, *args: Any
-) -> Callable[[PyTree], PyTree]:
-  """The linear map ``q ↦ ∇²_vv g(u, v) · q``, linearized once at ``(u, v)``.
+) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+  """``∇_v g(u, v)`` and the linear map ``q ↦ ∇²_vv g(u, v) · q``, linearized once.
 
   ``jax.linearize`` of ``∇_v g`` evaluates the gradient once and keeps what its
   derivative needs, so each product afterwards costs one forward-mode pass of the
-  linearized gradient and no recomputation of ``g``: the matrix of an iterative solve.
+  linearized gradient and no recomputation of ``g``: the matrix of an iterative solve, or
+  a product whose direction depends on the gradient itself (the penalty method's
+  ``∇²_vv g (ν + γ∇_v g)``).
 
   Args:
     g: scalar function ``g(u, v, *args)``.
@@ -177,7 +184,25 @@ def linearize_hvp_vv(
     *args: extra arguments passed to ``g``.
 
   Returns:
-    A function of a pytree like ``v`` returning a pytree like ``v``.
+    ``(∇_v g, hvp)``, ``hvp`` a function of a pytree like ``v`` returning one like ``v``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.derivatives import grad_and_hvp_vv
+    >>> g = lambda u, v: (u * v ** 2).sum()
+    >>> grad, H = grad_and_hvp_vv(g, jnp.array([3.0]), jnp.array([1.0]))
+    >>> grad, H(jnp.array([2.0]))
+    (Array([6.], dtype=float32), Array([12.], dtype=float32))
+  """
+  grad_v = _grad_v(g)
+  grad, linear = jax.linearize(lambda v_: grad_v(u, v_, *args), v)
+  return grad, lambda q: linear(q)
+
+
+def linearize_hvp_vv(
+  g: Callable[..., jax.Array], u: PyTree, v: PyTree, *args: Any
+) -> Callable[[PyTree], PyTree]:
+  """The linear map ``q ↦ ∇²_vv g(u, v) · q``, linearized once (see ``grad_and_hvp_vv``).
 
   Example:
     >>> import jax.numpy as jnp
@@ -187,9 +212,7 @@ def linearize_hvp_vv(
     >>> H(jnp.array([1.0])), H(jnp.array([2.0]))
     (Array([6.], dtype=float32), Array([12.], dtype=float32))
   """
-  grad_v = _grad_v(g)
-  _, linear = jax.linearize(lambda v_: grad_v(u, v_, *args), v)
-  return lambda q: linear(q)
+  return grad_and_hvp_vv(g, u, v, *args)[1]
 
 
 def vjp_grad_v(
