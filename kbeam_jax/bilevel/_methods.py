@@ -217,10 +217,10 @@ class CG(Implicit):
     problem), or when its answer has a larger residual ``|b - Hq|`` than ``q = 0`` (the
     residual as CG's recursion tracks it), CG
     solves again on the normal equations ``H²q = Hb`` from 0, whose iterates stay in the
-    range of ``H``: the minimum-norm answer ``q = H⁺b``, never NaN. That check costs one
-    product per solve (``Hb``, the second solve's right-hand side); the second
-    solve (two products per iteration, the condition number squared) iterates only when
-    it triggers (also under ``vmap``: it is a loop of zero iterations otherwise).
+    range of ``H``: the minimum-norm answer ``q = H⁺b``, never NaN. The check costs no
+    product; the second solve (two products per iteration, the condition number squared)
+    runs only when it triggers (under ``vmap`` its right-hand side ``Hb`` is computed in
+    any case, and its loop runs zero iterations where it is not needed).
 
   Attributes:
     solve_steps: the most CG iterations, >= 1.
@@ -257,7 +257,8 @@ class CG(Implicit):
     # q = H⁺b by CG on the normal equations H²q = Hb from 0, with zero iterations unless
     # needed (a while loop, not a cond: under vmap a cond would run both branches).
     budget = jnp.where(wrong, self.solve_steps, 0)
-    q2, _, _ = conjugate_gradient(lambda x: A(A(x)), A(rhs), budget, self.tol)
+    Ab = jax.lax.cond(wrong, lambda: A(rhs), lambda: jax.tree.map(jnp.zeros_like, rhs))
+    q2, _, _ = conjugate_gradient(lambda x: A(A(x)), Ab, budget, self.tol)
     q = jax.tree.map(lambda a, c: jnp.where(wrong, a, c), q2, q)
     finite = tree_all_finite(b)
     return like_b(jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q))
