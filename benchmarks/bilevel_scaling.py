@@ -149,12 +149,18 @@ def jaxopt_peer(T: int, V: int, repeats: int, kind: str) -> dict[str, Any] | Non
       f, g, u, v0, *data, method=bilevel.CG(200, tol=1e-7), num_steps=T, inner_lr=INNER_LR
     ).grad
 
+  def plain(u, v0, *data):  # CG without its fallback (plain CG, as jaxopt's)
+    method = bilevel.CG(SOLVE_STEPS, fallback=False)
+    return bilevel.hypergradient(
+      f, g, u, v0, *data, method=method, num_steps=T, inner_lr=INNER_LR
+    ).grad
+
   ours = functools.partial(hypergradient_fn("cg", T), f, g)
-  programs = [jax.jit(fn).lower(*args).compile() for fn in (peer, ours, reference)]
-  g_peer, g_ours, g_ref = (jax.block_until_ready(c(*args)) for c in programs)
-  times: list[list[float]] = [[], []]
+  programs = [jax.jit(fn).lower(*args).compile() for fn in (peer, ours, plain, reference)]
+  g_peer, g_ours, g_plain, g_ref = (jax.block_until_ready(c(*args)) for c in programs)
+  times: list[list[float]] = [[], [], []]
   for _ in range(max(repeats, 1)):
-    for i, c in enumerate(programs[:2]):
+    for i, c in enumerate(programs[:3]):
       start = time.perf_counter()
       jax.block_until_ready(c(*args))
       times[i].append(time.perf_counter() - start)
@@ -165,8 +171,10 @@ def jaxopt_peer(T: int, V: int, repeats: int, kind: str) -> dict[str, Any] | Non
     V=int(args[1].size),
     jaxopt_seconds=statistics.median(times[0]),
     cg_seconds=statistics.median(times[1]),
+    cg_plain_seconds=statistics.median(times[2]),
     jaxopt_error=error(g_peer),
     cg_error=error(g_ours),
+    cg_plain_error=error(g_plain),
   )
 
 
@@ -254,9 +262,12 @@ def markdown(records, meta, Ts, Vs) -> str:
         p["V"],
         f"{p['jaxopt_seconds'] * 1e3:.2f}",
         f"{p['cg_seconds'] * 1e3:.2f}",
+        f"{p['cg_plain_seconds'] * 1e3:.2f}",
         f"{p['jaxopt_seconds'] / p['cg_seconds']:.2f}",
+        f"{p['jaxopt_seconds'] / p['cg_plain_seconds']:.2f}",
         f"{p['jaxopt_error']:.1e}",
         f"{p['cg_error']:.1e}",
+        f"{p['cg_plain_error']:.1e}",
       ]
       for p in meta["jaxopt"]
     ]
@@ -264,8 +275,9 @@ def markdown(records, meta, Ts, Vs) -> str:
       "## Peer: jaxopt implicit differentiation (custom_root + CG), T = 10",
       "",
       f"The same inner loop; at most {meta['solve_steps']} CG iterations each (jaxopt runs "
-      "all of them, ours stops at its tolerance 1e-6). Errors: relative to the same implicit "
-      "hypergradient with 200 CG iterations. Times: medians of alternating runs.",
+      "all of them, ours stops at its tolerance 1e-6); ours with its minimum-norm fallback "
+      "(the default) and plain (`CG(10, fallback=False)`). Errors: relative to the same "
+      "implicit hypergradient with 200 CG iterations. Times: medians of alternating runs.",
       "",
       _common.markdown_table(
         [
@@ -273,9 +285,12 @@ def markdown(records, meta, Ts, Vs) -> str:
           "V",
           "jaxopt (ms)",
           "ours CG (ms)",
+          "ours plain (ms)",
           "jaxopt / ours",
+          "jaxopt / ours plain",
           "jaxopt error",
           "ours error",
+          "ours plain error",
         ],
         rows,
       ),

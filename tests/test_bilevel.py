@@ -427,3 +427,16 @@ def test_a_bare_method_base_class_is_rejected():
   p = Quadratic(12)
   with pytest.raises(TypeError, match="method must be one of"):
     bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=bilevel.Method(), num_steps=1, inner_lr=LR)
+
+
+def test_cg_without_its_fallback_is_plain_cg():
+  # The singular example: plain CG is wrong there; CG(fallback=False) is plain CG.
+  A = jnp.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]])
+  f = lambda u, v: jnp.sum(v**2)
+  g = lambda u, v: jnp.sum((A @ (u - v)) ** 2)
+  u, v0 = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.0, 0.0, 1.0])
+  kw = dict(num_steps=200, inner_lr=0.5)
+  plain = bilevel.hypergradient(f, g, u, v0, method=bilevel.CG(10, fallback=False), **kw)
+  assert not np.allclose(plain.grad, [2.0, 4.0, 0.0], atol=1e-3)
+  with pytest.raises(ValueError, match=r"CG\.fallback must be a bool"):
+    bilevel.CG(10, fallback="yes")
