@@ -73,6 +73,8 @@ def test_block_runs_standalone(line, code, tmp_path):
   (tmp_path / "block.py").write_text(script)
   path = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))  # this checkout's kbeam_jax
+  if env.get("KBEAM_JAX_DATA"):  # CI sets it relative to the repository; the block runs elsewhere
+    env["KBEAM_JAX_DATA"] = os.path.abspath(env["KBEAM_JAX_DATA"])
   result = subprocess.run(
     [sys.executable, "block.py"],
     cwd=tmp_path,
