@@ -3,13 +3,15 @@
 Subpackages: ``kbeam_jax.minimax`` (K-beam, ε-subgradient rules, GDA baselines, optax
 forms), ``kbeam_jax.bilevel`` (hypergradient methods, a differentiable ``argmin``, the
 penalty method, optax forms), ``kbeam_jax.derivatives`` (Hessian-vector products),
-``kbeam_jax.nn`` (Flax helpers), ``kbeam_jax.data`` (loaders) and ``kbeam_jax.tasks``
-(the papers' problems). Every solver is a ``Solver(init, step)``; ``run`` drives one.
+``kbeam_jax.nn`` (Flax helpers), ``kbeam_jax.data`` (loaders), ``kbeam_jax.tasks``
+(the papers' problems) and ``kbeam_jax.parallel`` (meshes and shardings for several
+devices). Every solver is a ``Solver(init, step)``; ``run`` drives one.
 """
 
 from kbeam_jax import bilevel as bilevel
 from kbeam_jax import derivatives as derivatives
 from kbeam_jax import minimax as minimax
+from kbeam_jax import parallel as parallel
 from kbeam_jax._solver import Solver as Solver
 from kbeam_jax._solver import run as run
 from kbeam_jax.minimax import kbeam as kbeam
@@ -25,6 +27,7 @@ __all__ = [
   "kbeam",
   "kbeam_sgd",
   "minimax",
+  "parallel",
   "run",
   "scale_by_kbeam",
 ]

@@ -268,3 +268,14 @@ def test_num_active_out_of_range():
       solver.init(jax.random.key(0), leader_u(), beam_init, K=3, num_active=bad)
   with pytest.raises(ValueError, match="num_active"):
     minimax.scale_by_kbeam(optax.sgd(0.1), jnp.zeros((3, 2)), num_active=5)
+
+
+def test_alternating_gda_max_first_by_hand():
+  f = lambda u, v: u * v - 0.5 * v**2  # ∇_u f = v, ∇_v f = u - v
+  solver = minimax.alternating_gda(f, optax.sgd(0.5), optax.sgd(0.5), order="max_first")
+  state, info = solver.step(solver.init(jax.random.key(0), jnp.array(1.0), jnp.array(0.0)))
+  # v ← 0 + 0.5 (1 - 0) = 0.5, then u ← 1 - 0.5 · 0.5 = 0.75; min first would leave u at 1.
+  np.testing.assert_allclose([state.u, state.v], [0.75, 0.5])
+  np.testing.assert_allclose(info.value, 0.0)
+  with pytest.raises(ValueError, match="order must be"):
+    minimax.alternating_gda(f, optax.sgd(0.5), optax.sgd(0.5), order="v_first")

@@ -57,9 +57,21 @@ def _select(mask: jax.Array, zs: PyTree) -> PyTree:
   )
 
 
-def _certificate(gram, zs, mask, qp_iters, dtype):
+def _local(fn: Callable[..., Any], sharded_beams: bool) -> Callable[..., Any]:
+  """With sharded beams under a mesh context: ``fn`` runs whole on every device on
+  replicated inputs (a ``shard_map``), so the K-sized simplex problem's loop has no
+  collectives; XLA's partitioner would otherwise split its K-vectors across devices."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not sharded_beams or mesh.empty:
+    return fn
+  spec = jax.sharding.PartitionSpec()
+  return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
+def _certificate(gram, zs, mask, qp_iters, dtype, sharded_beams):
   """``|min-norm element of co{z_k : k in mask}|`` and its weights; NaN for an empty mask."""
-  weights = _rules.min_norm_weights(gram, mask, qp_iters)
+  solve = lambda gram, mask: _rules.min_norm_weights(gram, mask, qp_iters)
+  weights = _local(solve, sharded_beams)(gram, mask)
   cert = jnp.where(jnp.any(mask), _norm(_rules.combine(weights, zs)), jnp.nan)
   return cert.astype(dtype), weights
 
@@ -117,7 +129,8 @@ def direction(
       ok = valid & grads_finite
       mask = _rules.epsilon_set(values, certificate_epsilon, ok)
       zs = _select(ok, zs)
-      certificate, _ = _certificate(_rules.gram_matrix(zs), zs, mask, qp_iters, dtype)
+      gram = _rules.gram_matrix(zs)
+      certificate, _ = _certificate(gram, zs, mask, qp_iters, dtype, sharded_beams)
     eps_set_size = jnp.sum(valid & (ranked == ranked[best])) * any_valid
     return Direction(
       z=z,
@@ -134,11 +147,12 @@ def direction(
   mask = _rules.epsilon_set(values, epsilon, valid)
   zs = _select(valid, zs)
   gram = _rules.gram_matrix(zs)
-  certificate, min_norm = _certificate(gram, zs, mask, qp_iters, dtype)
+  certificate, min_norm = _certificate(gram, zs, mask, qp_iters, dtype, sharded_beams)
   if rule == "min_norm":
     weights = min_norm
   elif rule == "kiwiel":
-    weights = _rules.kiwiel_weights(gram, values, mask, qp_iters)
+    kiwiel = lambda gram, values, mask: _rules.kiwiel_weights(gram, values, mask, qp_iters)
+    weights = _local(kiwiel, sharded_beams)(gram, values, mask)
   else:  # random
     weights = _rules.random_weights(key, mask, dtype)
   weights = jnp.where(jnp.any(mask), weights, 0.0).astype(dtype)
