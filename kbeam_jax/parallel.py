@@ -38,8 +38,8 @@ Example:
   ...                         mesh=mesh)
   >>> state = solver.init(jax.random.key(0), jnp.array(1.0), jnp.zeros(4), K=4)
   >>> state, info = jax.jit(solver.step)(state)
-  >>> state.beams.sharding.spec
-  PartitionSpec('beams',)
+  >>> parallel.state_sharding(state, mesh).beams.spec, parallel.state_sharding(state, mesh).u.spec
+  (PartitionSpec('beams',), PartitionSpec())
 """
 
 from __future__ import annotations
