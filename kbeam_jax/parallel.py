@@ -39,7 +39,7 @@ Example:
   >>> state = solver.init(jax.random.key(0), jnp.array(1.0), jnp.zeros(4), K=4)
   >>> state, info = jax.jit(solver.step)(state)
   >>> parallel.state_sharding(state, mesh).beams.spec, parallel.state_sharding(state, mesh).u.spec
-  (PartitionSpec('beams',), PartitionSpec())
+  (P('beams',), P())
 """
 
 from __future__ import annotations
