@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 DEFAULT_COMPILE_CACHE = Path("~/.cache/kbeam_jax/jax")
+DEVICE_SUITES = ("gan_mog", "domain_adaptation")  # the suites that take --devices
 
 # suite name -> needs data files (from KBEAM_JAX_DATA)
 SUITES = {
@@ -108,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
   for suite in suites:
     start = time.perf_counter()
     importlib.import_module(f"benchmarks.{suite}").main(args)
-    print((args.out / f"{suite}.md").read_text())
+    report = f"{suite}_devices" if args.devices and suite in DEVICE_SUITES else suite
+    print((args.out / f"{report}.md").read_text())
     print(
       f"[{suite}] done in {time.perf_counter() - start:.1f} s; "
-      f"results in {args.out}/{suite}.{{json,md,png}}"
+      f"results in {args.out}/{report}.{{json,md}}"
     )
   return 0
 
