@@ -29,6 +29,7 @@ SUITES = {
   "bilevel_synthetic": False,
   "bilevel_scaling": False,
   "gan_mog": False,
+  "kbeam_rules": False,
   "privacy": True,
   "domain_adaptation": True,
   "denoising": True,

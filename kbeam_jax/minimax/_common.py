@@ -54,20 +54,30 @@ def ascend_beams(
   beams: PyTree,
   follower_state: Any,
   args: tuple[Any, ...],
+  first_grads: PyTree | None = None,
 ) -> tuple[PyTree, Any]:
-  """``num_ascent`` ascent steps of every beam at a fixed ``u``, all beams in one vmap."""
+  """``num_ascent`` ascent steps of every beam at a fixed ``u``, all beams in one vmap.
+
+  ``first_grads``: the beams' gradients ``∇_v f(u, v_k)`` at this ``u``, already
+  computed (by the ``kiwiel`` line search); the first ascent step then uses them.
+  """
   grad_v = jax.grad(f, argnums=1)
 
-  def one_beam(v, opt_state):
+  def one_beam(v, opt_state, g0):
     def body(_, carry):
       v, opt_state = carry
       return ascend(follower, grad_v(u, v, *args), opt_state, v, project_v)
 
+    if g0 is not None:
+      v, opt_state = ascend(follower, g0, opt_state, v, project_v)
+      if num_ascent == 1:
+        return v, opt_state
+      return jax.lax.fori_loop(1, num_ascent, body, (v, opt_state))
     if num_ascent == 1:  # no loop: the same program as one alternating-GDA ascent step
       return body(0, (v, opt_state))
     return jax.lax.fori_loop(0, num_ascent, body, (v, opt_state))
 
-  return jax.vmap(one_beam)(beams, follower_state)
+  return jax.vmap(one_beam)(beams, follower_state, first_grads)
 
 
 def resolve_epsilon(epsilon: float | Callable[[jax.Array], jax.Array], count: jax.Array):

@@ -126,7 +126,8 @@ def kbeam(
   Armijo backtracking line search on ``F(u) = max_k f(u, v_k)`` over the scale of the
   leader's proposed step; if no scale passes, the step is null and ``u`` stays, while the
   leader's optimizer state keeps its update). The line search tries the scales one at
-  a time and stops at the first that passes (usually the first).
+  a time and stops at the first that passes (usually the first); its evaluation of the
+  beams at the accepted point also gives the beams' next ascent gradients.
 
   Args:
     f: objective ``f(u, v, *args) -> scalar``; ``u``, ``v`` any pytrees of floats.
@@ -142,7 +143,7 @@ def kbeam(
       ``kiwiel`` and the ε-certificate; see ``minimax.simplex_qp``); default ``4K + 10``.
     armijo: sufficient-decrease constant of the ``kiwiel`` line search.
     backtrack: factor by which the ``kiwiel`` line search shrinks the step.
-    max_backtracks: most scales the ``kiwiel`` line search tries.
+    max_backtracks: most scales the ``kiwiel`` line search tries before the null step.
     certificate_epsilon: rule ``best`` only: report the ε-certificate over the beams
       within this ε of the best (K gradients per step instead of one) instead of
       ``|∇_u f(u, v_best)|``. The ε-rules always report the certificate of their ε-set.
@@ -213,29 +214,38 @@ def kbeam(
   def line_search(state, d, u_new, args):
     """Largest scale ``t = backtrack**i`` whose point passes Armijo on ``max_k f``.
 
-    Scales are tried one at a time (a ``while_loop``), so a step whose first scale
-    passes costs one evaluation of the beams.
+    Scales are tried one at a time (a ``while_loop``); if none passes, a last trial at
+    ``t = 0`` keeps ``u`` (the null step). Each trial evaluates ``f`` and ``∇_v f`` at
+    every beam: at the accepted point these are the gradients of the beams' next ascent
+    step, which then needs no evaluation of its own. A step whose first scale passes
+    costs one evaluation of the beams, as a plain step's ascent does.
+
+    Returns:
+      ``(u, scale, ∇_v f(u, v_k) for every beam)``.
     """
     dtype = d.values.dtype
-    evaluate = jax.vmap(f, in_axes=(None, 0) + (None,) * len(args))
-    F = lambda u: jnp.max(jnp.where(d.valid, evaluate(u, state.beams, *args), -jnp.inf))
+    evaluate = jax.vmap(jax.value_and_grad(f, argnums=1), in_axes=(None, 0) + (None,) * len(args))
     F0 = jnp.max(jnp.where(d.valid, d.values, -jnp.inf))
     step = jax.tree.map(jnp.subtract, u_new, state.u)
 
-    def body(carry):
-      i, _, _, _ = carry
-      t = jnp.asarray(backtrack, dtype) ** i
+    def attempt(i):
+      last = i == max_backtracks
+      t = jnp.where(last, 0.0, jnp.asarray(backtrack, dtype) ** i)
       trial = project_u(jax.tree.map(lambda x, s: x + t.astype(x.dtype) * s, state.u, step))
+      trial = _common.tree_where(last, state.u, trial)
+      values, grads = evaluate(trial, state.beams, *args)
       moved = tree_vdot(d.z, jax.tree.map(jnp.subtract, trial, state.u)).astype(dtype)
       # Armijo on the aggregate gradient; a trial that does not move downhill along z is
       # never accepted (with momentum or Adam the proposed step need not follow -z).
-      ok = (F(trial) <= F0 + armijo * moved) & (moved < 0)
-      return i + 1, ok, trial, t
+      F = jnp.max(jnp.where(d.valid, values, -jnp.inf))
+      ok = ((F <= F0 + armijo * moved) & (moved < 0)) | last
+      return i + 1, ok, trial, t, grads
 
-    init = (jnp.zeros([], jnp.int32), jnp.zeros([], bool), state.u, jnp.zeros([], dtype))
-    cond = lambda c: (~c[1]) & (c[0] < max_backtracks)
-    _, accepted, trial, t = jax.lax.while_loop(cond, body, init)
-    return _common.tree_where(accepted, trial, state.u), jnp.where(accepted, t, 0.0)
+    # The first scale outside the loop (straight-line code that XLA fuses with the rest of
+    # the step); the loop runs only when it fails.
+    first = attempt(jnp.zeros([], jnp.int32))
+    _, _, u, t, grads = jax.lax.while_loop(lambda c: ~c[1], lambda c: attempt(c[0]), first)
+    return u, t, grads
 
   def step(state: KBeamState, *args: Any) -> tuple[KBeamState, KBeamInfo]:
     key, rule_key = jax.random.split(state.key)
@@ -254,14 +264,16 @@ def kbeam(
       sharded_beams=sharded_beams,
     )
     u, leader_state = _common.descend(leader, d.z, state.leader_state, state.u, project_u)
-    scale = jnp.ones([], d.values.dtype)
+    scale, first_grads = jnp.ones([], d.values.dtype), None
     if rule == "kiwiel":
-      u, scale = line_search(state, d, u, args)
+      u, scale, first_grads = line_search(state, d, u, args)
     finite = d.any_valid & _common.tree_all_finite(d.z) & _common.tree_all_finite(u)
+    # kiwiel: a non-finite z or u never passes Armijo, so then u is the old u already and
+    # first_grads are the gradients there.
     u = _common.tree_where(finite, u, state.u)
     leader_state = _common.tree_where(finite, leader_state, state.leader_state)
     beams, follower_state = _common.ascend_beams(
-      f, follower, project_v, num_ascent, u, state.beams, state.follower_state, args
+      f, follower, project_v, num_ascent, u, state.beams, state.follower_state, args, first_grads
     )
     beams = _common.keep_inactive(state.active, beams, state.beams)
     follower_state = _common.keep_inactive(state.active, follower_state, state.follower_state)
