@@ -105,3 +105,15 @@ def test_best_rule_certificate_on_a_nonsmooth_max():
   tx = minimax.scale_by_kbeam(optax.sgd(0.0), beams, certificate_epsilon=0.01)
   _, tx_state = tx.update(None, tx.init(jnp.array(0.0)), jnp.array(0.0), minimax_fn=f)
   assert abs(float(tx_state.certificate)) < 1e-6
+
+
+@pytest.mark.parametrize(
+  "make", [minimax.simultaneous_gda, minimax.alternating_gda, minimax.extragradient]
+)
+def test_gda_skips_and_flags_a_nonfinite_step(make):
+  f = lambda u, v: jnp.sqrt(u) * v  # ∇_u at u = 0 is inf
+  solver = make(f, optax.sgd(0.1), optax.sgd(0.1))
+  state0 = solver.init(jax.random.key(0), jnp.array(0.0), jnp.array(1.0))
+  state, info = solver.step(state0)
+  assert not bool(info.update_finite)
+  assert float(state.u) == 0.0 and float(state.v) == 1.0

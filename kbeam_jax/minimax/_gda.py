@@ -37,11 +37,14 @@ class GDAState(NamedTuple):
 
 
 class GDAInfo(NamedTuple):
-  """``f(u, v)`` and the norms of both partial gradients at the step's starting point."""
+  """``f(u, v)`` and the norms of both partial gradients at the step's starting point;
+  ``update_finite`` is False when the step gave a non-finite ``u`` or ``v``, which was
+  then skipped (both players and their optimizer states keep their values)."""
 
   value: jax.Array
   grad_u_norm: jax.Array
   grad_v_norm: jax.Array
+  update_finite: jax.Array
 
 
 def _gda(
@@ -107,8 +110,12 @@ def _gda(
   }[mode]
 
   def step(state: GDAState, *args: Any) -> tuple[GDAState, GDAInfo]:
-    (u, v, ls, fs), (value, gu, gv) = update(state, args)
-    info = GDAInfo(value, tree_norm(gu).astype(value.dtype), tree_norm(gv).astype(value.dtype))
+    new, (value, gu, gv) = update(state, args)
+    finite = _common.tree_all_finite(new[:2])
+    old = (state.u, state.v, state.leader_state, state.follower_state)
+    u, v, ls, fs = _common.tree_where(finite, new, old)
+    norm = lambda g: tree_norm(g).astype(value.dtype)
+    info = GDAInfo(value, norm(gu), norm(gv), finite)
     return GDAState(u, v, ls, fs, state.count + 1), info
 
   return Solver(init, step)
