@@ -85,3 +85,16 @@ def test_mesh_needs_enough_devices():
   with pytest.raises(ValueError, match="beams .* must be an int >= 1"):
     parallel.make_mesh(beams=0)
   assert "parallel" in kbeam_jax.__all__
+
+
+def test_readme_example_runs():
+  import re
+
+  import numpy as np
+
+  readme = (HERE.parent / "README.md").read_text()
+  block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "make_mesh" in b)
+  namespace = {}
+  exec(compile(block, "README.md", "exec"), namespace)
+  assert namespace["state"].beams.shape == (8, 2)
+  assert np.all(np.isfinite(np.asarray(namespace["info"].values)))
