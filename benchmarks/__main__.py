@@ -4,6 +4,13 @@ Each suite module has ``main(args)`` taking the parsed arguments below; ``all`` 
 suites that need no data files (the README's main job). Every argument is checked before
 any work starts; ``python -m benchmarks SUITE --help`` describes one suite: what it
 measures, its run time on 2 CPU cores, the data it reads and the options it takes.
+
+JAX's persistent compilation cache is on: compiled programs are kept in
+``~/.cache/kbeam_jax/jax`` (or ``$KBEAM_JAX_COMPILE_CACHE``, or ``--compile-cache DIR``)
+and a second run loads them instead of compiling; ``--no-compile-cache`` turns it off.
+``--devices N`` (or a list ``1,2,8``) runs the suites that train networks on N devices;
+on a CPU it asks XLA for N virtual host devices, which show that the sharded programs
+give the same numbers, not how they scale (they share the same cores).
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ class Suite:
   iters: str | None = None  # default iteration count (None: no --iters)
   resume: bool = False  # checkpoints every training run (--resume)
   photos: bool = False  # --photos DIR
+  devices: bool = False  # --devices N[,N...]
+  study: bool = False  # the 2D study's --paper, --protocol, --spread
+
+
+DEFAULT_COMPILE_CACHE = Path("~/.cache/kbeam_jax/jax")
 
 
 MNIST = "mnist/ (train and t10k IDX files, gzip or raw)"
@@ -43,12 +55,14 @@ SUITES = {
     "full 8 min; --quick (10 trials, 2 surfaces) under 1 min",
     "",
     trials="100 (--quick: 10)",
+    study=True,
   ),
   "bilevel_synthetic": Suite(
     "synthetic bilevel problems, every hypergradient method (penalty paper)",
-    "the penalty paper's two synthetic bilevel problems: error of RMD, FMD, ApproxGrad, CG, "
-    "Neumann and the penalty method after 2000 outer steps",
-    "full 20 s; --quick under 30 s (compilation dominates)",
+    "synthetic bilevel problems (the penalty paper's two, a continuum of lower solutions, a "
+    "badly scaled lower level): error of RMD, FMD, ApproxGrad, CG, Neumann and the penalty "
+    "method after 2000 outer steps",
+    "full 2 min; --quick under 2.5 min (compilation dominates)",
     "",
     trials="20 (--quick: 5)",
   ),
@@ -56,7 +70,7 @@ SUITES = {
     "time and memory of one hypergradient vs T and dim(v)",
     "time and memory of one hypergradient of each method against the inner steps T and "
     "dim(v), with fitted exponents",
-    "full 100 s; --quick under 3 min",
+    "full 3.5 min; --quick under 3 min",
     "",
   ),
   "gan_mog": Suite(
@@ -69,6 +83,14 @@ SUITES = {
     trials="10 (--quick: 2)",
     iters="50,000 (--quick: 1,000)",
     resume=True,
+    devices=True,
+  ),
+  "kbeam_rules": Suite(
+    "the cost of a K-beam step under each direction rule",
+    "the cost of a K-beam step under each direction rule (best, random, min_norm, kiwiel) "
+    "on the scalar 2D problem and a GAN-sized step, beside rule best",
+    "full about 1 min; --quick under 1 min",
+    "",
   ),
   "privacy": Suite(
     "minimax filter on GENKI faces",
@@ -90,6 +112,7 @@ SUITES = {
     iters="10,000 (--quick: 20)",
     resume=True,
     photos=True,
+    devices=True,
   ),
   "denoising": Suite(
     "importance weights for noisy MNIST labels (bilevel)",
@@ -192,7 +215,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
       "--seed", type=_count("--seed", 0), default=0, help="first random seed (default: 0)"
     )
-    p.set_defaults(trials=None, iters=None, resume=False, photos=None)
+    p.add_argument(
+      "--compile-cache",
+      type=Path,
+      default=None,
+      help=f"folder of JAX's persistent compilation cache (default $KBEAM_JAX_COMPILE_CACHE "
+      f"or {DEFAULT_COMPILE_CACHE})",
+    )
+    p.add_argument(
+      "--no-compile-cache", action="store_true", help="compile everything afresh, cache nothing"
+    )
+    p.set_defaults(
+      trials=None,
+      iters=None,
+      resume=False,
+      photos=None,
+      devices=None,
+      paper=False,
+      protocol="clean",
+      spread=None,
+    )
     uses = {a: [n for n in names if getattr(SUITES[n], a)] for a in ("trials", "iters", "resume")}
     if uses["trials"]:
       defaults = "; ".join(f"{n}: {SUITES[n].trials}" for n in uses["trials"])
@@ -219,7 +261,70 @@ def _parser() -> argparse.ArgumentParser:
         help="a directory of photographs for the MNIST-M patches (default: scikit-learn's "
         "sample images)",
       )
+    if any(SUITES[n].devices for n in names):
+      p.add_argument(
+        "--devices",
+        type=_devices,
+        default=None,
+        help="device counts to time the K-beam step on, e.g. 1,2,8 (virtual CPU devices when "
+        "there is no accelerator: they show the numbers agree, not the speed-up)",
+      )
+    if any(SUITES[n].study for n in names):
+      p.add_argument(
+        "--paper",
+        action="store_true",
+        help="only the paper's six methods on its four surfaces, 100 trials, timed end to end "
+        "beside the NumPy reference loop",
+      )
+      p.add_argument(
+        "--protocol",
+        choices=("clean", "authors", "both"),
+        default="clean",
+        help="'authors' reproduces the authors' code (beams carried over K = 2 -> 5 -> 10, "
+        "Alt-GD max step first, 999 updates)",
+      )
+      p.add_argument(
+        "--spread",
+        type=_count("--spread", 0),
+        default=None,
+        help="trials of the long-run means and the spread of 100-trial means (default "
+        "10,000; 0 with --paper)",
+      )
   return parser
+
+
+def _devices(text: str) -> tuple[int, ...]:
+  """``"1,2,8"`` -> ``(1, 2, 8)``."""
+  try:
+    counts = tuple(int(x) for x in text.split(","))
+  except ValueError:
+    counts = ()
+  if not counts or min(counts) < 1:
+    raise argparse.ArgumentTypeError(
+      f"--devices takes device counts >= 1 separated by commas, got {text!r}"
+    )
+  return counts
+
+
+def setup_jax(args: argparse.Namespace) -> None:
+  """Device count and compilation cache, set before JAX starts its backend."""
+  if args.devices and "jax" not in sys.modules:
+    flag = f"--xla_force_host_platform_device_count={max(args.devices)}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+  import jax
+
+  if args.no_compile_cache:
+    args.compile_cache = None
+    return
+  folder = args.compile_cache or Path(
+    os.environ.get("KBEAM_JAX_COMPILE_CACHE", str(DEFAULT_COMPILE_CACHE))
+  )
+  folder = folder.expanduser()
+  folder.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  args.compile_cache = folder
 
 
 def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
@@ -267,13 +372,15 @@ def main(argv: list[str] | None = None) -> int:
   _check_data(parser, suites)
   if args.photos is not None and not args.photos.is_dir():
     parser.error(f"--photos {args.photos}: not a folder; pass a directory of photographs")
+  setup_jax(args)
   for suite in suites:
     start = time.perf_counter()
     suite_module(suite).main(args)
-    print((args.out / f"{suite}.md").read_text())
+    report = f"{suite}_devices" if args.devices and SUITES[suite].devices else suite
+    print((args.out / f"{report}.md").read_text())
     print(
       f"[{suite}] done in {time.perf_counter() - start:.1f} s; "
-      f"results in {args.out}/{suite}.{{json,md,png}}"
+      f"results in {args.out}/{report}.{{json,md,png}}"
     )
   return 0
 

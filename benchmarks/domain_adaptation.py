@@ -1,6 +1,9 @@
 """Domain adaptation MNIST → MNIST-M as a K-beam game (Hamm & Noh, ICML 2018, section 5.3).
 
 ``python -m benchmarks domain_adaptation [--quick] [--iters N] [--resume] [--out results]``
+``python -m benchmarks domain_adaptation --devices 1,2,8``: instead of training, the time
+of one K-beam step (K = 5) on each device count and its numbers against one device
+(``domain_adaptation_devices.json`` / ``.md``).
 
 Models and loss of ``kbeam_jax.tasks.domain_adaptation`` (Ganin et al.'s MNIST network);
 SGD with momentum 0.9, lr 1e-2, batch 128 from each domain, for both players.
@@ -31,7 +34,7 @@ import numpy as np
 import optax
 
 from benchmarks import _common
-from kbeam_jax import data, minimax, nn
+from kbeam_jax import data, minimax, nn, parallel
 from kbeam_jax.tasks import domain_adaptation as da
 
 BATCH, LR, MOMENTUM = 128, 1e-2, 0.9
@@ -244,8 +247,43 @@ def run_suite(
   return records
 
 
+def devices_suite(
+  out_dir: Path, counts: tuple[int, ...], *, K: int = 5, steps: int = 5, seed: int = 0
+) -> str:
+  """Step time of K-beam (K domain classifiers, batch 128 per domain) per device count."""
+  d = {
+    k: jnp.asarray(v)
+    for k, v in load(seed=seed).items()
+    if k in ("x_source", "y_source", "x_target")
+  }
+  opt = optax.sgd(LR, momentum=MOMENTUM)
+  state, _ = init_state(f"kbeam_{K}", jax.random.key(seed))
+
+  def batch(key):
+    k_s, k_t = jax.random.split(key)
+    i = jax.random.randint(k_s, (BATCH,), 0, d["x_source"].shape[0])
+    j = jax.random.randint(k_t, (BATCH,), 0, d["x_target"].shape[0])
+    return d["x_source"][i], d["y_source"][i], d["x_target"][j]
+
+  counts = (1,) + tuple(c for c in counts if c != 1)
+  rows = _common.device_scaling(
+    counts,
+    K,
+    lambda mesh: parallel.kbeam(da.objective(), opt, opt, mesh=mesh),
+    state,
+    batch,
+    steps=steps,
+  )
+  return _common.device_report(
+    "domain_adaptation", rows, out_dir, f"Domain adaptation, K = {K}, batch {BATCH} per domain"
+  )
+
+
 def main(args) -> None:
   """``--quick``: 20 iterations per method, 500 test images (a smoke check, not a result)."""
+  if getattr(args, "devices", None):
+    devices_suite(args.out, args.devices, steps=2 if args.quick else 5, seed=args.seed)
+    return
   iters = args.iters or (20 if args.quick else 10_000)
   run_suite(
     args.out,

@@ -1,6 +1,9 @@
 """The K-beam paper's GAN on a mixture of 7 Gaussians (Hamm & Noh, ICML 2018, section 5.2).
 
 ``python -m benchmarks gan_mog [--quick] [--trials N] [--iters N] [--resume] [--out results]``
+``python -m benchmarks gan_mog --devices 1,2,8``: instead of training, the time of one
+K-beam step (K = 10, one trial) on each device count and its numbers against one device
+(``gan_mog_devices.json`` / ``.md``).
 
 Generator and discriminator of ``kbeam_jax.tasks.gan_mog``; the saturating minimax loss;
 Adam with β1 = 0.5, generator lr 1e-3, discriminator lr 1e-4; batch 128. Methods:
@@ -28,7 +31,7 @@ from flax import nnx
 
 import kbeam_jax
 from benchmarks import _common
-from kbeam_jax import data, minimax, nn
+from kbeam_jax import data, minimax, nn, parallel
 from kbeam_jax.tasks import gan_mog
 
 BATCH, EVAL_SAMPLES = 128, 10_000
@@ -244,8 +247,35 @@ def run_suite(
   return records
 
 
+def devices_suite(out_dir: Path, counts: tuple[int, ...], *, K: int = 10, steps: int = 20):
+  """Step time of K-beam (K discriminators, batch 128) on each device count."""
+  g_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Generator(nnx.Rngs(0))), nnx.Param)
+  d_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Discriminator(nnx.Rngs(0))), nnx.Param)
+  f = gan_mog.objective(g_def, d_def)
+  leader, follower = optax.adam(G_LR, b1=BETA1), optax.adam(D_LR, b1=BETA1)
+  state, _ = init_trial(f"kbeam_{K}", jax.random.key(0))
+
+  def batch(key):
+    k_x, k_z = jax.random.split(key)
+    return data.sample_mog(k_x, BATCH), gan_mog.sample_noise(k_z, BATCH)
+
+  counts = (1,) + tuple(c for c in counts if c != 1)
+  rows = _common.device_scaling(
+    counts,
+    K,
+    lambda mesh: parallel.kbeam(f, leader, follower, mesh=mesh),
+    state,
+    batch,
+    steps=steps,
+  )
+  return _common.device_report("gan_mog", rows, out_dir, f"GAN on a MoG, K = {K}, batch {BATCH}")
+
+
 def main(args) -> None:
   """``python -m benchmarks gan_mog``; ``--quick``: 2 trials, 1,000 iterations."""
+  if getattr(args, "devices", None):
+    devices_suite(args.out, args.devices, steps=5 if args.quick else 20)
+    return
   run_suite(
     args.out,
     trials=args.trials or (2 if args.quick else 10),

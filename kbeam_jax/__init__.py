@@ -3,8 +3,9 @@
 Subpackages: ``kbeam_jax.minimax`` (K-beam, ε-subgradient rules, GDA baselines, optax
 forms), ``kbeam_jax.bilevel`` (hypergradient methods, a differentiable ``argmin``, the
 penalty method, optax forms), ``kbeam_jax.derivatives`` (Hessian-vector products),
-``kbeam_jax.nn`` (Flax helpers), ``kbeam_jax.data`` (loaders) and ``kbeam_jax.tasks``
-(the papers' problems). Every solver is a ``Solver(init, step)``; ``run`` drives one.
+``kbeam_jax.nn`` (Flax helpers), ``kbeam_jax.data`` (loaders), ``kbeam_jax.tasks``
+(the papers' problems) and ``kbeam_jax.parallel`` (meshes and shardings for several
+devices). Every solver is a ``Solver(init, step)``; ``run`` drives one.
 
 ``kbeam_jax.nn``, ``kbeam_jax.data`` and ``kbeam_jax.tasks`` are imported on first use
 (``import kbeam_jax`` then ``kbeam_jax.nn.stack_modules`` works): ``kbeam_jax.nn`` brings
@@ -16,6 +17,8 @@ import importlib
 from kbeam_jax import bilevel as bilevel
 from kbeam_jax import derivatives as derivatives
 from kbeam_jax import minimax as minimax
+from kbeam_jax import parallel as parallel
+from kbeam_jax import parallel as parallel
 from kbeam_jax._solver import Solver as Solver
 from kbeam_jax._solver import run as run
 from kbeam_jax.minimax import kbeam as kbeam
@@ -48,6 +51,7 @@ __all__ = [
   "kbeam_sgd",
   "minimax",
   "nn",
+  "parallel",
   "run",
   "scale_by_kbeam",
   "tasks",

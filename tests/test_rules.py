@@ -23,7 +23,8 @@ def linear_objective(zs, values):
 def weights(rule, zs, values, epsilon):
   key = jax.random.key(0)
   f, u, beams = linear_objective(zs, values)
-  return direction(f, rule, u, beams, jnp.asarray(epsilon), key, (), 2000)
+  active = jnp.ones(len(values), bool)
+  return direction(f, rule, u, beams, active, jnp.asarray(epsilon), key, (), None)
 
 
 def test_project_simplex_by_hand():
@@ -85,7 +86,7 @@ def test_random_weights_are_normalized_exponentials_on_the_set():
   zs, values = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [1.0, 0.95, 0.0]
   f, u, beams = linear_objective(zs, values)
   # direction() splits nothing: the rule key is used as given.
-  d = direction(f, "random", u, beams, jnp.asarray(0.1), key, (), 10)
+  d = direction(f, "random", u, beams, jnp.ones(3, bool), jnp.asarray(0.1), key, (), None)
   e = -np.log(np.asarray(jax.random.uniform(key, (3,), minval=np.finfo(np.float32).tiny)))
   expected = np.array([e[0], e[1], 0.0]) / (e[0] + e[1])
   np.testing.assert_allclose(d.weights, expected, rtol=1e-6)
@@ -127,3 +128,65 @@ def test_weights_are_convex_and_on_the_set(rule):
   w = np.asarray(d.weights)
   assert np.all(w >= 0) and np.isclose(w.sum(), 1.0, atol=1e-6)
   assert np.all(w[[2, 4]] == 0)
+
+
+def brute_force_qp(G, b, mask):
+  """``min ½λᵀGλ - bᵀλ`` on the simplex of ``mask`` in float64, by trying every support."""
+  G, b = np.asarray(G, np.float64), np.asarray(b, np.float64)
+  idx = np.flatnonzero(mask)
+  best, best_lam = np.inf, None
+  for bits in range(1, 2 ** len(idx)):
+    S = idx[[(bits >> i) & 1 == 1 for i in range(len(idx))]]
+    n = len(S)
+    A = np.block([[G[np.ix_(S, S)], np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
+    sol = np.linalg.lstsq(A, np.concatenate([b[S], [1.0]]), rcond=None)[0][:n]
+    if np.all(sol >= -1e-12):
+      lam = np.zeros(len(b))
+      lam[S] = np.maximum(sol, 0) / np.maximum(sol, 0).sum()
+      value = 0.5 * lam @ G @ lam - b @ lam
+      if value < best:
+        best, best_lam = value, lam
+  return best, best_lam
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_simplex_qp_is_exact(seed):
+  """Against every support in float64, with a linear term (Kiwiel) and without (min-norm),
+  duplicated and collinear gradients included."""
+  rng = np.random.default_rng(seed)
+  K, dim = 7, 1 + seed % 3
+  Z = rng.normal(size=(K, dim))
+  Z[3] = Z[1]  # a duplicate
+  Z[5] = 0.5 * (Z[0] + Z[2])  # an affinely dependent point
+  G = Z @ Z.T
+  mask = rng.random(K) < 0.8
+  mask[0] = True
+  for b in (np.zeros(K), -np.abs(rng.normal(size=K))):
+    lam = np.asarray(_rules.simplex_qp(jnp.asarray(G, jnp.float32), jnp.asarray(b), mask))
+    assert np.all(lam >= 0) and np.isclose(lam.sum(), 1.0, atol=1e-6) and np.all(lam[~mask] == 0)
+    best, _ = brute_force_qp(G, b, mask)
+    assert 0.5 * lam @ G @ lam - b @ lam <= best + 1e-5
+
+
+def test_simplex_qp_empty_mask_and_one_beam():
+  G = jnp.eye(3)
+  np.testing.assert_array_equal(_rules.simplex_qp(G, jnp.zeros(3), jnp.zeros(3, bool)), 0.0)
+  np.testing.assert_array_equal(
+    _rules.simplex_qp(G, jnp.zeros(3), jnp.array([False, True, False])), [0.0, 1.0, 0.0]
+  )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_rules_in_low_precision(dtype):
+  """Gradients of norm ~1000 (a float16 Gram matrix would overflow at 65504): the weights
+  and the certificate are those of float32."""
+  zs = 1000.0 * jnp.array([[1.0, 0.2], [-0.8, 0.3], [0.1, -1.0]])
+  values = jnp.array([1.0, 0.99, 0.98])
+  for rule in ("min_norm", "kiwiel"):
+    ref = weights(rule, zs, values, 0.1)
+    f, u, beams = linear_objective(zs.astype(dtype), values.astype(dtype))
+    u, beams = u.astype(dtype), beams.astype(dtype)
+    d = direction(f, rule, u, beams, jnp.ones(3, bool), jnp.asarray(0.1), None, (), None)
+    assert d.weights.dtype == dtype and d.certificate.dtype == dtype
+    np.testing.assert_allclose(np.asarray(d.weights, np.float32), ref.weights, atol=2e-2)
+    np.testing.assert_allclose(float(d.certificate), float(ref.certificate), rtol=2e-2, atol=5.0)

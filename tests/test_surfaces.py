@@ -53,8 +53,57 @@ def test_study_writes_reports_and_matches_the_numpy_loop(tmp_path):
     for field in ("surface", "method", "K", "error_mean", "error_std", "trials", "seconds"):
       assert field in r
     assert r["trials"] == 3 and r["seconds"] > 0 and np.isfinite(r["error_mean"])
-  timing = data["meta"]["timing"][0]
-  assert timing["max_abs_diff_u"] < 1e-4  # same algorithm, float32 against float64
+  timing = data["meta"]["timing"]
+  assert timing["max_abs_diff_u"]["seesaw"] < 1e-4  # same algorithm, float32 against float64
+  assert timing["programs"] == 3  # GD / Alt-GD / extragradient, OGDA, K-beam: one each
   md = (tmp_path / "surfaces.md").read_text()
   assert "0.235 ± 0.127" in md and "seesaw" in md
   assert (tmp_path / "surfaces.png").stat().st_size > 10_000
+
+
+def test_authors_protocol_carries_the_beams_over():
+  """K = 5 starts from the beams K = 2 left; Alt-GD takes its max step first; 999 updates."""
+  names = ["anti_saddle", "seesaw"]
+  paper = study.methods(paper=True)
+  authors = study.PROTOCOLS["authors"]._replace(num_iters=30)
+  programs = study.Programs(names, paper, [authors, study.PROTOCOLS["clean"]])
+  programs.compile(4)
+  keys, u0, beams0 = study.draw_inits(0, 4)
+  out = programs.run_protocol("seesaw", paper, authors, keys, u0, beams0)
+  by = {m.name: m for m in paper}
+  _, after_2 = programs.call("seesaw", by["kbeam_2"], 30, keys, u0, beams0)
+  np.testing.assert_array_equal(after_2[:, 2:], beams0[:, 2:])  # inactive beams stayed
+  u5, _ = programs.call("seesaw", by["kbeam_5"], 30, keys, u0, after_2)
+  np.testing.assert_array_equal(out["kbeam_5"], u5)
+  fresh5, _ = programs.call("seesaw", by["kbeam_5"], 30, keys, u0, beams0)
+  assert not np.array_equal(out["kbeam_5"], fresh5)
+  max_first = by["alt_gd"]._replace(family="alt_gd_max_first")
+  np.testing.assert_array_equal(
+    out["alt_gd"], programs.call("seesaw", max_first, 30, keys, u0, beams0)[0]
+  )
+  assert not np.array_equal(
+    out["alt_gd"], programs.call("seesaw", by["alt_gd"], 30, keys, u0, beams0)[0]
+  )
+
+
+def test_paper_run_with_both_protocols(tmp_path):
+  study.run_study(
+    tmp_path,
+    trials=4,
+    num_iters=30,
+    paper=True,
+    protocols=("clean", "authors"),
+    spread=8,
+    names=["anti_saddle"],
+    numpy_baseline=False,
+  )
+  data = json.loads((tmp_path / "surfaces.json").read_text())
+  assert [r["name"] for r in data["records"]] == list(surfaces.PUBLISHED_METHODS)
+  tables = data["meta"]["protocol_tables"]
+  assert {t["protocol"] for t in tables} == {"clean", "authors"} and len(tables) == 12
+  for t in tables:
+    assert t["long_trials"] == 8 and t["blocks"] == 2
+    assert t["block_mean_min"] <= t["long_error_mean"] <= t["block_mean_max"]
+  assert data["meta"]["timing"]["programs"] == 2  # GD / Alt-GD, and K-beam
+  md = (tmp_path / "surfaces.md").read_text()
+  assert "Protocol 'authors'" in md and not (tmp_path / "surfaces.png").exists()

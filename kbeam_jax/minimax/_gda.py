@@ -1,7 +1,8 @@
 """Gradient descent-ascent baselines in the solver API of ``kbeam``.
 
 * ``simultaneous_gda``  both players step from the same point;
-* ``alternating_gda``   the leader steps, then the follower at the new leader;
+* ``alternating_gda``   the leader steps, then the follower at the new leader (or the
+  other order, ``order="max_first"``);
 * ``optimistic_gda``    simultaneous steps on ``g_t + (g_t - g_{t-1})`` (optax's
   ``scale_by_optimistic_gradient`` chained before each player's optimizer);
 * ``extragradient``     step to a look-ahead point, then step from the original point
@@ -36,11 +37,14 @@ class GDAState(NamedTuple):
 
 
 class GDAInfo(NamedTuple):
-  """``f(u, v)`` and the norms of both partial gradients at the step's starting point."""
+  """``f(u, v)`` and the norms of both partial gradients at the step's starting point;
+  ``update_finite`` is False when the step gave a non-finite ``u`` or ``v``, which was
+  then skipped (both players and their optimizer states keep their values)."""
 
   value: jax.Array
   grad_u_norm: jax.Array
   grad_v_norm: jax.Array
+  update_finite: jax.Array
 
 
 def _gda(
@@ -51,6 +55,8 @@ def _gda(
   project_v: Callable[[PyTree], PyTree] | None,
   mode: str,
 ) -> Solver:
+  """The GDA solvers; ``mode`` is ``simultaneous``, ``alternating`` (min step first),
+  ``alternating_max_first`` or ``extragradient``."""
   f = scalar_output(f, "the objective f(u, v)")
   project_u = project_u or _common.identity
   project_v = project_v or _common.identity
@@ -78,6 +84,15 @@ def _gda(
     v, fs = _common.ascend(follower, gv_new, state.follower_state, state.v, project_v)
     return (u, v, ls, fs), (value, gu, gv)
 
+  def alternating_max_first(state, args):
+    value = f(state.u, state.v, *args)
+    gu = jax.grad(f)(state.u, state.v, *args)
+    gv = jax.grad(f, argnums=1)(state.u, state.v, *args)
+    v, fs = _common.ascend(follower, gv, state.follower_state, state.v, project_v)
+    gu_new = jax.grad(f)(state.u, v, *args)
+    u, ls = _common.descend(leader, gu_new, state.leader_state, state.u, project_u)
+    return (u, v, ls, fs), (value, gu, gv)
+
   def extragradient(state, args):
     value, (gu, gv) = value_and_grads(state.u, state.v, *args)
     u_half, _ = _common.descend(leader, gu, state.leader_state, state.u, project_u)
@@ -90,12 +105,17 @@ def _gda(
   update = {
     "simultaneous": simultaneous,
     "alternating": alternating,
+    "alternating_max_first": alternating_max_first,
     "extragradient": extragradient,
   }[mode]
 
   def step(state: GDAState, *args: Any) -> tuple[GDAState, GDAInfo]:
-    (u, v, ls, fs), (value, gu, gv) = update(state, args)
-    info = GDAInfo(value, tree_norm(gu).astype(value.dtype), tree_norm(gv).astype(value.dtype))
+    new, (value, gu, gv) = update(state, args)
+    finite = _common.tree_all_finite(new[:2])
+    old = (state.u, state.v, state.leader_state, state.follower_state)
+    u, v, ls, fs = _common.tree_where(finite, new, old)
+    norm = lambda g: tree_norm(g).astype(value.dtype)
+    info = GDAInfo(value, norm(gu), norm(gv), finite)
     return GDAState(u, v, ls, fs, state.count + 1), info
 
   return Solver(init, step)
@@ -148,12 +168,16 @@ def alternating_gda(
   *,
   project_u: Callable[[PyTree], PyTree] | None = None,
   project_v: Callable[[PyTree], PyTree] | None = None,
+  order: str = "min_first",
 ) -> Solver:
-  """Alternating gradient descent-ascent: the leader steps, then the follower at the new u.
+  """Alternating gradient descent-ascent: one player steps, then the other at its new point.
 
-  ``u ← u - ρ ∇_u f(u, v)``, then ``v ← v + η ∇_v f(u_new, v)``. The same steps as
-  ``kbeam`` with K = 1 and ``num_ascent=1``. Arguments and return value as in
-  ``simultaneous_gda``.
+  ``order="min_first"`` (default): ``u ← u - ρ ∇_u f(u, v)``, then
+  ``v ← v + η ∇_v f(u_new, v)``, the same steps as ``kbeam`` with K = 1 and
+  ``num_ascent=1``. ``order="max_first"``: ``v ← v + η ∇_v f(u, v)``, then
+  ``u ← u - ρ ∇_u f(u, v_new)`` (the order of the K-beam paper's own 2D code). Other
+  arguments and the return value as in ``simultaneous_gda``; ``info`` is measured at the
+  step's starting point in both orders.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -166,7 +190,10 @@ def alternating_gda(
     >>> bool(abs(state.u) < 1e-3 and abs(state.v) < 1e-3)
     True
   """
-  return _gda(f, leader, follower, project_u, project_v, "alternating")
+  if order not in ("min_first", "max_first"):
+    raise ValueError(f"order must be 'min_first' or 'max_first', got order={order!r}.")
+  mode = "alternating" if order == "min_first" else "alternating_max_first"
+  return _gda(f, leader, follower, project_u, project_v, mode)
 
 
 def optimistic_gda(

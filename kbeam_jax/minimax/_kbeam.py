@@ -25,7 +25,8 @@ PyTree = Any
 
 
 class KBeamState(NamedTuple):
-  """State of the K-beam solver; ``beams`` and ``follower_state`` have a leading axis K."""
+  """State of the K-beam solver; ``beams``, ``follower_state`` and ``active`` have a
+  leading axis K. Only the ``active`` beams take part; the others stay as they are."""
 
   u: PyTree
   beams: PyTree
@@ -33,6 +34,7 @@ class KBeamState(NamedTuple):
   follower_state: Any
   key: jax.Array
   count: jax.Array
+  active: jax.Array
 
 
 class KBeamInfo(NamedTuple):
@@ -41,12 +43,20 @@ class KBeamInfo(NamedTuple):
   Attributes:
     values: ``(K,)`` the objective at every beam, ``f(u, v_k)``.
     best: index of the best (largest-value) beam.
-    eps_set_size: number of beams within ε of the best.
-    certificate: norm of the minimum-norm element of the convex hull of the ε-set
-      gradients ``∇_u f(u, v_k)``; 0 means ``u`` is stationary for ``max_k f(u, v_k)``.
-      For rule ``best`` it is ``|∇_u f(u, v_best)|``.
+    eps_set_size: number of beams within ε of the best (rule ``best``: tied with it).
+    certificate: the ε-certificate, the norm of the minimum-norm element of the convex
+      hull of the ε-set's gradients ``∇_u f(u, v_k)``; 0 means ``u`` is stationary for
+      ``max_k f(u, v_k)`` up to ε. Under rule ``best`` it is ``|∇_u f(u, v_best)|``,
+      which does not go to 0 at a nonsmooth minimax point (two beams tied at the max
+      with opposite gradients), unless ``certificate_epsilon`` asks for the
+      ε-certificate. NaN when no beam was valid (nothing was measured), never 0.
     step_scale: the line-search scale accepted by rule ``kiwiel`` (0 = null step);
-      1 for the other rules.
+      1 for the other rules; 0 when the step was skipped.
+    num_nonfinite: active beams left out of the best beam, the ε-set and the
+      certificate because their value (for the ε-rules: or gradient) was not finite.
+    update_finite: False when the leader's step was skipped: its direction or new
+      ``u`` was not finite, or no beam was valid; ``u`` and the leader's optimizer
+      state then keep their values.
   """
 
   values: jax.Array
@@ -54,6 +64,8 @@ class KBeamInfo(NamedTuple):
   eps_set_size: jax.Array
   certificate: jax.Array
   step_scale: jax.Array
+  num_nonfinite: jax.Array
+  update_finite: jax.Array
 
 
 def init_beams(key: jax.Array, v: PyTree | Callable[[jax.Array], PyTree], K: int) -> PyTree:
@@ -78,10 +90,12 @@ def kbeam(
   epsilon: float | Callable[[jax.Array], jax.Array] = 0.0,
   project_u: Callable[[PyTree], PyTree] | None = None,
   project_v: Callable[[PyTree], PyTree] | None = None,
-  qp_iters: int = 300,
+  qp_iters: int | None = None,
   armijo: float = 1e-4,
   backtrack: float = 0.5,
   max_backtracks: int = 10,
+  certificate_epsilon: float | None = None,
+  sharded_beams: bool = False,
 ) -> Solver:
   r"""K-beam minimax solver for ``min_u max_v f(u, v, *args)``.
 
@@ -98,13 +112,22 @@ def kbeam(
   With K = 1, ``num_ascent=1`` and any rule but ``kiwiel`` (whose line search may shorten
   the step) this is exactly alternating gradient descent-ascent.
 
+  The beam count can change without compiling again: ``init(..., num_active=n)`` (n may
+  be a traced integer) uses only the first n of the K stacked beams; the others never
+  enter the best beam, the ε-set or the certificate, and do not move. Non-finite values
+  are handled the same way: a beam whose value is NaN or ±inf is left out (and counted
+  in ``info.num_nonfinite``), and a non-finite step of the leader is skipped (and
+  flagged in ``info.update_finite``).
+
   Rules (see ``kbeam_jax.minimax`` for the math): ``best`` (the basic K-beam step:
   gradient at the best beam only, ε must be 0), ``random`` (random convex combination
   on R, Algorithm 2 of the paper), ``min_norm`` (minimum-norm element of the hull:
   steepest ε-descent), ``kiwiel`` (Kiwiel's linearization weights, followed by an
   Armijo backtracking line search on ``F(u) = max_k f(u, v_k)`` over the scale of the
   leader's proposed step; if no scale passes, the step is null and ``u`` stays, while the
-  leader's optimizer state keeps its update).
+  leader's optimizer state keeps its update). The line search tries the scales one at
+  a time and stops at the first that passes (usually the first); its evaluation of the
+  beams at the accepted point also gives the beams' next ascent gradients.
 
   Args:
     f: objective ``f(u, v, *args) -> scalar``; ``u``, ``v`` any pytrees of floats.
@@ -116,19 +139,26 @@ def kbeam(
     epsilon: ε >= 0, or a schedule ``count -> ε``; ignored by ``best``.
     project_u: optional projection applied to ``u`` after every step.
     project_v: optional projection applied to each beam after every ascent step.
-    qp_iters: iterations of the simplex QP solver (``min_norm``, ``kiwiel`` and the
-      certificate of the ε-rules).
+    qp_iters: cap on the iterations of the exact simplex QP solver (``min_norm``,
+      ``kiwiel`` and the ε-certificate; see ``minimax.simplex_qp``); default ``4K + 10``.
     armijo: sufficient-decrease constant of the ``kiwiel`` line search.
     backtrack: factor by which the ``kiwiel`` line search shrinks the step.
-    max_backtracks: number of scales the ``kiwiel`` line search tries (all evaluated
-      in one vmap).
+    max_backtracks: most scales the ``kiwiel`` line search tries before the null step.
+    certificate_epsilon: rule ``best`` only: report the ε-certificate over the beams
+      within this ε of the best (K gradients per step instead of one) instead of
+      ``|∇_u f(u, v_best)|``. The ε-rules always report the certificate of their ε-set.
+    sharded_beams: set when the beams are sharded across devices
+      (``kbeam_jax.parallel``): rule ``best`` then differentiates at every beam and
+      combines the gradients with one-hot weights, so a step exchanges the K values and
+      one leader-sized gradient between devices and never a beam's parameters (K
+      gradients per step, K/n on each of n devices, instead of one).
 
   Returns:
     ``Solver(init, step)``:
 
-    * ``init(key, u, v, K) -> KBeamState``: ``v`` is either an initializer
-      ``key -> v`` (called on K split keys) or the K beams already stacked on a
-      leading axis of size K.
+    * ``init(key, u, v, K, *, num_active=None) -> KBeamState``: ``v`` is either an
+      initializer ``key -> v`` (called on K split keys) or the K beams already stacked
+      on a leading axis of size K; ``num_active`` (default K) beams take part.
     * ``step(state, *args) -> (KBeamState, KBeamInfo)``; ``args`` go to ``f``.
 
   Example:
@@ -157,7 +187,9 @@ def kbeam(
       "Pick rule='random', 'min_norm' or 'kiwiel' to use an ε-set."
     )
   num_ascent = _common.check_num_ascent(num_ascent)
-  qp_iters = check_steps("qp_iters", qp_iters)
+  qp_iters = None if qp_iters is None else check_steps("qp_iters", qp_iters)
+  if certificate_epsilon is not None:
+    _common.check_epsilon(certificate_epsilon)
   max_backtracks = check_steps("max_backtracks", max_backtracks)
   if max_backtracks < 1:
     raise ValueError(f"max_backtracks must be >= 1, got max_backtracks={max_backtracks}.")
@@ -165,7 +197,7 @@ def kbeam(
   project_u = project_u or _common.identity
   project_v = project_v or _common.identity
 
-  def init(key: jax.Array, u: PyTree, v: Any, K: int) -> KBeamState:
+  def init(key: jax.Array, u: PyTree, v: Any, K: int, *, num_active: Any = None) -> KBeamState:
     check_float_leaves(u, "u")
     key, beam_key = jax.random.split(key)
     beams = init_beams(beam_key, v, K)
@@ -176,48 +208,93 @@ def kbeam(
       follower_state=jax.vmap(follower.init)(beams),
       key=key,
       count=jnp.zeros([], jnp.int32),
+      active=_common.active_mask(K, num_active),
     )
 
   def line_search(state, d, u_new, args):
-    """Largest scale ``t = backtrack**i`` whose point passes Armijo on ``max_k f``."""
-    F = lambda u: jnp.max(
-      jax.vmap(f, in_axes=(None, 0) + (None,) * len(args))(u, state.beams, *args)
-    )
-    scales = backtrack ** jnp.arange(max_backtracks, dtype=d.values.dtype)
+    """Largest scale ``t = backtrack**i`` whose point passes Armijo on ``max_k f``.
+
+    Scales are tried one at a time (a ``while_loop``); if none passes, a last trial at
+    ``t = 0`` keeps ``u`` (the null step). Each trial evaluates ``f`` and ``∇_v f`` at
+    every beam: at the accepted point these are the gradients of the beams' next ascent
+    step, which then needs no evaluation of its own. A step whose first scale passes
+    costs one evaluation of the beams, as a plain step's ascent does.
+
+    Returns:
+      ``(u, scale, ∇_v f(u, v_k) for every beam)``.
+    """
+    dtype = d.values.dtype
+    evaluate = jax.vmap(jax.value_and_grad(f, argnums=1), in_axes=(None, 0) + (None,) * len(args))
+    F0 = jnp.max(jnp.where(d.valid, d.values, -jnp.inf))
     step = jax.tree.map(jnp.subtract, u_new, state.u)
-    trial = jax.vmap(
-      lambda t: project_u(jax.tree.map(lambda x, s: x + t.astype(x.dtype) * s, state.u, step))
-    )(scales)
-    F_trial = jax.vmap(F)(trial)
-    moved = jax.vmap(lambda ut: tree_vdot(d.z, jax.tree.map(jnp.subtract, ut, state.u)))(trial)
-    F0 = jnp.max(d.values)
-    # Armijo on the aggregate gradient; a trial that does not move downhill along z is
-    # never accepted (with momentum or Adam the proposed step need not follow -z).
-    moved = moved.astype(F_trial.dtype)
-    ok = (F_trial <= F0 + armijo * moved) & (moved < 0)
-    first = jnp.argmax(ok)
-    accepted = jnp.any(ok)
-    chosen = jax.tree.map(lambda x: x[first], trial)
-    u = jax.tree.map(
-      lambda new, old: jnp.where(accepted, new, old).astype(old.dtype), chosen, state.u
-    )
-    return u, jnp.where(accepted, scales[first], 0.0)
+
+    def attempt(i):
+      last = i == max_backtracks
+      t = jnp.where(last, 0.0, jnp.asarray(backtrack, dtype) ** i)
+      trial = project_u(jax.tree.map(lambda x, s: x + t.astype(x.dtype) * s, state.u, step))
+      trial = _common.tree_where(last, state.u, trial)
+      values, grads = evaluate(trial, state.beams, *args)
+      moved = tree_vdot(d.z, jax.tree.map(jnp.subtract, trial, state.u)).astype(dtype)
+      # Armijo on the aggregate gradient; a trial that does not move downhill along z is
+      # never accepted (with momentum or Adam the proposed step need not follow -z).
+      F = jnp.max(jnp.where(d.valid, values, -jnp.inf))
+      ok = ((F <= F0 + armijo * moved) & (moved < 0)) | last
+      return i + 1, ok, trial, t, grads
+
+    # The first scale outside the loop (straight-line code that XLA fuses with the rest of
+    # the step); the loop runs only when it fails.
+    first = attempt(jnp.zeros([], jnp.int32))
+    _, _, u, t, grads = jax.lax.while_loop(lambda c: ~c[1], lambda c: attempt(c[0]), first)
+    return u, t, grads
 
   def step(state: KBeamState, *args: Any) -> tuple[KBeamState, KBeamInfo]:
     key, rule_key = jax.random.split(state.key)
     eps = _common.resolve_epsilon(epsilon, state.count)
-    d = direction(f, rule, state.u, state.beams, eps, rule_key, args, qp_iters)
+    d = direction(
+      f,
+      rule,
+      state.u,
+      state.beams,
+      state.active,
+      eps,
+      rule_key,
+      args,
+      qp_iters,
+      certificate_epsilon=certificate_epsilon,
+      sharded_beams=sharded_beams,
+    )
     u, leader_state = _common.descend(leader, d.z, state.leader_state, state.u, project_u)
-    scale = jnp.ones([], d.values.dtype)
+    scale, first_grads = jnp.ones([], d.values.dtype), None
     if rule == "kiwiel":
-      u, scale = line_search(state, d, u, args)
+      u, scale, first_grads = line_search(state, d, u, args)
+    finite = d.any_valid & _common.tree_all_finite(d.z) & _common.tree_all_finite(u)
+    # kiwiel: a non-finite z or u never passes Armijo, so then u is the old u already and
+    # first_grads are the gradients there.
+    u = _common.tree_where(finite, u, state.u)
+    leader_state = _common.tree_where(finite, leader_state, state.leader_state)
     beams, follower_state = _common.ascend_beams(
-      f, follower, project_v, num_ascent, u, state.beams, state.follower_state, args
+      f, follower, project_v, num_ascent, u, state.beams, state.follower_state, args, first_grads
     )
+    beams = _common.keep_inactive(state.active, beams, state.beams)
+    follower_state = _common.keep_inactive(state.active, follower_state, state.follower_state)
     new_state = KBeamState(
-      u, beams, leader_state, follower_state, key, optax.safe_increment(state.count)
+      u,
+      beams,
+      leader_state,
+      follower_state,
+      key,
+      optax.safe_increment(state.count),
+      state.active,
     )
-    info = KBeamInfo(d.values, d.best, d.eps_set_size, d.certificate, scale)
+    info = KBeamInfo(
+      d.values,
+      d.best,
+      d.eps_set_size,
+      d.certificate,
+      jnp.where(finite, scale, 0.0).astype(d.values.dtype),
+      d.num_nonfinite,
+      finite,
+    )
     return new_state, info
 
   return Solver(init, step)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kbeam_jax._checks import check_same_structure, check_steps, scalar_output
+from kbeam_jax._checks import check_num_beams, check_same_structure, check_steps, scalar_output
 from kbeam_jax.minimax import _common, _rules
 from kbeam_jax.minimax._direction import direction
 from kbeam_jax.minimax._kbeam import init_beams
@@ -20,8 +20,13 @@ PyTree = Any
 class ScaleByKBeamState(NamedTuple):
   """State of ``scale_by_kbeam``: the beams and what the last update saw.
 
-  ``values``, ``best``, ``eps_set_size`` and ``certificate`` are those of the last
-  ``update`` (see ``KBeamInfo``); read them with ``optax.tree.get(opt_state, "certificate")``.
+  ``values``, ``best``, ``eps_set_size``, ``certificate`` and ``num_nonfinite`` are those
+  of the last ``update`` (see ``KBeamInfo``: under rule ``best`` the certificate is
+  ``|∇_u f(u, v_best)|``, not a stationarity measure, unless ``certificate_epsilon`` is
+  set; NaN when no beam was valid); read them with
+  ``optax.tree.get(opt_state, "certificate")``. ``last_finite`` says whether the last
+  update was finite and ``total_notfinite`` counts the updates that were not (they were
+  returned as zeros), as in ``optax.apply_if_finite``. ``active`` marks the beams in use.
   """
 
   beams: PyTree
@@ -32,6 +37,10 @@ class ScaleByKBeamState(NamedTuple):
   best: jax.Array
   eps_set_size: jax.Array
   certificate: jax.Array
+  active: jax.Array
+  num_nonfinite: jax.Array
+  last_finite: jax.Array
+  total_notfinite: jax.Array
 
 
 def scale_by_kbeam(
@@ -44,7 +53,10 @@ def scale_by_kbeam(
   rule: str = "best",
   epsilon: float | Callable[[jax.Array], jax.Array] = 0.0,
   project_v: Callable[[PyTree], PyTree] | None = None,
-  qp_iters: int = 300,
+  qp_iters: int | None = None,
+  num_active: Any = None,
+  certificate_epsilon: float | None = None,
+  sharded_beams: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the leader's gradient by the K-beam direction ``z``; the beams live in the state.
 
@@ -68,6 +80,13 @@ def scale_by_kbeam(
   Kiwiel's weights but no line search (a transform cannot evaluate the objective
   at trial points of the leader; use the solver for the line search).
 
+  Non-finite values are never silent: a beam whose value is NaN or ±inf is left out of
+  the best beam, the ε-set and the certificate (counted in ``num_nonfinite``), and an
+  update ``z`` that is not finite is returned as zeros (the leader does not move;
+  ``last_finite`` and ``total_notfinite`` in the state record it). This is the
+  transform's own guard: ``optax.apply_if_finite`` cannot serve here, since it checks
+  the incoming gradients, which K-beam ignores.
+
   Args:
     follower: optax optimizer for one beam (it receives ``-∇_v``, so it ascends).
     beams: the K beams stacked on a leading axis, or an initializer ``key -> v``
@@ -78,7 +97,13 @@ def scale_by_kbeam(
     rule: ``"best"``, ``"random"``, ``"min_norm"`` or ``"kiwiel"``.
     epsilon: ε >= 0 or a schedule ``count -> ε``.
     project_v: optional projection of each beam after every ascent step.
-    qp_iters: iterations of the simplex QP solver.
+    qp_iters: cap on the iterations of the exact simplex QP solver (default ``4K + 10``).
+    num_active: use only the first ``num_active`` beams (default all K); the others
+      never enter the best beam, the ε-set or the certificate, and do not move.
+    certificate_epsilon: rule ``best`` only: report the ε-certificate over the beams
+      within this ε of the best instead of ``|∇_u f(u, v_best)|`` (see ``kbeam``).
+    sharded_beams: the beams are sharded across devices (see ``kbeam`` and
+      ``kbeam_jax.parallel``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -111,8 +136,10 @@ def scale_by_kbeam(
   _common.check_epsilon(epsilon)
   if rule == "best" and not callable(epsilon) and float(epsilon) != 0.0:
     raise ValueError(f"rule='best' needs epsilon=0, got epsilon={epsilon}.")
+  if certificate_epsilon is not None:
+    _common.check_epsilon(certificate_epsilon)
   num_ascent = _common.check_num_ascent(num_ascent)
-  qp_iters = check_steps("qp_iters", qp_iters)
+  qp_iters = None if qp_iters is None else check_steps("qp_iters", qp_iters)
   project_v = project_v or _common.identity
   if callable(beams):
     if num_beams is None or key is None:
@@ -120,8 +147,15 @@ def scale_by_kbeam(
     key, beam_key = jax.random.split(key)
     K = num_beams
   else:
-    K = jax.tree.leaves(beams)[0].shape[0] if num_beams is None else num_beams
+    leaves = jax.tree.leaves(beams)
+    if not leaves or not jnp.ndim(leaves[0]):
+      raise ValueError(
+        "beams must be the K beams stacked on a leading axis (a pytree of arrays of shape "
+        f"(K, ...)), or an initializer key -> v with num_beams=K and key; got {beams!r}."
+      )
+    K = jnp.shape(leaves[0])[0] if num_beams is None else num_beams
     key, beam_key = jax.random.split(jax.random.key(0) if key is None else key)
+  active = _common.active_mask(check_num_beams(K), num_active)
 
   def init_fn(params: PyTree) -> ScaleByKBeamState:
     del params
@@ -135,7 +169,11 @@ def scale_by_kbeam(
       values=jnp.zeros((K,), dtype),
       best=jnp.zeros([], jnp.int32),
       eps_set_size=jnp.zeros([], jnp.int32),
-      certificate=jnp.zeros([], dtype),
+      certificate=jnp.full([], jnp.nan, dtype),  # nothing measured yet
+      active=active,
+      num_nonfinite=jnp.zeros([], jnp.int32),
+      last_finite=jnp.ones([], bool),
+      total_notfinite=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, minimax_fn, **extra_args):
@@ -152,10 +190,27 @@ def scale_by_kbeam(
     beams, follower_state = jax.lax.cond(
       state.count > 0, max_step, lambda carry: carry, (state.beams, state.follower_state)
     )
+    beams = _common.keep_inactive(state.active, beams, state.beams)
+    follower_state = _common.keep_inactive(state.active, follower_state, state.follower_state)
     key, rule_key = jax.random.split(state.key)
     eps = _common.resolve_epsilon(epsilon, state.count)
-    d = direction(f, rule, params, beams, eps, rule_key, (), qp_iters)
-    z = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), d.z, params)
+    d = direction(
+      f,
+      rule,
+      params,
+      beams,
+      state.active,
+      eps,
+      rule_key,
+      (),
+      qp_iters,
+      certificate_epsilon=certificate_epsilon,
+      sharded_beams=sharded_beams,
+    )
+    finite = d.any_valid & _common.tree_all_finite(d.z)
+    z = jax.tree.map(
+      lambda g, p: jnp.where(finite, g, jnp.zeros_like(g)).astype(jnp.result_type(p)), d.z, params
+    )
     new_state = ScaleByKBeamState(
       beams=beams,
       follower_state=follower_state,
@@ -165,6 +220,10 @@ def scale_by_kbeam(
       best=d.best.astype(jnp.int32),
       eps_set_size=d.eps_set_size,
       certificate=d.certificate.astype(state.certificate.dtype),
+      active=state.active,
+      num_nonfinite=d.num_nonfinite,
+      last_finite=finite,
+      total_notfinite=state.total_notfinite + (~finite).astype(jnp.int32),
     )
     return z, new_state
 

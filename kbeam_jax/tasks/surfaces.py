@@ -21,7 +21,7 @@ a saddle point (the monkey saddle, and the slides' example that is concave in bo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -132,3 +132,20 @@ def max_value(surface: Surface, u: jax.Array, num_grid: int = 2001) -> jax.Array
   """
   v = jnp.linspace(-BOUND, BOUND, num_grid, dtype=jnp.result_type(u, float))
   return jnp.max(jax.vmap(lambda vv: surface.f(u, vv))(v))
+
+
+def select(names: Sequence[str]) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+  """One objective ``f(u, v, i)`` for several surfaces: surface ``names[i]``, ``i`` a
+  (traced) integer, through ``lax.switch``.
+
+  A study over surfaces then compiles one program and picks the surface at run time.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.tasks import surfaces
+    >>> f = surfaces.select(["saddle", "anti_saddle"])
+    >>> float(f(jnp.array(0.0), jnp.array(0.5), 1))
+    0.25
+  """
+  fs = [get(name).f for name in names]
+  return lambda u, v, i: jax.lax.switch(i, fs, u, v)

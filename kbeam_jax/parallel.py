@@ -1,0 +1,184 @@
+"""Several devices: the K beams, the data batch and the trials of a study as mesh axes.
+
+JAX's own SPMD engine does the work: arrays carry a ``NamedSharding`` over a
+``jax.sharding.Mesh`` with the axes ``("trials", "beams", "data")``, ``jax.jit``
+partitions the K-beam step, and ``with_sharding_constraint`` keeps the layout from step
+to step. The layout:
+
+* ``beams``: the K beams, their follower optimizer states and the ``active`` mask are
+  split along their leading (beam) axis; each device holds K/n beams and runs their
+  ascent steps locally;
+* ``data``: the batch is split along its leading axis (the objective must be a mean over
+  the batch, so that XLA's partial sums add up to it);
+* ``trials``: the trials of a study, vmapped with ``jax.vmap(..., spmd_axis_name="trials")``,
+  are split along the trial axis; trials never communicate;
+* everything else (the leader ``u`` and its optimizer state, keys, counters) is
+  replicated.
+
+What crosses devices in one K-beam step (rule ``best`` with ``sharded_beams=True``, which
+``parallel.kbeam`` sets): the K values and best-beam indices (an all-gather of K numbers)
+and the leader's gradient (an all-reduce of |u| numbers): O(|u| + K), never a beam's
+parameters. The ε-rules need every beam's gradient for their Gram matrix (O(K·|u|)); the
+``data`` axis adds the usual all-reduce of each beam's gradient over the batch shards.
+``tests/test_parallel.py`` reads these collectives from the compiled program.
+
+Several hosts: start the same program on every host and call
+``jax.distributed.initialize()`` (coordinator address, process count and id from the
+arguments or the cluster's environment: SLURM, Open MPI and TPU pods are detected) before
+any other JAX call; ``jax.devices()`` then lists every host's devices and ``make_mesh``
+spans them all. Each host feeds its own slice of the batch, e.g.
+``jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)``; the rest of
+the code is unchanged.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> from kbeam_jax import parallel
+  >>> mesh = parallel.make_mesh(beams=1)  # one device here; beams=8 splits K over eight
+  >>> solver = parallel.kbeam(lambda u, v: u * v - v**2, optax.sgd(0.1), optax.sgd(0.1),
+  ...                         mesh=mesh)
+  >>> state = solver.init(jax.random.key(0), jnp.array(1.0), jnp.zeros(4), K=4)
+  >>> state, info = jax.jit(solver.step)(state)
+  >>> parallel.state_sharding(state, mesh).beams.spec, parallel.state_sharding(state, mesh).u.spec
+  (P('beams',), P())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kbeam_jax._solver import Solver
+
+PyTree = Any
+AXES = ("trials", "beams", "data")
+BEAM_FIELDS = ("beams", "follower_state", "active")
+
+
+def make_mesh(
+  *, beams: int = 1, data: int = 1, trials: int = 1, devices: Sequence[Any] | None = None
+) -> Mesh:
+  """A mesh with the axes ``("trials", "beams", "data")`` of the given sizes.
+
+  Args:
+    beams: devices along the beam axis (must divide K).
+    data: devices along the batch axis (must divide the batch size).
+    trials: devices along the trial axis (must divide the number of trials).
+    devices: the devices to use, default the first ``trials * beams * data`` of
+      ``jax.devices()`` (every host's, after ``jax.distributed.initialize()``).
+
+  Returns:
+    A ``jax.sharding.Mesh``.
+  """
+  sizes = {"trials": trials, "beams": beams, "data": data}
+  for name, size in sizes.items():
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+      raise ValueError(f"{name} (devices along the {name} axis) must be an int >= 1, got {size!r}.")
+  need = trials * beams * data
+  devices = list(jax.devices() if devices is None else devices)
+  if len(devices) < need:
+    raise ValueError(
+      f"a mesh of trials={trials} x beams={beams} x data={data} needs {need} devices, "
+      f"{len(devices)} available. On a CPU, set XLA_FLAGS=--xla_force_host_platform_device_"
+      f"count={need} before importing jax for virtual devices."
+    )
+  return Mesh(np.asarray(devices[:need]).reshape(trials, beams, data), AXES)
+
+
+def _is_beam_leaf(path: tuple[Any, ...]) -> bool:
+  for key in path:
+    name = getattr(key, "name", getattr(key, "key", None))
+    if name in BEAM_FIELDS:
+      return True
+  return False
+
+
+def state_sharding(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
+  """The ``NamedSharding`` of every leaf of a K-beam state (or any pytree holding one).
+
+  Leaves under a field or key named ``beams``, ``follower_state`` or ``active`` (a
+  ``KBeamState``, a ``ScaleByKBeamState`` inside an optax chain, the state of an
+  ``nnx.Optimizer``) are split along their beam axis on ``beams``; the rest is
+  replicated. With ``trials=True`` every leaf has a leading trial axis, split on
+  ``trials``, and the beam axis comes second.
+  """
+
+  def spec(path, leaf):
+    axes = ("trials",) if trials else ()
+    if _is_beam_leaf(path):
+      axes += ("beams",)
+    if len(axes) > np.ndim(leaf):
+      raise ValueError(
+        f"the leaf at {jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, too few axes "
+        f"for {P(*axes)}."
+      )
+    return NamedSharding(mesh, P(*axes))
+
+  return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def shard(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
+  """Places a K-beam state on ``mesh`` (see ``state_sharding``)."""
+  return jax.device_put(tree, state_sharding(tree, mesh, trials=trials))
+
+
+def constrain(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Inside ``jit``: keeps a K-beam state in the layout of ``state_sharding`` (inside
+  ``jax.vmap(..., spmd_axis_name="trials")`` the trial axis is added by the vmap)."""
+  return jax.lax.with_sharding_constraint(tree, state_sharding(tree, mesh))
+
+
+def batch_sharding(mesh: Mesh, *, trials: bool = False) -> NamedSharding:
+  """Splits a batch along its leading axis on ``data`` (after a trial axis if ``trials``)."""
+  return NamedSharding(mesh, P("trials", "data") if trials else P("data"))
+
+
+def shard_batch(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
+  """Places every leaf of a batch on ``mesh``, split along its leading axis on ``data``."""
+  return jax.device_put(tree, batch_sharding(mesh, trials=trials))
+
+
+def kbeam(
+  f: Callable[..., jax.Array],
+  leader: optax.GradientTransformation,
+  follower: optax.GradientTransformation,
+  *,
+  mesh: Mesh,
+  **kwargs: Any,
+) -> Solver:
+  """``minimax.kbeam`` laid out on ``mesh``: ``init`` places the state (beams on
+  ``beams``, the rest replicated), ``step`` keeps that layout, and rule ``best``
+  combines the beams' gradients instead of gathering the best beam
+  (``sharded_beams=True``), so a step exchanges O(|u| + K) numbers between devices.
+
+  Args:
+    f, leader, follower: as for ``minimax.kbeam``; pass the batch to ``step`` already
+      placed with ``shard_batch``.
+    mesh: from ``make_mesh``.
+    **kwargs: the keyword arguments of ``minimax.kbeam``.
+
+  Returns:
+    ``Solver(init, step)`` with the signatures of ``minimax.kbeam``'s.
+  """
+  from kbeam_jax import minimax
+
+  kwargs.setdefault("sharded_beams", mesh.shape["beams"] > 1)
+  solver = minimax.kbeam(f, leader, follower, **kwargs)
+
+  def init(*args: Any, **init_kwargs: Any):
+    state = solver.init(*args, **init_kwargs)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+      return constrain(state, mesh)  # inside jit / vmap: a constraint, not a transfer
+    return shard(state, mesh)
+
+  def step(state, *args: Any):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # K-sized QPs run replicated
+      new_state, info = solver.step(state, *args)
+    return constrain(new_state, mesh), info
+
+  return Solver(init, step)
