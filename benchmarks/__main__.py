@@ -23,6 +23,7 @@ SUITES = {
   "denoising": True,
   "poisoning": True,
   "fewshot": True,
+  "adversarial_defense": True,
 }
 
 
