@@ -63,15 +63,15 @@ class Config(NamedTuple):
   etas: tuple[float, ...] = ETAS
   defenses: tuple[str, ...] = DEFENSES
   batch: int = 64
-  lr: float = 1e-3  # classifier (leader)
-  attacker_lr: float = 1e-3  # attackers (beams, re-adapted and cat-and-mouse attackers)
+  lr: float = 1e-3  # the classifier, in every defense
+  beam_lr: float = 1e-2  # the minimax defense's attacker beams (the follower)
   penalty: float = 0.1  # the beams' tanh-saturation penalty (adversarial.objective)
   num_ascent: int = 1  # ascent steps per beam per K-beam step
-  warmup: int = 0  # first K-beam steps in which only the beams move
+  attacker_lr: float = 1e-3  # the re-adapted and the cat-and-mouse attackers
   pgd_steps: int = 40
   clean_steps: int = 3000
   defense_steps: int = 300
-  attacker_steps: int = 600
+  attacker_steps: int = 1000
   chunk: int = 100
   test_size: int = 10_000
   pgd_test: int = 1000
@@ -103,11 +103,17 @@ def config(quick: bool = False, iters: int | None = None) -> Config:
 
 
 def check_config(cfg: Config) -> None:
+  """Raises on sizes or names the suite cannot run, before anything trains."""
   for eta in cfg.etas + cfg.cat_etas:
     adversarial.check_eta(eta)
-  unknown = set(cfg.defenses) - set(DEFENSES)
-  if unknown:
-    raise KeyError(f"unknown defenses {sorted(unknown)}; known: {', '.join(DEFENSES)}.")
+  for defense in cfg.defenses:
+    if defense.startswith("minimax_k") and defense[len("minimax_k") :].isdigit():
+      if _num_beams(defense) < 1:
+        raise ValueError(f"K (the number of attacker beams) must be >= 1, got {defense!r}.")
+    elif defense not in DEFENSES:
+      raise KeyError(
+        f"unknown defenses [{defense!r}]; known: none, fgsm, pgd, minimax_k<K> (K >= 1)."
+      )
   for name in ("clean_steps", "defense_steps", "attacker_steps", "cat_steps"):
     steps = getattr(cfg, name)
     if steps < cfg.chunk or steps % cfg.chunk:
@@ -139,14 +145,21 @@ def load(data_dir: str | None, cfg: Config) -> dict[str, np.ndarray]:
 
 
 def minimax_solver(cfg: Config):
-  """``minimax.kbeam`` on ``adversarial.objective``; the classifier's step is 0 for the
-  first ``cfg.warmup`` steps (only the beams move)."""
+  """``minimax.kbeam`` on ``adversarial.objective``: Adam for the classifier and for
+  every beam (rule ``best``: the classifier steps against the strongest attacker)."""
   classifier, attacker = adversarial.graphdefs()
   f = adversarial.objective(classifier, attacker, penalty=cfg.penalty)
-  lr = optax.join_schedules(
-    [optax.constant_schedule(0.0), optax.constant_schedule(cfg.lr)], [cfg.warmup]
-  )
-  return minimax.kbeam(f, optax.adam(lr), optax.adam(cfg.attacker_lr), num_ascent=cfg.num_ascent)
+  return minimax.kbeam(f, optax.adam(cfg.lr), optax.adam(cfg.beam_lr), num_ascent=cfg.num_ascent)
+
+
+def optimizer(kind: str, cfg: Config) -> optax.GradientTransformation:
+  """Adam for the attackers and the classifier; the clean pre-training decays its step
+  along a cosine to a tenth."""
+  if kind == "attacker":
+    return optax.adam(cfg.attacker_lr)
+  if kind == "clean":
+    return optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.clean_steps, alpha=0.1))
+  return optax.adam(cfg.lr)
 
 
 def _num_beams(kind: str) -> int:
@@ -167,9 +180,9 @@ def init_state(kind: str, key: jax.Array, cfg: Config, u: Any = None, v: Any = N
     return minimax_solver(cfg).init(k_solver, u, beams, K)
   if kind == "attacker":
     v = adversarial.init_attacker(key) if v is None else v
-    return v, optax.adam(cfg.attacker_lr).init(v)
+    return v, optimizer(kind, cfg).init(v)
   if kind in ("clean", "fgsm", "pgd", "versus"):
-    return u, optax.adam(cfg.lr).init(u)
+    return u, optimizer(kind, cfg).init(u)
   raise KeyError(f"unknown training kind {kind!r}.")
 
 
@@ -182,7 +195,7 @@ def chunk_fn(kind: str, cfg: Config):
   loss = adversarial.classification_loss(classifier)
   game = adversarial.objective(classifier, attacker)
   solver = minimax_solver(cfg) if kind.startswith("minimax_k") else None
-  opt = optax.adam(cfg.attacker_lr if kind == "attacker" else cfg.lr)
+  opt = optimizer(kind, cfg)
 
   def attacked(u, x, y, eta, other, key):
     logits = adversarial.logits_fn(classifier, u)
@@ -538,7 +551,7 @@ def report(records: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -
     f"network trained {cfg['attacker_steps']} steps against the frozen classifier. "
     "own beams: the worst of the minimax defense's final attackers (a static evaluation).",
   ]
-  defenses = [d for d in DEFENSES if any(r["defense"] == d for r in records)]
+  defenses = [d for d in cfg["defenses"] if any(r["defense"] == d for r in records)]
   for eta in cfg["etas"]:
     rows = []
     for defense in defenses:
@@ -598,7 +611,7 @@ def report(records: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -
 def plot(records: list[dict[str, Any]], out_dir: Path, cfg: Config) -> None:
   import matplotlib.pyplot as plt
 
-  defenses = [d for d in DEFENSES if any(r["defense"] == d for r in records)]
+  defenses = [d for d in cfg.defenses if any(r["defense"] == d for r in records)]
   panels = [("readapted", "re-adapted attacker"), ("pgd40", "PGD-40")]
   fig, axes = plt.subplots(1, 2 + len(cfg.cat_etas), figsize=(5 * (2 + len(cfg.cat_etas)), 3.8))
   for ax, (attack, title) in zip(axes, panels, strict=False):
@@ -608,11 +621,13 @@ def plot(records: list[dict[str, Any]], out_dir: Path, cfg: Config) -> None:
     ax.set(xlabel="η", ylabel="test accuracy", title=f"against {title}", ylim=(0, 1))
     ax.legend(fontsize=7)
   for ax, eta in zip(axes[2:], cfg.cat_etas, strict=True):
-    plot_cat_and_mouse(ax, records, eta)
+    plot_cat_and_mouse(ax, records, eta, defenses)
   _common.save_figure(fig, out_dir / "adversarial_defense.png")
 
 
-def plot_cat_and_mouse(ax: Any, records: list[dict[str, Any]], eta: float) -> None:
+def plot_cat_and_mouse(
+  ax: Any, records: list[dict[str, Any]], eta: float, defenses: list[str]
+) -> None:
   """Accuracy along the cat-and-mouse sequence, the defenses' re-adapted accuracy beside."""
   seq = [
     r
@@ -624,10 +639,10 @@ def plot_cat_and_mouse(ax: Any, records: list[dict[str, Any]], eta: float) -> No
     if r["mover"] != "start":
       ax.annotate(r["mover"][0].upper(), (r["move"], r["accuracy"]), fontsize=7,
                   xytext=(3, 3), textcoords="offset points")  # fmt: skip
-  for defense in ("fgsm", "pgd", "minimax_k5"):
+  for i, defense in enumerate(defenses):
     acc = lookup(records, defense, eta, "readapted")
-    if acc is not None:
-      color = f"C{DEFENSES.index(defense)}"
+    if acc is not None and defense != "none":
+      color = f"C{i}"
       ax.axhline(acc, ls=":", lw=1, color=color, label=f"{defense} vs re-adapted")
   ax.set(
     xlabel="move (A: attacker retrained, C: classifier retrained)",
