@@ -3,8 +3,10 @@
 ``python -m benchmarks adversarial_defense [--quick] [--iters N] [--resume] [--out results]``
 
 MNIST (``KBEAM_JAX_DATA``), pixels in [0, 1], L∞ perturbations of size η in {0.1, 0.2,
-0.3}; the classifier and the network attacker of ``kbeam_jax.tasks.adversarial``; Adam
-(lr 1e-3) for every player, batch 64.
+0.3}; the classifier and the network attacker of ``kbeam_jax.tasks.adversarial``; batch
+64; Adam with step 1e-3 for the classifier in every defense and for the evaluation's
+attackers, 1e-2 for the minimax defense's beams (the follower ten times faster than the
+leader), whose tanh-saturation penalty is 0.1 (``adversarial.objective``).
 
 1. ``none``: the classifier trained on clean images (``clean_steps``). Every defense
    starts from it and trains ``defense_steps`` more steps, separately at each η:
@@ -67,6 +69,8 @@ class Config(NamedTuple):
   beam_lr: float = 1e-2  # the minimax defense's attacker beams (the follower)
   penalty: float = 0.1  # the beams' tanh-saturation penalty (adversarial.objective)
   num_ascent: int = 1  # ascent steps per beam per K-beam step
+  rule: str = "best"  # K-beam's descent rule over the beams (minimax.kbeam)
+  epsilon: float = 0.0  # its ε (rules other than "best")
   attacker_lr: float = 1e-3  # the re-adapted and the cat-and-mouse attackers
   pgd_steps: int = 40
   clean_steps: int = 3000
@@ -74,7 +78,7 @@ class Config(NamedTuple):
   attacker_steps: int = 1000
   chunk: int = 100
   test_size: int = 10_000
-  pgd_test: int = 1000
+  pgd_test: int = 500
   eval_batch: int = 500
   cat_etas: tuple[float, ...] = (0.3,)
   cat_rounds: int = 4
@@ -87,8 +91,8 @@ def config(quick: bool = False, iters: int | None = None) -> Config:
   cfg = Config()
   if quick:
     cfg = cfg._replace(
-      clean_steps=200,
-      defense_steps=20,
+      clean_steps=100,
+      defense_steps=10,
       attacker_steps=20,
       chunk=10,
       test_size=500,
@@ -146,10 +150,13 @@ def load(data_dir: str | None, cfg: Config) -> dict[str, np.ndarray]:
 
 def minimax_solver(cfg: Config):
   """``minimax.kbeam`` on ``adversarial.objective``: Adam for the classifier and for
-  every beam (rule ``best``: the classifier steps against the strongest attacker)."""
+  every beam; rule ``best`` steps the classifier against the strongest attacker."""
   classifier, attacker = adversarial.graphdefs()
   f = adversarial.objective(classifier, attacker, penalty=cfg.penalty)
-  return minimax.kbeam(f, optax.adam(cfg.lr), optax.adam(cfg.beam_lr), num_ascent=cfg.num_ascent)
+  leader, follower = optax.adam(cfg.lr), optax.adam(cfg.beam_lr)
+  return minimax.kbeam(
+    f, leader, follower, num_ascent=cfg.num_ascent, rule=cfg.rule, epsilon=cfg.epsilon
+  )
 
 
 def optimizer(kind: str, cfg: Config) -> optax.GradientTransformation:
@@ -442,7 +449,10 @@ def run_suite(
   d: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
   """Trains and evaluates every defense at every η, runs the cat-and-mouse sequence,
-  writes the JSON, markdown and figure; returns the records."""
+  writes the JSON, markdown and figure; returns the records.
+
+  ``d`` (``x_train``, ``y_train``, ``x_test``, ``y_test`` as ``load`` returns them)
+  replaces MNIST when given."""
   cfg = Config() if cfg is None else cfg
   check_config(cfg)
   start = time.perf_counter()
@@ -479,9 +489,8 @@ def run_suite(
       if defense == "none":
         u, beams = u0, None
       else:
-        kind = "clean" if defense == "none" else defense
-        state = init_state(kind, k_defense, cfg, u=u0)
-        state, run = train(kind, name, state, k_defense, dev, eta, cfg.defense_steps, cfg, **kw)
+        state = init_state(defense, k_defense, cfg, u=u0)
+        state, run = train(defense, name, state, k_defense, dev, eta, cfg.defense_steps, cfg, **kw)
         runs.append(run)
         u = classifier_params(state)
         beams = state.beams if isinstance(state, minimax.KBeamState) else None
@@ -513,13 +522,11 @@ def run_suite(
 
 
 def lookup(records: list[dict[str, Any]], defense: str, eta: float, attack: str) -> float | None:
-  """The accuracy of ``defense`` trained for (or, ``none``, evaluated at) ``eta``."""
+  """The accuracy under ``attack`` of ``defense`` trained at ``eta`` (``none``: evaluated
+  at ``eta``), or None if the records hold none."""
   for r in records:
-    trained = r["train_eta"] in (None, eta)
-    if r["defense"] == defense and trained and r["attack"] == attack:
-      if attack == "clean" and (defense == "none" or r["train_eta"] == eta):
-        return r["accuracy"]
-      if r["eta"] == eta:
+    if r["defense"] == defense and r["attack"] == attack and r["train_eta"] in (None, eta):
+      if attack == "clean" or r["eta"] == eta:
         return r["accuracy"]
   return None
 
@@ -545,10 +552,13 @@ def report(records: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -
     f"# Adversarial examples: the minimax defense (MNIST, seed {meta['seed']}, "
     f"{meta['wall_s'] / 60:.1f} min on {meta['environment']['device']})",
     f"Every defense fine-tunes the clean classifier ({cfg['clean_steps']} steps) for "
-    f"{cfg['defense_steps']} steps at its η (batch {cfg['batch']}, Adam {cfg['lr']}). "
+    f"{cfg['defense_steps']} steps at its η (batch {cfg['batch']}, Adam {cfg['lr']}; the "
+    f"K-beam beams Adam {cfg['beam_lr']}, {cfg['num_ascent']} ascent step(s), rule "
+    f"{cfg['rule']}, saturation penalty {cfg['penalty']}). "
     f"Clean, FGSM and re-adapted: {cfg['test_size']} test digits; PGD-40 (random start, "
     f"step 2.5η/40): the first {cfg['pgd_test']}. Re-adapted attacker: a fresh attacker "
-    f"network trained {cfg['attacker_steps']} steps against the frozen classifier. "
+    f"network trained {cfg['attacker_steps']} steps (Adam {cfg['attacker_lr']}) against the "
+    "frozen classifier, from the same initial weights for every classifier. "
     "own beams: the worst of the minimax defense's final attackers (a static evaluation).",
   ]
   defenses = [d for d in cfg["defenses"] if any(r["defense"] == d for r in records)]
