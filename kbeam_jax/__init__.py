@@ -18,7 +18,6 @@ from kbeam_jax import bilevel as bilevel
 from kbeam_jax import derivatives as derivatives
 from kbeam_jax import minimax as minimax
 from kbeam_jax import parallel as parallel
-from kbeam_jax import parallel as parallel
 from kbeam_jax._solver import Solver as Solver
 from kbeam_jax._solver import run as run
 from kbeam_jax.minimax import kbeam as kbeam

@@ -96,3 +96,36 @@ def test_transform_without_params():
 def test_negative_steps():
   with pytest.raises(ValueError, match="num_steps must be >= 0"):
     kbeam_jax.run(lambda s: (s, None), 0, -1)
+
+
+
+def _wrong_shape(tree):
+  return jax.tree.map(lambda x: jnp.stack([x, x]), tree)
+
+
+SOLVER_MAKERS = {
+  "kbeam": minimax.kbeam,
+  "simultaneous_gda": minimax.simultaneous_gda,
+  "alternating_gda": minimax.alternating_gda,
+  "optimistic_gda": minimax.optimistic_gda,
+  "extragradient": minimax.extragradient,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOLVER_MAKERS))
+@pytest.mark.parametrize("which", ["u", "v"])
+def test_projection_that_changes_shapes_is_named(name, which):
+  solver = SOLVER_MAKERS[name](game, sgd, sgd, **{f"project_{which}": _wrong_shape})
+  if name == "kbeam":
+    state = solver.init(jax.random.key(0), u0(), stacked_beams(), K)
+  else:
+    state = solver.init(jax.random.key(0), u0(), v0())
+  with pytest.raises(ValueError, match=rf"project_{which} must return {which} with the same"):
+    solver.step(state)
+
+
+def test_transform_projection_that_changes_shapes_is_named():
+  tx = minimax.scale_by_kbeam(sgd, stacked_beams(), project_v=_wrong_shape)
+  state = tx.init(u0())
+  with pytest.raises(ValueError, match=r"project_v must return v with the same"):
+    tx.update(u0(), state, u0(), minimax_fn=game)

@@ -17,11 +17,6 @@ PyTree = Any
 Projection = Callable[[PyTree], PyTree] | None
 
 
-def identity(tree: PyTree) -> PyTree:
-  """The default projection: none."""
-  return tree
-
-
 def descend(
   optimizer: optax.GradientTransformation,
   grads: PyTree,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kbeam_jax._checks import check_float_leaves, scalar_output
+from kbeam_jax._checks import check_float_leaves, checked_projection, scalar_output
 from kbeam_jax._solver import Solver
 from kbeam_jax._tree import tree_norm
 from kbeam_jax.minimax import _common
@@ -58,8 +58,8 @@ def _gda(
   """The GDA solvers; ``mode`` is ``simultaneous``, ``alternating`` (min step first),
   ``alternating_max_first`` or ``extragradient``."""
   f = scalar_output(f, "the objective f(u, v)")
-  project_u = project_u or _common.identity
-  project_v = project_v or _common.identity
+  project_u = checked_projection(project_u, "u")
+  project_v = checked_projection(project_v, "v")
   value_and_grads = jax.value_and_grad(f, argnums=(0, 1))
 
   def init(key: jax.Array, u: PyTree, v: PyTree) -> GDAState:

@@ -14,6 +14,7 @@ from kbeam_jax._checks import (
   check_leading_axis,
   check_num_beams,
   check_steps,
+  checked_projection,
   scalar_output,
 )
 from kbeam_jax._solver import Solver
@@ -194,8 +195,8 @@ def kbeam(
   if max_backtracks < 1:
     raise ValueError(f"max_backtracks must be >= 1, got max_backtracks={max_backtracks}.")
   f = scalar_output(f, "the objective f(u, v)")
-  project_u = project_u or _common.identity
-  project_v = project_v or _common.identity
+  project_u = checked_projection(project_u, "u")
+  project_v = checked_projection(project_v, "v")
 
   def init(key: jax.Array, u: PyTree, v: Any, K: int, *, num_active: Any = None) -> KBeamState:
     check_float_leaves(u, "u")

@@ -9,7 +9,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kbeam_jax._checks import check_num_beams, check_same_structure, check_steps, scalar_output
+from kbeam_jax._checks import (
+  check_num_beams,
+  check_same_structure,
+  check_steps,
+  checked_projection,
+  scalar_output,
+)
 from kbeam_jax.minimax import _common, _rules
 from kbeam_jax.minimax._direction import direction
 from kbeam_jax.minimax._kbeam import init_beams
@@ -140,7 +146,7 @@ def scale_by_kbeam(
     _common.check_epsilon(certificate_epsilon)
   num_ascent = _common.check_num_ascent(num_ascent)
   qp_iters = None if qp_iters is None else check_steps("qp_iters", qp_iters)
-  project_v = project_v or _common.identity
+  project_v = checked_projection(project_v, "v")
   if callable(beams):
     if num_beams is None or key is None:
       raise ValueError("beams is an initializer key -> v: pass num_beams=K and key=... too.")
