@@ -18,6 +18,8 @@ def test_notebook_runs(path, monkeypatch):
   # the kernel imports this checkout's kbeam_jax, not whichever copy pip installed
   python_path = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(python_path))
+  if os.environ.get("KBEAM_JAX_DATA"):  # relative to the repository (CI); kernels run elsewhere
+    monkeypatch.setenv("KBEAM_JAX_DATA", os.path.abspath(os.environ["KBEAM_JAX_DATA"]))
   nb = nbformat.read(path, as_version=4)
   assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
     f"{path.name} is stored with outputs; clear them before committing."
