@@ -379,11 +379,11 @@ def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   suites = ALL if args.suite == "all" else [args.suite]
+  setup_jax(args)  # first: the device count must be set before anything imports JAX
   _check_out(parser, args.out)
   _check_data(parser, suites)
   if args.photos is not None and not args.photos.is_dir():
     parser.error(f"--photos {args.photos}: not a folder; pass a directory of photographs")
-  setup_jax(args)
   for suite in suites:
     start = time.perf_counter()
     suite_module(suite).main(args)

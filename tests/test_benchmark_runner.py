@@ -146,3 +146,29 @@ def test_train_in_chunks_saves_on_a_clock_and_on_exit(tmp_path, monkeypatch):
     _common.train_in_chunks(failing, jnp.int32(0), 5, checkpoint=tmp_path / "k", save_every_s=1e9)
   restored, meta = nn.load_checkpoint(tmp_path / "k", like=jnp.int32(0))
   assert int(restored) == 2 and len(meta["history"]) == 2  # state and history agree
+
+
+def test_devices_flag_starts_jax_with_that_many_devices(tmp_path):
+  """``--devices 1,2`` from a plain shell (no XLA_FLAGS): the runner asks XLA for two
+  virtual devices before anything imports JAX, and the sharded step matches one device."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  root = Path(__file__).parent.parent
+  env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+  argv = ["gan_mog", "--devices", "1,2", "--quick", "--no-compile-cache", "--out", str(tmp_path)]
+  out = subprocess.run(
+    [sys.executable, "-m", "benchmarks", *argv],
+    env=env,
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.loads((tmp_path / "gan_mog_devices.json").read_text())["records"]
+  assert [r["devices"] for r in rows] == [1, 2]
+  assert rows[1]["max_abs_diff_u"] < 1e-5
