@@ -52,7 +52,7 @@ SUITES = {
     "2D minimax surfaces, GDA vs K-beam (K-beam paper, Table 1)",
     "the K-beam paper's 2D minimax surfaces (Table 1): error |u_T - u*| of GDA, alternating "
     "GDA, optimistic GDA, extragradient and K-beam K = 1..10 with every ε-rule",
-    "full 8 min; --quick (10 trials, 2 surfaces) under 1 min",
+    "full 70 s; --quick (10 trials, 2 surfaces) under 1 min",
     "",
     trials="100 (--quick: 10)",
     study=True,
