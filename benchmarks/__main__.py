@@ -70,7 +70,7 @@ SUITES = {
     "time and memory of one hypergradient vs T and dim(v)",
     "time and memory of one hypergradient of each method against the inner steps T and "
     "dim(v), with fitted exponents",
-    "full 3.5 min; --quick under 3 min",
+    "full 2 min (3.5 under load); --quick under 3 min",
     "",
   ),
   "gan_mog": Suite(

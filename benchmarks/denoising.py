@@ -141,7 +141,7 @@ def run_case(
       chunk_fn,
       solver.init(jax.random.key(trial_seed), a0, v0),
       num_chunks,
-      checkpoint=out_dir / "checkpoints" / f"denoising_{case}_{method}_{trial_seed}.msgpack",
+      checkpoint=out_dir / "checkpoints" / f"denoising_{case}_{method}_{trial_seed}",
       resume=resume,
       desc=f"denoising {case} {method}",
     )

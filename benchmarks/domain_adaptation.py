@@ -226,7 +226,7 @@ def run_suite(
       eval_every=eval_every,
       seed=seed,
       test_size=test_size,
-      checkpoint=out_dir / "checkpoints" / f"domain_adaptation_{m}.msgpack",
+      checkpoint=out_dir / "checkpoints" / f"domain_adaptation_{m}",
       resume=resume,
     )
     for m in methods

@@ -365,7 +365,7 @@ def run_one(
       lambda st: run_chunk(st, train_pool),
       state,
       num_chunks,
-      checkpoint=out_dir / "fewshot_checkpoints" / f"{s.name}_{method}_{seed}.msgpack",
+      checkpoint=out_dir / "fewshot_checkpoints" / f"{s.name}_{method}_{seed}",
       resume=resume,
       desc=f"{s.name} {method}",
       after_chunk=lambda st: {"test_metric": test_metric(t.params(st))},

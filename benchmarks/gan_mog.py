@@ -224,7 +224,7 @@ def run_suite(
         num_iters=num_iters,
         eval_every=eval_every,
         seed=seed,
-        checkpoint=out_dir / "checkpoints" / f"gan_mog_{method}.msgpack",
+        checkpoint=out_dir / "checkpoints" / f"gan_mog_{method}",
         resume=resume,
       )
     )

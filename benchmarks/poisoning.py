@@ -113,7 +113,7 @@ def attack(
     chunk_fn,
     solver.init(jax.random.key(0), u0, v0),
     num_chunks,
-    checkpoint=out_dir / "checkpoints" / f"poisoning_{label}_{method}.msgpack",
+    checkpoint=out_dir / "checkpoints" / f"poisoning_{label}_{method}",
     resume=resume,
     desc=f"poisoning {label} {method}",
   )

@@ -169,7 +169,7 @@ def run_suite(
         **evaluate(lambda x, U=U: x @ U, d, key),
       }
     )
-  ckpt = lambda name: out_dir / "checkpoints" / f"privacy_{name}.msgpack"
+  ckpt = lambda name: out_dir / "checkpoints" / f"privacy_{name}"
   for kind in FILTERS:
     for solver_name in solvers:
       for t in range(trials):

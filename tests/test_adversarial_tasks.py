@@ -59,7 +59,7 @@ def test_gan_benchmark_resumes_to_the_same_numbers(tmp_path):
   """A run stopped after one chunk and resumed ends where a straight run ends."""
   opts = dict(trials=2, num_iters=20, eval_every=10, seed=0)
   straight = gan_bench.run_method("kbeam_2", **opts)
-  ckpt = tmp_path / "gan.msgpack"
+  ckpt = tmp_path / "gan_checkpoint"
   first = gan_bench.run_method("kbeam_2", **opts, checkpoint=ckpt, stop_after=1)
   assert len(first["jsd"]) == 2  # the initial evaluation and one chunk
   resumed = gan_bench.run_method("kbeam_2", **opts, checkpoint=ckpt, resume=True)

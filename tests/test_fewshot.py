@@ -302,4 +302,4 @@ def test_run_one_record(tmp_path):
   assert [i for i, _ in record["test_curve"]] == [0, 2, 4]
   assert all(v > 0 for _, v in record["test_curve"])
   assert record["head_mean"] > 0 and record["head_ci95"] >= 0
-  assert (tmp_path / "fewshot_checkpoints" / "sine-5shot_gd_0.msgpack").exists()
+  assert (tmp_path / "fewshot_checkpoints" / "sine-5shot_gd_0").exists()
