@@ -122,6 +122,12 @@ def check_config(cfg: Config) -> None:
     steps = getattr(cfg, name)
     if steps < cfg.chunk or steps % cfg.chunk:
       raise ValueError(f"{name}={steps} must be a positive multiple of chunk={cfg.chunk}.")
+  if cfg.pgd_test > cfg.test_size:
+    raise ValueError(
+      f"pgd_test={cfg.pgd_test} must be at most test_size={cfg.test_size} (PGD-40 runs on "
+      "the first pgd_test of the test digits loaded)."
+    )
+  minimax_solver(cfg)  # rule, epsilon, num_ascent and the step sizes, checked now
   if cfg.test_size % cfg.eval_batch or cfg.pgd_test % cfg.eval_batch:
     raise ValueError(
       f"test_size={cfg.test_size} and pgd_test={cfg.pgd_test} must be multiples of "
@@ -467,7 +473,8 @@ def run_suite(
   k_init, k_clean, k_defense = jax.random.split(key, 3)
   kw = dict(out_dir=out_dir, resume=resume)
   state = init_state("clean", k_init, cfg, u=adversarial.init_classifier(k_init))
-  state, run = train("clean", "adv_none", state, k_clean, dev, ETAS[0], cfg.clean_steps, cfg, **kw)
+  eta = cfg.etas[0]  # unused by clean training
+  state, run = train("clean", "adv_none", state, k_clean, dev, eta, cfg.clean_steps, cfg, **kw)
   u0, runs, records = state[0], [run], []
 
   def add(defense, train_eta, eta, acc):

@@ -55,6 +55,16 @@ from jax.sharding import PartitionSpec as P
 
 from kbeam_jax._solver import Solver
 
+__all__ = [
+  "batch_sharding",
+  "constrain",
+  "kbeam",
+  "make_mesh",
+  "shard",
+  "shard_batch",
+  "state_sharding",
+]
+
 PyTree = Any
 AXES = ("trials", "beams", "data")
 BEAM_FIELDS = ("beams", "follower_state", "active")
@@ -74,6 +84,11 @@ def make_mesh(
 
   Returns:
     A ``jax.sharding.Mesh``.
+
+  Example:
+    >>> from kbeam_jax import parallel
+    >>> parallel.make_mesh(beams=1).shape  # beams=8 on eight devices
+    OrderedDict([('trials', 1), ('beams', 1), ('data', 1)])
   """
   sizes = {"trials": trials, "beams": beams, "data": data}
   for name, size in sizes.items():
@@ -88,6 +103,23 @@ def make_mesh(
       f"count={need} before importing jax for virtual devices."
     )
   return Mesh(np.asarray(devices[:need]).reshape(trials, beams, data), AXES)
+
+
+def _check_mesh(mesh: Any) -> None:
+  if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != AXES:
+    names = getattr(mesh, "axis_names", None)
+    raise ValueError(
+      f"mesh must be a jax.sharding.Mesh with the axes {AXES}, got {type(mesh).__name__} "
+      f"with axes {names}; build it with kbeam_jax.parallel.make_mesh(beams=, data=, trials=)."
+    )
+
+
+def _check_divides(mesh: Mesh, axis: str, size: int, what: str) -> None:
+  if size % mesh.shape[axis]:
+    raise ValueError(
+      f"{what} = {size} cannot be split over the {mesh.shape[axis]} devices of the mesh's "
+      f"{axis!r} axis; choose {axis}= in make_mesh to divide {size}."
+    )
 
 
 def _is_beam_leaf(path: tuple[Any, ...]) -> bool:
@@ -108,6 +140,8 @@ def state_sharding(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
   ``trials``, and the beam axis comes second.
   """
 
+  _check_mesh(mesh)
+
   def spec(path, leaf):
     axes = ("trials",) if trials else ()
     if _is_beam_leaf(path):
@@ -117,13 +151,26 @@ def state_sharding(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
         f"the leaf at {jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, too few axes "
         f"for {P(*axes)}."
       )
+    for axis, size in zip(axes, np.shape(leaf), strict=False):
+      what = "K (the number of beams)" if axis == "beams" else "the number of trials"
+      _check_divides(mesh, axis, size, what)
     return NamedSharding(mesh, P(*axes))
 
   return jax.tree_util.tree_map_with_path(spec, tree)
 
 
 def shard(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
-  """Places a K-beam state on ``mesh`` (see ``state_sharding``)."""
+  """Places a K-beam state on ``mesh`` (see ``state_sharding``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from kbeam_jax import minimax, parallel
+    >>> mesh = parallel.make_mesh(beams=1)
+    >>> solver = minimax.kbeam(lambda u, v: u * v, optax.sgd(0.1), optax.sgd(0.1))
+    >>> state = parallel.shard(solver.init(jax.random.key(0), 1.0, jnp.zeros(4), 4), mesh)
+    >>> state.beams.sharding.spec
+    P('beams',)
+  """
   return jax.device_put(tree, state_sharding(tree, mesh, trials=trials))
 
 
@@ -135,12 +182,31 @@ def constrain(tree: PyTree, mesh: Mesh) -> PyTree:
 
 def batch_sharding(mesh: Mesh, *, trials: bool = False) -> NamedSharding:
   """Splits a batch along its leading axis on ``data`` (after a trial axis if ``trials``)."""
+  _check_mesh(mesh)
   return NamedSharding(mesh, P("trials", "data") if trials else P("data"))
 
 
 def shard_batch(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
-  """Places every leaf of a batch on ``mesh``, split along its leading axis on ``data``."""
-  return jax.device_put(tree, batch_sharding(mesh, trials=trials))
+  """Places every leaf of a batch on ``mesh``, split along its leading axis on ``data``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax import parallel
+    >>> x = parallel.shard_batch(jnp.ones((64, 2)), parallel.make_mesh(data=1))
+    >>> x.sharding.spec
+    P('data',)
+  """
+  sharding = batch_sharding(mesh, trials=trials)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    axes = ("trials", "data") if trials else ("data",)
+    if np.ndim(leaf) < len(axes):
+      raise ValueError(
+        f"the batch leaf {jax.tree_util.keystr(path) or 'x'} has shape {np.shape(leaf)}; it needs "
+        f"a leading {'trial and batch axis' if trials else 'batch axis'} to split."
+      )
+    for axis, size in zip(axes, np.shape(leaf), strict=False):
+      _check_divides(mesh, axis, size, "the batch size" if axis == "data" else "the trials")
+  return jax.device_put(tree, sharding)
 
 
 def kbeam(
@@ -152,9 +218,10 @@ def kbeam(
   **kwargs: Any,
 ) -> Solver:
   """``minimax.kbeam`` laid out on ``mesh``: ``init`` places the state (beams on
-  ``beams``, the rest replicated), ``step`` keeps that layout, and rule ``best``
-  combines the beams' gradients instead of gathering the best beam
-  (``sharded_beams=True``), so a step exchanges O(|u| + K) numbers between devices.
+  ``beams``, the rest replicated), ``step`` keeps that layout, and, when the mesh splits
+  the beams over several devices, rule ``best`` combines the beams' gradients instead of
+  gathering the best beam (``sharded_beams=True``), so a step exchanges O(|u| + K)
+  numbers between devices. K must be a multiple of the ``beams`` axis size.
 
   Args:
     f, leader, follower: as for ``minimax.kbeam``; pass the batch to ``step`` already
@@ -167,6 +234,7 @@ def kbeam(
   """
   from kbeam_jax import minimax
 
+  _check_mesh(mesh)
   kwargs.setdefault("sharded_beams", mesh.shape["beams"] > 1)
   solver = minimax.kbeam(f, leader, follower, **kwargs)
 

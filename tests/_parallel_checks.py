@@ -92,8 +92,16 @@ def solver_check(mesh_shape: dict[str, int], rule: str = "best", steps: int = 5)
   x = parallel.shard_batch(DATA, mesh) if mesh_shape.get("data", 1) > 1 else DATA
   out, info = run(sharded)(state, x)
   ref, ref_info = run(plain)(plain.init(jax.random.key(2), leader(), BEAMS, K), DATA)
-  hlo = jax.jit(sharded.step).lower(state, x).compile().as_text()
+  compiled = jax.jit(sharded.step).lower(state, x).compile()
+  hlo = compiled.as_text()
+  # One program serves every step: a compiled executable refuses inputs whose shardings
+  # differ from those it was compiled for, so the states it returns must keep the layout.
+  again, steps_on_one_program = state, 0
+  for _ in range(3):
+    again, _ = compiled(again, x)
+    steps_on_one_program += 1
   return {
+    "steps_on_one_program": steps_on_one_program,
     "max_diff": max_diff((out.u, out.beams), (ref.u, ref.beams)),
     "max_diff_values": max_diff(info.values, ref_info.values),
     "beam_specs": specs((out.beams, out.follower_state, out.active)),
@@ -211,6 +219,22 @@ def bilevel_check(method_name: str, steps: int = 40) -> dict:
   }
 
 
+def error_check() -> dict:
+  """Meshes and sizes that do not fit: the messages."""
+  messages = {}
+  solver = parallel.kbeam(game, optax.sgd(0.1), optax.sgd(0.1), mesh=parallel.make_mesh(beams=3))
+  for name, call in {
+    "k_not_divisible": lambda: solver.init(jax.random.key(0), leader(), BEAMS, K),
+    "batch_not_divisible": lambda: parallel.shard_batch(DATA[:63], parallel.make_mesh(data=2)),
+  }.items():
+    try:
+      call()
+      messages[name] = None
+    except ValueError as e:
+      messages[name] = str(e)
+  return messages
+
+
 def main() -> None:
   assert len(jax.devices()) == 8, jax.devices()
   out = {
@@ -219,6 +243,7 @@ def main() -> None:
     "min_norm_beams8": solver_check({"beams": 8}, rule="min_norm"),
     "trials2_beams4": trials_check(),
     "nnx_beams8": nnx_check(),
+    "errors": error_check(),
     **{f"bilevel_{m}_data8": bilevel_check(m) for m in ("CG", "RMD", "FMD")},
   }
   json.dump(out, sys.stdout)

@@ -98,7 +98,6 @@ def test_negative_steps():
     kbeam_jax.run(lambda s: (s, None), 0, -1)
 
 
-
 def _wrong_shape(tree):
   return jax.tree.map(lambda x: jnp.stack([x, x]), tree)
 

@@ -50,6 +50,15 @@ CHECKS = {
     assert isinstance(values, jax.Array) and values.shape == (4,)
     assert np.all(np.isfinite(np.asarray(values)))
   """,
+  "parallel.make_mesh(beams=1)": """
+    import numpy as np
+    assert state.beams.shape == (8, 2)
+    assert np.all(np.isfinite(np.asarray(info.values)))
+  """,
+  "adversarial.objective(classifier, attacker, penalty=0.1)": """
+    import numpy as np
+    assert info.values.shape == (5,) and np.all(np.isfinite(np.asarray(info.values)))
+  """,
 }
 
 
