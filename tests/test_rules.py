@@ -190,3 +190,15 @@ def test_rules_in_low_precision(dtype):
     assert d.weights.dtype == dtype and d.certificate.dtype == dtype
     np.testing.assert_allclose(np.asarray(d.weights, np.float32), ref.weights, atol=2e-2)
     np.testing.assert_allclose(float(d.certificate), float(ref.certificate), rtol=2e-2, atol=5.0)
+
+
+def test_simplex_qp_bad_input_is_named():
+  G, b, mask = jnp.eye(3), jnp.zeros(3), jnp.ones(3, bool)
+  with pytest.raises(ValueError, match=r"gram \(K, K\), linear \(K,\) and mask \(K,\)"):
+    _rules.simplex_qp(jnp.ones((3, 2)), b, mask)
+  with pytest.raises(ValueError, match=r"linear \(2,\)"):
+    _rules.simplex_qp(G, jnp.zeros(2), mask)
+  with pytest.raises(TypeError, match="mask must be boolean"):
+    _rules.simplex_qp(G, b, jnp.ones(3))
+  with pytest.raises(ValueError, match="num_iters must be >= 0"):
+    _rules.simplex_qp(G, b, mask, num_iters=-1)

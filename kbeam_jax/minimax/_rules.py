@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kbeam_jax._checks import check_steps
+
 PyTree = Any
 
 RULES = ("best", "random", "min_norm", "kiwiel")
@@ -130,8 +132,15 @@ def simplex_qp(
   References:
     Wolfe, Finding the nearest point in a polytope, Math. Programming 11, 1976.
   """
-  K = gram.shape[0]
-  num_iters = 4 * K + 10 if num_iters is None else num_iters
+  K = jnp.shape(gram)[0] if jnp.ndim(gram) else 0
+  if jnp.shape(gram) != (K, K) or K < 1 or jnp.shape(linear) != (K,) or jnp.shape(mask) != (K,):
+    raise ValueError(
+      f"simplex_qp needs gram (K, K), linear (K,) and mask (K,) with K >= 1; got gram "
+      f"{jnp.shape(gram)}, linear {jnp.shape(linear)}, mask {jnp.shape(mask)}."
+    )
+  if jnp.result_type(mask) != jnp.bool_:
+    raise TypeError(f"simplex_qp's mask must be boolean, got {jnp.result_type(mask)}.")
+  num_iters = 4 * K + 10 if num_iters is None else check_steps("num_iters", num_iters)
   work = jnp.promote_types(gram.dtype, jnp.float32)
   idx = jnp.arange(K)
   G = jnp.where(mask[:, None] & mask[None, :], gram.astype(work), 0.0)
