@@ -36,11 +36,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from kbeam_jax import nn as kbeam_nn
 from kbeam_jax._checks import check_steps
+from kbeam_jax.tasks._classifiers import cross_entropy as cross_entropy
 
 PyTree = Any
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -148,11 +148,6 @@ def check_eta(eta: Any) -> None:
     raise ValueError(
       f"eta (the L∞ radius of the attack, pixels in [0, 1]) must lie in (0, 1], got eta={eta}."
     )
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy with integer labels."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 def perturb(x: jax.Array, a: jax.Array, eta: Any) -> jax.Array:

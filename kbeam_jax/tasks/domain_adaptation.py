@@ -24,10 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from kbeam_jax import nn as kbeam_nn
+from kbeam_jax.tasks._classifiers import cross_entropy as cross_entropy
 
 FEATURES = 4 * 4 * 48
 
@@ -69,10 +69,6 @@ class DomainClassifier(nnx.Module):
     return self.out(jax.nn.relu(self.l1(h)))
 
 
-def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
 def graphdefs(channels: int = 3) -> tuple[nnx.GraphDef, nnx.GraphDef, nnx.GraphDef]:
   """Graph definitions of the extractor, label classifier and domain classifier."""
   shape = lambda make: nnx.split(nnx.eval_shape(make), nnx.Param)[0]
@@ -111,10 +107,10 @@ def objective(channels: int = 3) -> Callable[..., jax.Array]:
   def f(u, v, x_s, y_s, x_t):
     extract = nnx.merge(fdef, u["features"])
     h_s, h_t = extract(x_s), extract(x_t)
-    label_loss = _ce(nnx.merge(cdef, u["labels"])(h_s), y_s)
+    label_loss = cross_entropy(nnx.merge(cdef, u["labels"])(h_s), y_s)
     D = nnx.merge(ddef, v)
-    domain_s = _ce(D(h_s), jnp.zeros(h_s.shape[0], jnp.int32))
-    domain_t = _ce(D(h_t), jnp.ones(h_t.shape[0], jnp.int32))
+    domain_s = cross_entropy(D(h_s), jnp.zeros(h_s.shape[0], jnp.int32))
+    domain_t = cross_entropy(D(h_t), jnp.ones(h_t.shape[0], jnp.int32))
     return label_loss - 0.5 * domain_s - 0.5 * domain_t
 
   return f
@@ -124,7 +120,9 @@ def classification_loss(channels: int = 3) -> Callable[..., jax.Array]:
   """``loss(u, x, y)``: label cross-entropy of the extractor + label classifier alone
   (the source-only and target-supervised bounds)."""
   fdef, cdef, _ = graphdefs(channels)
-  return lambda u, x, y: _ce(nnx.merge(cdef, u["labels"])(nnx.merge(fdef, u["features"])(x)), y)
+  return lambda u, x, y: cross_entropy(
+    nnx.merge(cdef, u["labels"])(nnx.merge(fdef, u["features"])(x)), y
+  )
 
 
 @functools.cache

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kbeam_jax.tasks._classifiers import cross_entropy as cross_entropy
+
 PyTree = Any
 
 
@@ -60,11 +62,6 @@ class LogisticRegression(nnx.Module):
 
   def __call__(self, z: jax.Array) -> jax.Array:
     return self.linear(z)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy for integer labels."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 def sq_norm(tree: PyTree) -> jax.Array:
