@@ -97,7 +97,16 @@ class Attacker(nnx.Module):
 
 
 def graphdefs() -> tuple[nnx.GraphDef, nnx.GraphDef]:
-  """Graph definitions of ``Classifier`` and ``Attacker`` (default sizes)."""
+  """Graph definitions of ``Classifier`` and ``Attacker`` (default sizes).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kbeam_jax.tasks import adversarial
+    >>> classifier, attacker = adversarial.graphdefs()
+    >>> u = adversarial.init_classifier(jax.random.key(0))
+    >>> adversarial.logits_fn(classifier, u)(jnp.zeros((2, 28, 28, 1))).shape
+    (2, 10)
+  """
   shape = lambda make: nnx.split(nnx.eval_shape(make), nnx.Param)[0]
   return shape(lambda: Classifier(nnx.Rngs(0))), shape(lambda: Attacker(nnx.Rngs(0)))
 
@@ -108,7 +117,17 @@ def init_classifier(key: jax.Array) -> PyTree:
 
 
 def init_attacker(key: jax.Array) -> PyTree:
-  """Parameters of a freshly initialized ``Attacker`` as a pure pytree."""
+  """Parameters of a freshly initialized ``Attacker`` as a pure pytree.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kbeam_jax.tasks import adversarial
+    >>> _, attacker = adversarial.graphdefs()
+    >>> v = adversarial.init_attacker(jax.random.key(0))
+    >>> x = jnp.full((2, 28, 28, 1), 0.5)
+    >>> bool(jnp.all(jnp.abs(adversarial.attack(attacker, v, x, 0.1) - x) <= 0.1 + 1e-6))
+    True
+  """
   return nnx.as_pure(nnx.split(Attacker(nnx.Rngs(key)), nnx.Param)[1])
 
 
@@ -343,10 +362,27 @@ def objective(
 
 
 def classification_loss(classifier: nnx.GraphDef) -> Callable[..., jax.Array]:
-  """``loss(u, x, y)``: cross-entropy of the classifier on the images as given."""
+  """``loss(u, x, y)``: cross-entropy of the classifier on the images as given.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kbeam_jax.tasks import adversarial
+    >>> classifier, _ = adversarial.graphdefs()
+    >>> loss = adversarial.classification_loss(classifier)
+    >>> u = adversarial.init_classifier(jax.random.key(0))
+    >>> loss(u, jnp.zeros((4, 28, 28, 1)), jnp.arange(4)).shape
+    ()
+  """
   return lambda u, x, y: cross_entropy(nnx.merge(classifier, u)(x), y)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Fraction of rows of ``logits`` whose arg-max is the label."""
+  """Fraction of rows of ``logits`` whose arg-max is the label.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax.tasks import adversarial
+    >>> float(adversarial.accuracy(jnp.array([[2.0, 1.0], [0.0, 3.0]]), jnp.array([0, 0])))
+    0.5
+  """
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
