@@ -269,7 +269,7 @@ def train(
   chunk = chunk_fn(kind, cfg)
   eta_arr = jnp.float32(eta)
   other = jnp.zeros(()) if other is None else other
-  checkpoint = None if out_dir is None else out_dir / "checkpoints" / f"{name}"
+  checkpoint = None if out_dir is None else out_dir / "checkpoints" / name
   (state, _), history, timing = _common.train_in_chunks(
     lambda carry: chunk(carry, d["x_train"], d["y_train"], eta_arr, other),
     (state, key),

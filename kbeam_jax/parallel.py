@@ -114,12 +114,28 @@ def _check_mesh(mesh: Any) -> None:
     )
 
 
-def _check_divides(mesh: Mesh, axis: str, size: int, what: str) -> None:
-  if size % mesh.shape[axis]:
+AXIS_SIZES = {
+  "trials": "the number of trials",
+  "beams": "K (the number of beams)",
+  "data": "the batch size",
+}
+
+
+def _check_fits(path: tuple[Any, ...], leaf: Any, axes: tuple[str, ...], mesh: Mesh) -> None:
+  """Raises unless ``leaf`` has a leading axis per mesh axis in ``axes``, each divisible
+  by that mesh axis's device count."""
+  shape = np.shape(leaf)
+  if len(axes) > len(shape):
     raise ValueError(
-      f"{what} = {size} cannot be split over the {mesh.shape[axis]} devices of the mesh's "
-      f"{axis!r} axis; choose {axis}= in make_mesh to divide {size}."
+      f"the leaf {jax.tree_util.keystr(path) or 'x'} has shape {shape}, too few axes for "
+      f"{P(*axes)}."
     )
+  for axis, size in zip(axes, shape, strict=False):
+    if size % mesh.shape[axis]:
+      raise ValueError(
+        f"{AXIS_SIZES[axis]} = {size} cannot be split over the {mesh.shape[axis]} devices of "
+        f"the mesh's {axis!r} axis; choose {axis}= in make_mesh to divide {size}."
+      )
 
 
 def _is_beam_leaf(path: tuple[Any, ...]) -> bool:
@@ -146,14 +162,7 @@ def state_sharding(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
     axes = ("trials",) if trials else ()
     if _is_beam_leaf(path):
       axes += ("beams",)
-    if len(axes) > np.ndim(leaf):
-      raise ValueError(
-        f"the leaf at {jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, too few axes "
-        f"for {P(*axes)}."
-      )
-    for axis, size in zip(axes, np.shape(leaf), strict=False):
-      what = "K (the number of beams)" if axis == "beams" else "the number of trials"
-      _check_divides(mesh, axis, size, what)
+    _check_fits(path, leaf, axes, mesh)
     return NamedSharding(mesh, P(*axes))
 
   return jax.tree_util.tree_map_with_path(spec, tree)
@@ -198,14 +207,7 @@ def shard_batch(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
   """
   sharding = batch_sharding(mesh, trials=trials)
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    axes = ("trials", "data") if trials else ("data",)
-    if np.ndim(leaf) < len(axes):
-      raise ValueError(
-        f"the batch leaf {jax.tree_util.keystr(path) or 'x'} has shape {np.shape(leaf)}; it needs "
-        f"a leading {'trial and batch axis' if trials else 'batch axis'} to split."
-      )
-    for axis, size in zip(axes, np.shape(leaf), strict=False):
-      _check_divides(mesh, axis, size, "the batch size" if axis == "data" else "the trials")
+    _check_fits(path, leaf, tuple(sharding.spec), mesh)
   return jax.device_put(tree, sharding)
 
 

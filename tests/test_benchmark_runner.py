@@ -1,7 +1,11 @@
 """The benchmark command line checks every argument before any work, and describes each
 suite; ``train_in_chunks`` saves checkpoints on a clock and on exit."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -151,11 +155,6 @@ def test_train_in_chunks_saves_on_a_clock_and_on_exit(tmp_path, monkeypatch):
 def test_devices_flag_starts_jax_with_that_many_devices(tmp_path):
   """``--devices 1,2`` from a plain shell (no XLA_FLAGS): the runner asks XLA for two
   virtual devices before anything imports JAX, and the sharded step matches one device."""
-  import json
-  import os
-  import subprocess
-  import sys
-
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   root = Path(__file__).parent.parent
   env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
