@@ -91,7 +91,7 @@ def hypergradient_fn(method: str, T: int):
 
   def fn(f, g, u, v, *data):
     return bilevel.hypergradient(
-      f, g, u, v, *data, method=value, num_steps=T, inner_lr=INNER_LR
+      f, g, u, v, *data, method=value, inner_steps=T, inner_lr=INNER_LR
     ).grad
 
   return fn
@@ -139,20 +139,20 @@ def jaxopt_peer(T: int, V: int, repeats: int, kind: str) -> dict[str, Any] | Non
 
   @implicit_diff.custom_root(optimality, solve=solve)
   def inner(v0, u, *data):  # the same T descent steps (their own derivative rule unused)
-    return bilevel.argmin(g, u, v0, *data, method=bilevel.Naive(), num_steps=T, inner_lr=INNER_LR)
+    return bilevel.argmin(g, u, v0, *data, method=bilevel.Naive(), inner_steps=T, inner_lr=INNER_LR)
 
   def peer(u, v0, *data):
     return jax.grad(lambda u_: f(u_, inner(v0, u_, *data), *data))(u)
 
   def reference(u, v0, *data):
     return bilevel.hypergradient(
-      f, g, u, v0, *data, method=bilevel.CG(200, tol=1e-7), num_steps=T, inner_lr=INNER_LR
+      f, g, u, v0, *data, method=bilevel.CG(200, tol=1e-7), inner_steps=T, inner_lr=INNER_LR
     ).grad
 
   def plain(u, v0, *data):  # CG without its fallback (plain CG, as jaxopt's)
     method = bilevel.CG(SOLVE_STEPS, fallback=False)
     return bilevel.hypergradient(
-      f, g, u, v0, *data, method=method, num_steps=T, inner_lr=INNER_LR
+      f, g, u, v0, *data, method=method, inner_steps=T, inner_lr=INNER_LR
     ).grad
 
   ours = functools.partial(hypergradient_fn("cg", T), f, g)

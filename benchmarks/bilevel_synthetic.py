@@ -44,7 +44,6 @@ from tqdm.auto import tqdm
 
 import kbeam_jax
 from benchmarks import _common
-from kbeam_jax import bilevel
 
 DIM, BOX, TRIALS = 10, 5.0, 20
 OUTER_LR, INNER_LR = 0.05, 0.1
@@ -141,22 +140,21 @@ def project(x):
 def run_method(name: str, method: str, T: int, num_iters: int):
   """``(u0, v0) -> (errors (num_iters,), final upper value)`` for one trial."""
   p = problem(name)
-  m = _common.bilevel_method(
-    method,
+  penalty = method in _common.PENALTY_METHODS
+  upper = optax.sgd(p.penalty_lr if penalty else OUTER_LR)
+  if penalty and p.penalty_adam:
+    upper = optax.adam(0.01)
+  cfg = dict(
+    inner_steps=T,
+    inner_lr=p.inner_lr,
     solve_steps=T,
     solve_lr=p.solve_lr,
     neumann_lr=p.neumann_lr,
     penalty=dict(max_gamma=MAX_GAMMA),
+    penalty_lr=0.05 if p.penalty_adam else p.penalty_lr,  # Adam's step on v, or plain
+    penalty_lower="adam" if p.penalty_adam else "sgd",
   )
-  if isinstance(m, bilevel.Penalty) and p.penalty_adam:
-    upper, inner = optax.adam(0.01), dict(inner=optax.adam(0.05))
-  elif isinstance(m, bilevel.Penalty):
-    upper, inner = optax.sgd(p.penalty_lr), dict(inner_lr=p.penalty_lr)
-  else:
-    upper, inner = optax.sgd(OUTER_LR), dict(inner_lr=p.inner_lr)
-  solver = bilevel.solver(
-    p.f, p.g, upper, m, num_steps=T, project_u=project, project_v=project, **inner
-  )
+  solver = _common.bilevel_solver(method, p.f, p.g, cfg, upper, project, project)
 
   def error(u, v):
     return jnp.sqrt(jnp.sum((u - p.u_star) ** 2) + jnp.sum((v - p.v_star) ** 2))

@@ -49,7 +49,7 @@ CASES: dict[str, dict[str, Any]] = {
     num_test=None,
     outer_steps=300,
     chunk=20,
-    num_steps=5,
+    inner_steps=5,
     inner_lr=0.3,
     warmup=300,
     upper_lr=0.1,
@@ -68,7 +68,7 @@ CASES: dict[str, dict[str, Any]] = {
     num_test=None,
     outer_steps=100,
     chunk=10,
-    num_steps=3,
+    inner_steps=3,
     inner_lr=0.1,
     warmup=300,
     upper_lr=0.2,
@@ -225,7 +225,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     }
     lines += [
       f"## {case}: {cfg['model']}, {cfg['noise']:.0%} noise, {cfg['num_train']} train / "
-      f"{cfg['num_val']} validation, {cfg['outer_steps']} outer steps, T = {cfg['num_steps']}",
+      f"{cfg['num_val']} validation, {cfg['outer_steps']} outer steps, T = {cfg['inner_steps']}",
       "",
       f"References: trained on noisy train + validation {ref['noisy']} (lower bound); "
       f"clean train + validation {ref['oracle']} (oracle); validation only "

@@ -24,7 +24,7 @@ every meta-batch: the tasks are new):
   (the implicit term ``-∇²_uv g (∇²_vv g)⁻¹ ∇_v f`` dropped);
 * ``rmd``: reverse-mode through the T steps (``bilevel.RMD()``);
 * ``approxgrad``: ``bilevel.ApproxGrad(T, solve_lr)``, T solve steps;
-* ``penalty``: ``bilevel.Penalty`` (fixed γ ≈ 1/B or below, see the note above
+* ``penalty``: ``bilevel.penalty`` (fixed γ ≈ 1/B or below, see the note above
   ``settings``), heads warm-started by T descent steps on the lower problem for every new
   meta-batch, then T penalty steps;
 * ``joint``: not bilevel; one shared head over all meta-train classes (classification)
@@ -57,7 +57,7 @@ from kbeam_jax import bilevel, data
 from kbeam_jax.tasks import fewshot
 
 METHODS = ("gd", "rmd", "approxgrad", "penalty", "joint", "untrained")
-BILEVEL = ("gd", "rmd", "approxgrad", "penalty")  # see method_of
+BILEVEL = ("gd", "rmd", "approxgrad", "penalty")  # through _common.bilevel_solver
 
 # MAML's sinusoid MSE as reported by Li et al. 2017 (Meta-SGD), Table 1 (MAML row, one
 # adaptation step, 40-40 ReLU network): K-shot -> MSE. Finn et al. 2017 show curves only.
@@ -167,15 +167,17 @@ class Trainer(NamedTuple):
   params: Any  # state -> u
 
 
-def method_of(s: Setting, name: str) -> bilevel.Method:
-  """The library's method value for a bilevel method of this suite; the penalty method's
-  γ is fixed at γ_0 (fresh tasks every step: no schedule to carry)."""
+def bilevel_config(s: Setting) -> dict[str, Any]:
+  """This suite's settings in the shape of ``_common.bilevel_solver``'s config; the penalty
+  method's γ is fixed at γ_0 (fresh tasks every step: no schedule to carry)."""
   gamma = s.penalty_gamma
-  return _common.bilevel_method(
-    name,
+  return dict(
+    inner_steps=s.num_steps,
+    inner_lr=s.inner_lr,
     solve_steps=s.num_steps,
     solve_lr=s.solve_lr,
     penalty=dict(gamma=gamma, epsilon=1.0, lower_weight=s.penalty_lower_weight, max_gamma=gamma),
+    penalty_lr=s.penalty_lr,
   )
 
 
@@ -216,10 +218,11 @@ def trainer(s: Setting, method: str) -> Trainer:
 
     return Trainer(init, step, lambda state: state[0][0])
 
-  m = method_of(s, method)
-  penalty = isinstance(m, bilevel.Penalty)
-  steps, lr = (s.penalty_num_steps, s.penalty_lr) if penalty else (s.num_steps, s.inner_lr)
-  solver = bilevel.solver(f, g, opt, m, num_steps=steps, inner_lr=lr)
+  penalty = method in _common.PENALTY_METHODS
+  cfg = bilevel_config(s)
+  if penalty:
+    cfg["inner_steps"] = s.penalty_num_steps
+  solver = _common.bilevel_solver(method, f, g, cfg, opt)
 
   def init(u, key):
     return solver.init(key, u, heads0), key
@@ -231,7 +234,7 @@ def trainer(s: Setting, method: str) -> Trainer:
     heads = heads0
     if penalty:  # the heads of fresh tasks first descend on g, then on the penalized L
       heads = bilevel.argmin(
-        g, st.u, heads0, ep, method=bilevel.Naive(), num_steps=s.num_steps, inner_lr=s.inner_lr
+        g, st.u, heads0, ep, method=bilevel.Naive(), inner_steps=s.num_steps, inner_lr=s.inner_lr
       )
     # Fresh tasks: restart the lower level, keep the upper optimizer's state.
     st = solver.init(sub, st.u, heads)._replace(upper_state=st.upper_state, count=st.count)
@@ -280,8 +283,8 @@ def evaluator(s: Setting, batch: int = 100):
         ep,
         num_outputs=s.num_outputs,
         l2=s.l2,
-        num_steps=EVAL_STEPS,
-        lr=s.inner_lr,
+        inner_steps=EVAL_STEPS,
+        inner_lr=s.inner_lr,
         feature_scale=s.feature_scale,
       )
     }

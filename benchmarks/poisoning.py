@@ -46,7 +46,7 @@ CONFIG: dict[str, Any] = dict(
   poison_counts=(10, 20, 30, 60),
   outer_steps=200,
   chunk=20,
-  num_steps=5,
+  inner_steps=5,
   inner_lr=0.3,
   warmup=300,
   upper_lr=0.02,
@@ -229,7 +229,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     "# Data poisoning of a linear softmax classifier (MNIST)",
     "",
     f"{cfg['num_train']} train / {cfg['num_val']} validation / {cfg['num_test']} test, "
-    f"l2 = {poisoning.L2}, {cfg['outer_steps']} outer steps, T = {cfg['num_steps']}; seeds "
+    f"l2 = {poisoning.L2}, {cfg['outer_steps']} outer steps, T = {cfg['inner_steps']}; seeds "
     f"{meta['seeds']}. Columns: number of poison points (fraction of the training set).",
     "",
   ]

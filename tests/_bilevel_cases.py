@@ -56,16 +56,16 @@ class Quadratic:
 
   def unrolled_value(self, u, T, lr):
     """``f(u, v_T)`` with ``v_T`` from T plain descent steps (no derivative rule)."""
-    v = bilevel.argmin(self.g, u, self.v0, method=bilevel.Naive(), num_steps=T, inner_lr=lr)
+    v = bilevel.argmin(self.g, u, self.v0, method=bilevel.Naive(), inner_steps=T, inner_lr=lr)
     return self.f(u, v)
 
 
 # Every method with settings at which it has converged on ``Quadratic`` (float64).
 CONVERGED = {
-  "fmd": (bilevel.FMD(), dict(num_steps=300, inner_lr=LR)),
-  "rmd": (bilevel.RMD(), dict(num_steps=300, inner_lr=LR)),
-  "rmd_checkpoint": (bilevel.RMD(checkpoint=True), dict(num_steps=300, inner_lr=LR)),
-  "approxgrad": (bilevel.ApproxGrad(800, 1 / 16), dict(num_steps=300, inner_lr=LR)),
-  "cg": (bilevel.CG(10), dict(num_steps=300, inner_lr=LR)),
-  "neumann": (bilevel.Neumann(300, LR), dict(num_steps=300, inner_lr=LR)),
+  "fmd": (bilevel.FMD(), dict(inner_steps=300, inner_lr=LR)),
+  "rmd": (bilevel.RMD(), dict(inner_steps=300, inner_lr=LR)),
+  "rmd_checkpoint": (bilevel.RMD(checkpoint=True), dict(inner_steps=300, inner_lr=LR)),
+  "approxgrad": (bilevel.ApproxGrad(800, 1 / 16), dict(inner_steps=300, inner_lr=LR)),
+  "cg": (bilevel.CG(10), dict(inner_steps=300, inner_lr=LR)),
+  "neumann": (bilevel.Neumann(300, LR), dict(inner_steps=300, inner_lr=LR)),
 }

@@ -1,5 +1,7 @@
 """The tables the parametrized tests run over: every solver and every transform."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -91,30 +93,59 @@ def lower(u, v, scale=1.0):
   return 0.5 * jnp.sum((vf - scale * uf) ** 2)
 
 
-# name -> (method, inner-loop settings, upper step): every method with settings at which
-# it reaches the solution of (upper, lower) (the naive baseline reaches u = 0 instead).
+def hypergradient_forms(method):
+  """``(solver factory, transform factory)`` of a hypergradient method."""
+  return (
+    functools.partial(bilevel.solver, method=method),
+    functools.partial(bilevel.scale_by_hypergradient, method),
+  )
+
+
+def penalty_forms(**options):
+  """``(solver factory, transform factory)`` of the penalty method with ``options``."""
+  return (
+    functools.partial(bilevel.penalty, **options),
+    functools.partial(bilevel.scale_by_penalty, **options),
+  )
+
+
+# name -> (solver and transform factories, inner-loop settings, upper step): every method
+# with settings at which it reaches the solution of (upper, lower) (the naive baseline
+# reaches u = 0 instead).
 BILEVEL_METHODS = {
-  "naive": (bilevel.Naive(), dict(num_steps=5, inner_lr=0.9), 0.3),
-  "fmd": (bilevel.FMD(), dict(num_steps=5, inner_lr=0.9), 0.3),
-  "rmd": (bilevel.RMD(), dict(num_steps=5, inner_lr=0.9), 0.3),
-  "rmd_checkpoint": (bilevel.RMD(checkpoint=True), dict(num_steps=5, inner_lr=0.9), 0.3),
-  "approxgrad": (bilevel.ApproxGrad(10, 0.9), dict(num_steps=5, inner_lr=0.9), 0.3),
-  "cg": (bilevel.CG(5), dict(num_steps=5, inner_lr=0.9), 0.3),
-  "neumann": (bilevel.Neumann(10, 0.9), dict(num_steps=5, inner_lr=0.9), 0.3),
+  "naive": (hypergradient_forms(bilevel.Naive()), dict(inner_steps=5, inner_lr=0.9), 0.3),
+  "fmd": (hypergradient_forms(bilevel.FMD()), dict(inner_steps=5, inner_lr=0.9), 0.3),
+  "rmd": (hypergradient_forms(bilevel.RMD()), dict(inner_steps=5, inner_lr=0.9), 0.3),
+  "rmd_checkpoint": (
+    hypergradient_forms(bilevel.RMD(checkpoint=True)),
+    dict(inner_steps=5, inner_lr=0.9),
+    0.3,
+  ),
+  "approxgrad": (
+    hypergradient_forms(bilevel.ApproxGrad(10, 0.9)),
+    dict(inner_steps=5, inner_lr=0.9),
+    0.3,
+  ),
+  "cg": (hypergradient_forms(bilevel.CG(5)), dict(inner_steps=5, inner_lr=0.9), 0.3),
+  "neumann": (
+    hypergradient_forms(bilevel.Neumann(10, 0.9)),
+    dict(inner_steps=5, inner_lr=0.9),
+    0.3,
+  ),
   "penalty": (
-    bilevel.Penalty(max_gamma=10.0, augmented=True),
-    dict(num_steps=5, inner_lr=0.1),
+    penalty_forms(max_gamma=10.0, augmented=True),
+    dict(inner_steps=5, inner_lr=0.1),
     0.1,
   ),
 }
 
 
 def bilevel_solver(name):
-  method, inner, lr = BILEVEL_METHODS[name]
-  return bilevel.solver(upper, lower, optax.sgd(lr), method, **inner)
+  (solver, _), inner, lr = BILEVEL_METHODS[name]
+  return solver(upper, lower, optax.sgd(lr), **inner)
 
 
 def bilevel_transform(name, v):
   """The optax form of ``bilevel_solver(name)``, chained with the same upper step."""
-  method, inner, lr = BILEVEL_METHODS[name]
-  return optax.chain(bilevel.scale_by_hypergradient(method, v, **inner), optax.sgd(lr))
+  (_, transform), inner, lr = BILEVEL_METHODS[name]
+  return optax.chain(transform(v, **inner), optax.sgd(lr))

@@ -201,7 +201,7 @@ def bilevel_check(method_name: str, steps: int = 40) -> dict:
     return jnp.mean((xv @ v - yv) ** 2)
 
   def hypergradient(u, v0, *batch):
-    out = bilevel.hypergradient(f, g, u, v0, *batch, method=method, num_steps=steps, inner_lr=0.1)
+    out = bilevel.hypergradient(f, g, u, v0, *batch, method=method, inner_steps=steps, inner_lr=0.1)
     return out.grad, out.v
 
   u, v0 = jnp.full((6,), -1.0), jnp.zeros(6)

@@ -120,7 +120,7 @@ class Ridge(nnx.Module):
       x_tr,
       y_tr,
       method=bilevel.CG(20),
-      num_steps=200,
+      inner_steps=200,
       inner_lr=0.2,
     )
     return 0.5 * jnp.mean((x_val @ w - y_val) ** 2)
@@ -158,7 +158,7 @@ def test_argmin_inside_a_flax_nnx_loss():
 @pytest.mark.parametrize("T", [1, 7, 10])
 def test_fmd_and_rmd_agree_to_round_off_for_the_same_T(T):
   p = Quadratic(2)
-  run = lambda m: bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=m, num_steps=T, inner_lr=LR)
+  run = lambda m: bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=m, inner_steps=T, inner_lr=LR)
   fwd, rev, chk = run(bilevel.FMD()), run(bilevel.RMD()), run(bilevel.RMD(checkpoint=True))
   np.testing.assert_allclose(flat(fwd.grad), flat(rev.grad), rtol=1e-12, atol=1e-14)
   np.testing.assert_allclose(flat(chk.grad), flat(rev.grad), rtol=1e-12, atol=1e-14)
@@ -183,7 +183,7 @@ def test_unrolled_methods_differentiate_through_v0():
   g = lambda u, v: 0.5 * jnp.sum((v - 1.0) ** 2)
   f = lambda u, v: jnp.sum(v**2)
   for m in (bilevel.FMD(), bilevel.RMD()):
-    F = lambda u, m=m: f(u, bilevel.argmin(g, u, u, method=m, num_steps=3, inner_lr=0.5))
+    F = lambda u, m=m: f(u, bilevel.argmin(g, u, u, method=m, inner_steps=3, inner_lr=0.5))
     np.testing.assert_allclose(jax.grad(F)(u), 2 * (0.125 * u + 0.875) * 0.125, rtol=1e-12)
 
 
@@ -203,22 +203,22 @@ def test_schedule_and_optax_inner_optimizer():
   p = Quadratic(4)
   sched = lambda t: LR / (1.0 + 0.01 * t)
   run = lambda m, **kw: bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=m, **kw).grad
-  a = run(bilevel.FMD(), num_steps=9, inner_lr=sched)
-  b = run(bilevel.RMD(checkpoint=True), num_steps=9, inner_lr=sched)
+  a = run(bilevel.FMD(), inner_steps=9, inner_lr=sched)
+  b = run(bilevel.RMD(checkpoint=True), inner_steps=9, inner_lr=sched)
   np.testing.assert_allclose(flat(a), flat(b), rtol=1e-12)
   # Any optax optimizer as the inner loop: unrolled methods agree with each other, the
   # implicit ones reach the closed form once it has converged.
   adam = optax.adam(0.05)
-  a = run(bilevel.FMD(), num_steps=20, inner=adam)
-  b = run(bilevel.RMD(), num_steps=20, inner=adam)
+  a = run(bilevel.FMD(), inner_steps=20, inner=adam)
+  b = run(bilevel.RMD(), inner_steps=20, inner=adam)
   np.testing.assert_allclose(flat(a), flat(b), rtol=1e-10)
-  c = run(bilevel.CG(10), num_steps=3000, inner=adam)
+  c = run(bilevel.CG(10), inner_steps=3000, inner=adam)
   np.testing.assert_allclose(flat(c), flat(p.closed_form(p.u)), rtol=1e-5)
 
 
 def test_damping_changes_the_solve():
   p = Quadratic(5)
-  kw = dict(num_steps=300, inner_lr=LR)
+  kw = dict(inner_steps=300, inner_lr=LR)
   damped = bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=bilevel.CG(10, damping=1.0), **kw)
   uf = flat(p.u)
   v = flat(damped.v)
@@ -241,7 +241,7 @@ def test_cg_stays_finite_when_run_past_convergence():
     cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, float), tree)
     heads = cast(fewshot.init_heads(25, 40, 1))
     out = bilevel.hypergradient(
-      f, g, cast(u), heads, cast(ep), method=bilevel.CG(300), num_steps=2000, inner_lr=0.5
+      f, g, cast(u), heads, cast(ep), method=bilevel.CG(300), inner_steps=2000, inner_lr=0.5
     )
     return flat(out.grad)
 
@@ -262,7 +262,7 @@ def test_cg_on_a_singular_hessian_gives_the_minimum_norm_answer(dtype):
   f = lambda u, v: jnp.sum(v**2)
   g = lambda u, v: jnp.sum((A @ (u - v)) ** 2)
   u, v0 = jnp.array([1.0, 2.0, 3.0], dtype), jnp.array([0.0, 0.0, 1.0], dtype)
-  out = bilevel.hypergradient(f, g, u, v0, method=bilevel.CG(10), num_steps=200, inner_lr=0.5)
+  out = bilevel.hypergradient(f, g, u, v0, method=bilevel.CG(10), inner_steps=200, inner_lr=0.5)
   np.testing.assert_allclose(out.grad, [2.0, 4.0, 0.0], rtol=1e-5, atol=1e-6)
   # the pseudo-inverse formula, by hand
   H, B = 2 * A.T @ A, -2 * A.T @ A
@@ -279,7 +279,7 @@ def test_a_diverged_inner_solve_gives_a_non_finite_hypergradient(name):
   g = lambda u, v: 0.5 * jnp.sum((v - u) ** 2)
   with jax.enable_x64(False):
     out = bilevel.hypergradient(
-      f, g, jnp.array([3.0, 1.0]), jnp.zeros(2), method=method, num_steps=200, inner_lr=3.0
+      f, g, jnp.array([3.0, 1.0]), jnp.zeros(2), method=method, inner_steps=200, inner_lr=3.0
     )
     assert not bool(jnp.all(jnp.isfinite(out.grad)))
 
@@ -287,7 +287,7 @@ def test_a_diverged_inner_solve_gives_a_non_finite_hypergradient(name):
 @pytest.mark.parametrize("name", sorted(CONVERGED))
 def test_repeated_eager_calls_compile_once(name, compile_counter):
   p = Quadratic(8)
-  method, settings = solve(p, name, num_steps=20)
+  method, settings = solve(p, name, inner_steps=20)
   bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=method, **settings)
   bilevel.argmin(p.g, p.u, p.v0, method=method, **settings)
   u2 = jax.tree.map(lambda x: x + 1.0, p.u)
@@ -312,14 +312,16 @@ def test_method_values_are_immutable_hashable_and_validated():
     (lambda: bilevel.ApproxGrad(2.5, 0.1), r"ApproxGrad\.solve_steps must be an int"),
     (lambda: bilevel.Neumann(10, float("inf")), r"Neumann\.solve_lr must be a finite number"),
     (lambda: bilevel.RMD(checkpoint=1), r"RMD\.checkpoint must be a bool"),
-    (lambda: bilevel.Penalty(gamma=0.0), r"Penalty\.gamma must be a finite number > 0"),
-    (lambda: bilevel.Penalty(gamma=float("nan")), r"Penalty\.gamma must be a finite"),
-    (lambda: bilevel.Penalty(gamma=2.0, max_gamma=1.0), r"Penalty\.max_gamma must be >= gamma"),
-    (lambda: bilevel.Penalty(max_gamma=float("nan")), r"Penalty\.max_gamma must be >= gamma"),
-    (lambda: bilevel.Penalty(gamma_factor=0.5), r"Penalty\.gamma_factor must be >= 1"),
-    (lambda: bilevel.Penalty(epsilon_factor=0.0), r"Penalty\.epsilon_factor must be in"),
-    (lambda: bilevel.Penalty(lower_weight=-1.0), r"Penalty\.lower_weight must be a finite"),
-    (lambda: bilevel.Penalty(warmup_steps=-1), r"Penalty\.warmup_steps must be an int >= 0"),
+    (lambda: bilevel.PenaltySchedule(gamma=0.0), r"penalty\.gamma must be a finite number > 0"),
+    (lambda: bilevel.PenaltySchedule(gamma=float("nan")), r"penalty\.gamma must be a finite"),
+    (lambda: bilevel.PenaltySchedule(gamma=2.0, max_gamma=1.0), r"penalty\.max_gamma must be >="),
+    (lambda: bilevel.PenaltySchedule(max_gamma=float("nan")), r"penalty\.max_gamma must be >="),
+    (lambda: bilevel.PenaltySchedule(gamma_factor=0.5), r"penalty\.gamma_factor must be >= 1"),
+    (lambda: bilevel.PenaltySchedule(gamma_factor=float("inf")), r"penalty\.gamma_factor must"),
+    (lambda: bilevel.PenaltySchedule(epsilon_factor=0.0), r"penalty\.epsilon_factor must be in"),
+    (lambda: bilevel.PenaltySchedule(lower_weight=-1.0), r"penalty\.lower_weight must be a fin"),
+    (lambda: bilevel.PenaltySchedule(warmup_steps=-1), r"penalty\.warmup_steps must be an int"),
+    (lambda: bilevel.Neumann(10, "fast"), r"Neumann\.solve_lr must be a finite number > 0 or"),
   ]
   for make, message in bad:
     with pytest.raises(ValueError, match=message):
@@ -330,31 +332,35 @@ def test_bad_input():
   p = Quadratic(9)
   cg = bilevel.CG(5)
   hg = functools.partial(bilevel.hypergradient, p.f, p.g, p.u, p.v0)
-  with pytest.raises(ValueError, match="num_steps must be >= 0, got num_steps=-1"):
-    hg(method=cg, num_steps=-1, inner_lr=LR)
+  with pytest.raises(ValueError, match="inner_steps must be >= 0, got inner_steps=-1"):
+    hg(method=cg, inner_steps=-1, inner_lr=LR)
   with pytest.raises(ValueError, match="upper objective f.* must return a scalar"):
-    bilevel.hypergradient(lambda u, v: flat(v), p.g, p.u, p.v0, method=cg, num_steps=2, inner_lr=LR)
+    bilevel.hypergradient(
+      lambda u, v: flat(v), p.g, p.u, p.v0, method=cg, inner_steps=2, inner_lr=LR
+    )
   with pytest.raises(ValueError, match="lower objective g.* must return a scalar"):
-    bilevel.argmin(lambda u, v: flat(v), p.u, p.v0, method=cg, num_steps=2, inner_lr=LR)
+    bilevel.argmin(lambda u, v: flat(v), p.u, p.v0, method=cg, inner_steps=2, inner_lr=LR)
   with pytest.raises(TypeError, match=r"not the class: write bilevel\.CG\(\.\.\.\)"):
-    hg(method=bilevel.CG, num_steps=2, inner_lr=LR)
-  with pytest.raises(TypeError, match="method must be one of"):
-    hg(method="cg", num_steps=2, inner_lr=LR)
-  with pytest.raises(TypeError, match="penalty method computes no hypergradient"):
-    hg(method=bilevel.Penalty(), num_steps=2, inner_lr=LR)
+    hg(method=bilevel.CG, inner_steps=2, inner_lr=LR)
+  with pytest.raises(TypeError, match="method must be a hypergradient method value"):
+    hg(method="cg", inner_steps=2, inner_lr=LR)
+  with pytest.raises(TypeError, match=r"penalty method is its own solver: bilevel\.penalty"):
+    hg(method=bilevel.PenaltySchedule(), inner_steps=2, inner_lr=LR)
   with pytest.raises(ValueError, match="exactly one of inner_lr= .* got neither"):
-    hg(method=cg, num_steps=2)
+    hg(method=cg, inner_steps=2)
   with pytest.raises(ValueError, match="exactly one of inner_lr= .* got both"):
-    hg(method=cg, num_steps=2, inner_lr=LR, inner=optax.sgd(LR))
-  for lr in (float("nan"), -0.1, 0.0, True):
-    with pytest.raises(ValueError, match="inner_lr must be a finite number > 0"):
-      hg(method=cg, num_steps=2, inner_lr=lr)
+    hg(method=cg, inner_steps=2, inner_lr=LR, inner=optax.sgd(LR))
+  for lr in (float("nan"), -0.1, 0.0, jnp.asarray(-1.0)):
+    with pytest.raises(ValueError, match="inner_lr must be finite and > 0"):
+      hg(method=cg, inner_steps=2, inner_lr=lr)
+  with pytest.raises(TypeError, match="inner_lr must be a number > 0"):
+    hg(method=cg, inner_steps=2, inner_lr=True)
   with pytest.raises(ValueError, match="schedule must give finite values > 0 .* at step 3"):
-    hg(method=cg, num_steps=5, inner_lr=lambda t: 0.3 - 0.1 * t)
+    hg(method=cg, inner_steps=5, inner_lr=lambda t: 0.3 - 0.1 * t)
   with pytest.raises(TypeError, match="inner must be an optax.GradientTransformation"):
-    hg(method=cg, num_steps=2, inner=0.1)
+    hg(method=cg, inner_steps=2, inner=0.1)
   with pytest.raises(TypeError, match="u must hold floating-point arrays"):
-    bilevel.argmin(p.g, jnp.arange(3), p.v0, method=cg, num_steps=2, inner_lr=LR)
+    bilevel.argmin(p.g, jnp.arange(3), p.v0, method=cg, inner_steps=2, inner_lr=LR)
 
 
 @pytest.mark.parametrize("name", sorted(CONVERGED))
@@ -412,21 +418,24 @@ def test_cg_on_an_indefinite_hessian():
   u, v_star = jnp.array([1.0, 2.0, 3.0]), jnp.array([1.0, 2.0, 3.0]) / d
   method = bilevel.CG(20)
   grad = jax.grad(
-    lambda u: f(u, bilevel.argmin(g, u, v_star, method=method, num_steps=0, inner_lr=0.1))
+    lambda u: f(u, bilevel.argmin(g, u, v_star, method=method, inner_steps=0, inner_lr=0.1))
   )(u)
   np.testing.assert_allclose(grad, (v_star - 1.0) / d, rtol=1e-6)
   # the same under vmap (the fallback is a loop of zero iterations where it is not needed)
   us = jnp.stack([u, 2 * u])
   grads = jax.vmap(
-    jax.grad(lambda u: f(u, bilevel.argmin(g, u, u / d, method=method, num_steps=0, inner_lr=0.1)))
+    jax.grad(
+      lambda u: f(u, bilevel.argmin(g, u, u / d, method=method, inner_steps=0, inner_lr=0.1))
+    )
   )(us)
   np.testing.assert_allclose(grads, (us / d[None] - 1.0) / d[None], rtol=1e-6)
 
 
 def test_a_bare_method_base_class_is_rejected():
   p = Quadratic(12)
-  with pytest.raises(TypeError, match="method must be one of"):
-    bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=bilevel.Method(), num_steps=1, inner_lr=LR)
+  for bare in (bilevel.Method(), bilevel.Implicit()):
+    with pytest.raises(TypeError, match="method must be a hypergradient method value"):
+      bilevel.hypergradient(p.f, p.g, p.u, p.v0, method=bare, inner_steps=1, inner_lr=LR)
 
 
 def test_cg_without_its_fallback_is_plain_cg():
@@ -435,7 +444,7 @@ def test_cg_without_its_fallback_is_plain_cg():
   f = lambda u, v: jnp.sum(v**2)
   g = lambda u, v: jnp.sum((A @ (u - v)) ** 2)
   u, v0 = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.0, 0.0, 1.0])
-  kw = dict(num_steps=200, inner_lr=0.5)
+  kw = dict(inner_steps=200, inner_lr=0.5)
   plain = bilevel.hypergradient(f, g, u, v0, method=bilevel.CG(10, fallback=False), **kw)
   assert not np.allclose(plain.grad, [2.0, 4.0, 0.0], atol=1e-3)
   with pytest.raises(ValueError, match=r"CG\.fallback must be a bool"):

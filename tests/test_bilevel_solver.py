@@ -1,5 +1,5 @@
-"""The one outer solver (every method, the penalty method included), its projections and
-flags, and the optax forms built on the same core."""
+"""The outer solvers (every hypergradient method, and the penalty method), their
+projections and flags, and the optax forms built on the same cores."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from _bilevel_cases import CONVERGED, LR, Quadratic, flat
+from _cases import hypergradient_forms, penalty_forms
 from flax import nnx
 
 import kbeam_jax
@@ -38,7 +39,7 @@ def start(seed=0):
   )
 
 
-METHODS = {
+METHODS = {  # hypergradient methods
   "naive": bilevel.Naive(),
   "fmd": bilevel.FMD(),
   "rmd": bilevel.RMD(),
@@ -52,7 +53,7 @@ METHODS = {
 def test_solver_reaches_the_sum_problem_solution(name):
   f, g, solution = synthetic("sum")
   u0, v0 = start()
-  solver = bilevel.solver(f, g, optax.sgd(0.05), METHODS[name], num_steps=5, inner_lr=0.4)
+  solver = bilevel.solver(f, g, optax.sgd(0.05), METHODS[name], inner_steps=5, inner_lr=0.4)
   state = solver.init(jax.random.key(0), u0, v0)
   state, info = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 1000))(state)
   if name == "naive":  # ∇_u f alone drives u to 0, not to the bilevel solution
@@ -72,7 +73,7 @@ def test_penalty_reaches_the_synthetic_solutions(problem, augmented):
   f, g, solution = synthetic(problem)
   u0, v0 = start()
   solver = bilevel.penalty(
-    f, g, optax.sgd(0.01), num_steps=5, inner_lr=0.01, augmented=augmented, max_gamma=20.0
+    f, g, optax.sgd(0.01), inner_steps=5, inner_lr=0.01, augmented=augmented, max_gamma=20.0
   )
   state = solver.init(jax.random.key(0), u0, v0)
   state, info = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 4000))(state)
@@ -91,7 +92,7 @@ def test_penalty_gamma_grows_when_the_gradient_is_small():
     f,
     g,
     optax.sgd(0.0),
-    num_steps=1,
+    inner_steps=1,
     inner_lr=1e-9,
     gamma=2.0,
     epsilon=1e6,
@@ -107,7 +108,7 @@ def test_penalty_gradient_is_the_penalized_gradient_by_hand():
   # L = f + (γ/2)|∇_v g|² on the sum problem: ∇_v g = -2(1 - u - v), so
   # ∇_u L = 2u + γ·4(u + v - 1) (the same for v), checked after zero steps on v.
   f, g, _ = synthetic("sum")
-  tx = bilevel.scale_by_penalty(jnp.full(10, 0.2), num_steps=0, inner_lr=0.1, gamma=3.0)
+  tx = bilevel.scale_by_penalty(jnp.full(10, 0.2), inner_steps=0, inner_lr=0.1, gamma=3.0)
   u = jnp.full(10, 0.4)
   grad, _ = tx.update(None, tx.init(u), u, upper_fn=f, lower_fn=g)
   np.testing.assert_allclose(grad, 2 * 0.4 + 3.0 * 4 * (0.4 + 0.2 - 1.0), rtol=1e-12)
@@ -118,7 +119,7 @@ def test_penalty_warmup_adds_steps_on_v_to_the_first_step_only():
   key, u, v = jax.random.key(0), jnp.full(10, 0.2), jnp.zeros(10)
   kw = dict(gamma=5.0, max_gamma=5.0)
   make = lambda T, W: bilevel.penalty(
-    f, g, optax.sgd(0.01), num_steps=T, inner_lr=0.02, warmup_steps=W, **kw
+    f, g, optax.sgd(0.01), inner_steps=T, inner_lr=0.02, warmup_steps=W, **kw
   )
   warm, cold, long = make(3, 40), make(3, 0), make(43, 0)
   s_warm, _ = warm.step(warm.init(key, u, v))
@@ -129,7 +130,7 @@ def test_penalty_warmup_adds_steps_on_v_to_the_first_step_only():
   s_cold2, _ = cold.step(s_warm)  # from the same state the second step is plain
   np.testing.assert_allclose(s_warm2.v, s_cold2.v, rtol=1e-12)
   # the transform takes the same extra steps on its first update
-  tx = bilevel.scale_by_penalty(v, num_steps=3, inner_lr=0.02, warmup_steps=40, **kw)
+  tx = bilevel.scale_by_penalty(v, inner_steps=3, inner_lr=0.02, warmup_steps=40, **kw)
   _, tx_state = tx.update(None, tx.init(u), u, upper_fn=f, lower_fn=g)
   np.testing.assert_allclose(tx_state.v, s_long.v, rtol=1e-12)
 
@@ -142,14 +143,14 @@ def test_penalty_reports_divergence_when_the_penalized_objective_is_unbounded():
   u0, v0 = jnp.ones(3), jnp.full(3, 1.5)
 
   def run(gamma):
-    solver = bilevel.penalty(f, g, optax.sgd(0.01), num_steps=5, inner_lr=0.01, gamma=gamma)
+    solver = bilevel.penalty(f, g, optax.sgd(0.01), inner_steps=5, inner_lr=0.01, gamma=gamma)
     state = solver.init(jax.random.key(0), u0, v0)
     return jax.jit(lambda s: kbeam_jax.run(solver.step, s, 300))(state)
 
   state, info = run(1.0)
   assert bool(info.diverging[-1]) and float(jnp.abs(state.v).max()) > 100.0
   assert float(state.lower.gamma) < 2.0  # the schedule never got past the threshold
-  assert not bool(info.diverging[: bilevel.Penalty().divergence_steps - 1].any())
+  assert not bool(info.diverging[: bilevel.PenaltySchedule().divergence_steps - 1].any())
   state, info = run(4.0)  # γ_0 above the threshold: the README's advice
   assert not bool(info.diverging.any()) and float(jnp.abs(state.v).max()) < 10.0
 
@@ -159,16 +160,12 @@ def test_projections_keep_both_levels_in_the_box(name):
   f, g, _ = synthetic("difference")
   u0, v0 = start(1)
   box = lambda x: jnp.clip(x, -0.5, 0.5)
-  method = bilevel.Penalty(max_gamma=20.0) if name == "penalty" else bilevel.CG(5)
-  solver = bilevel.solver(
-    f, g, optax.sgd(0.05), method, num_steps=5, inner_lr=0.01, project_u=box, project_v=box
-  )
+  make = FORMS[name][0]
+  solver = make(f, g, optax.sgd(0.05), inner_steps=5, inner_lr=0.01, project_u=box, project_v=box)
   state = solver.init(jax.random.key(0), box(u0), box(v0))
   state, _ = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 50))(state)
   assert float(jnp.abs(state.u).max()) <= 0.5 and float(jnp.abs(state.v).max()) <= 0.5
-  bad = bilevel.solver(
-    f, g, optax.sgd(0.1), method, num_steps=1, inner_lr=0.1, project_u=lambda x: x[:5]
-  )
+  bad = make(f, g, optax.sgd(0.1), inner_steps=1, inner_lr=0.1, project_u=lambda x: x[:5])
   with pytest.raises(ValueError, match=r"project_u must return u with the same shapes"):
     bad.step(bad.init(jax.random.key(0), u0, v0))
 
@@ -176,32 +173,33 @@ def test_projections_keep_both_levels_in_the_box(name):
 def test_solver_flags_a_diverged_inner_solve():
   f = lambda u, v: jnp.sum((v - 1.0) ** 2)
   g = lambda u, v: 0.5 * jnp.sum((v - u) ** 2)
-  solver = bilevel.solver(f, g, optax.sgd(0.1), bilevel.CG(5), num_steps=200, inner_lr=3.0)
+  solver = bilevel.solver(f, g, optax.sgd(0.1), bilevel.CG(5), inner_steps=200, inner_lr=3.0)
   with jax.enable_x64(False):
     _, info = solver.step(solver.init(jax.random.key(0), jnp.ones(2), jnp.zeros(2)))
-  assert not bool(info.finite)
+  assert not bool(info.finite) and bool(info.diverging) and not bool(info.converged)
 
 
 TRANSFORM_METHODS = {
-  "naive": (bilevel.Naive(), {}),
-  "fmd": (bilevel.FMD(), {}),
-  "rmd": (bilevel.RMD(), {}),
-  "approxgrad": (bilevel.ApproxGrad(50, 1 / 16), {}),
-  "cg": (bilevel.CG(5), {}),
-  "neumann": (bilevel.Neumann(20, LR), {}),
-  "penalty": (bilevel.Penalty(max_gamma=10.0), dict(inner=optax.sgd(0.1))),
+  "naive": (hypergradient_forms(bilevel.Naive()), {}),
+  "fmd": (hypergradient_forms(bilevel.FMD()), {}),
+  "rmd": (hypergradient_forms(bilevel.RMD()), {}),
+  "approxgrad": (hypergradient_forms(bilevel.ApproxGrad(50, 1 / 16)), {}),
+  "cg": (hypergradient_forms(bilevel.CG(5)), {}),
+  "neumann": (hypergradient_forms(bilevel.Neumann(20, LR)), {}),
+  "penalty": (penalty_forms(max_gamma=10.0), dict(inner=optax.sgd(0.1))),
 }
+FORMS = {"cg": hypergradient_forms(bilevel.CG(5)), "penalty": penalty_forms(max_gamma=20.0)}
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORM_METHODS))
 def test_transform_steps_equal_solver_steps(name):
   p = Quadratic(6)
-  method, kw = TRANSFORM_METHODS[name]
-  kw = dict(num_steps=20, **kw) if kw else dict(num_steps=20, inner_lr=LR)
+  (make_solver, make_transform), kw = TRANSFORM_METHODS[name]
+  kw = dict(inner_steps=20, **kw) if kw else dict(inner_steps=20, inner_lr=LR)
   upper = optax.sgd(0.05)
-  solver = bilevel.solver(p.f, p.g, upper, method, **kw)
+  solver = make_solver(p.f, p.g, upper, **kw)
   state = solver.init(jax.random.key(0), p.u, p.v0)
-  tx = optax.chain(bilevel.scale_by_hypergradient(method, p.v0, **kw), upper)
+  tx = optax.chain(make_transform(p.v0, **kw), upper)
   u, tx_state = p.u, tx.init(p.u)
   for _ in range(3):
     state, _ = solver.step(state)
@@ -214,13 +212,13 @@ def test_transform_steps_equal_solver_steps(name):
 @pytest.mark.parametrize("name", sorted(TRANSFORM_METHODS))
 def test_transform_conformance(name, dtype):
   p = Quadratic(6)
-  method, kw = TRANSFORM_METHODS[name]
-  kw = dict(num_steps=20, **kw) if kw else dict(num_steps=20, inner_lr=LR)
+  (_, make_transform), kw = TRANSFORM_METHODS[name]
+  kw = dict(inner_steps=20, **kw) if kw else dict(inner_steps=20, inner_lr=LR)
   cast = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)
   u, v0 = cast(p.u), cast(p.v0)
   f = lambda a, b: p.f(a, b).astype(dtype)
   g = lambda a, b: p.g(a, b).astype(dtype)
-  tx = optax.chain(bilevel.scale_by_hypergradient(method, v0, **kw), optax.sgd(0.05))
+  tx = optax.chain(make_transform(v0, **kw), optax.sgd(0.05))
   state = tx.init(u)
   update = jax.jit(lambda g_, s, x: tx.update(g_, s, x, upper_fn=f, lower_fn=g, extra=1))
   for _ in range(3):
@@ -242,7 +240,7 @@ def test_transform_descends_to_the_bilevel_solution(name):
   p.D = jnp.zeros_like(p.D)  # F(u) = f(u, v*(u)) is then convex: a minimum exists
   method, settings = CONVERGED[name]
   tx = optax.chain(
-    bilevel.scale_by_hypergradient(method, p.v0, **dict(settings, num_steps=50)),
+    bilevel.scale_by_hypergradient(method, p.v0, **dict(settings, inner_steps=50)),
     optax.sgd(0.2),
   )
   u, state = p.u, tx.init(p.u)
@@ -276,7 +274,7 @@ def test_hypergradient_transform_inside_nnx_optimizer():
     return 0.5 * jnp.mean((x @ w - y) ** 2)
 
   tx = optax.chain(
-    bilevel.scale_by_hypergradient(bilevel.RMD(), jnp.zeros(3), num_steps=10, inner_lr=0.3),
+    bilevel.scale_by_hypergradient(bilevel.RMD(), jnp.zeros(3), inner_steps=10, inner_lr=0.3),
     optax.sgd(0.1),
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -297,7 +295,7 @@ def test_mixed_precision_penalty():
   # u in float32, v in bfloat16: the penalty's weight ν + γ∇_v g takes v's dtype.
   f, g, _ = synthetic("sum")
   with jax.enable_x64(False):
-    solver = bilevel.penalty(f, g, optax.sgd(0.01), num_steps=2, inner_lr=0.01)
+    solver = bilevel.penalty(f, g, optax.sgd(0.01), inner_steps=2, inner_lr=0.01)
     state = solver.init(jax.random.key(0), jnp.zeros(10), jnp.zeros(10, jnp.bfloat16))
     state, info = jax.jit(solver.step)(state)
     assert state.v.dtype == jnp.bfloat16 and state.u.dtype == jnp.float32
@@ -306,24 +304,24 @@ def test_mixed_precision_penalty():
 
 def test_bad_input():
   p = Quadratic(9)
-  with pytest.raises(TypeError, match="method must be one of"):
-    bilevel.scale_by_hypergradient("implicit", p.v0, num_steps=1, inner_lr=LR)
-  with pytest.raises(ValueError, match="num_steps must be >= 0"):
-    bilevel.scale_by_hypergradient(bilevel.RMD(), p.v0, num_steps=-1, inner_lr=LR)
-  tx = bilevel.scale_by_hypergradient(bilevel.RMD(), p.v0, num_steps=1, inner_lr=LR)
+  with pytest.raises(TypeError, match="method must be a hypergradient method value"):
+    bilevel.scale_by_hypergradient("implicit", p.v0, inner_steps=1, inner_lr=LR)
+  with pytest.raises(ValueError, match="inner_steps must be >= 0"):
+    bilevel.scale_by_hypergradient(bilevel.RMD(), p.v0, inner_steps=-1, inner_lr=LR)
+  tx = bilevel.scale_by_hypergradient(bilevel.RMD(), p.v0, inner_steps=1, inner_lr=LR)
   with pytest.raises(ValueError, match="grads and params must have the same pytree structure"):
     tx.update({"x": jnp.zeros(2)}, tx.init(p.u), p.u, upper_fn=p.f, lower_fn=p.g)
   with pytest.raises(ValueError, match="need params"):
     tx.update(None, tx.init(p.u), None, upper_fn=p.f, lower_fn=p.g)
   with pytest.raises(TypeError, match="upper_fn"):
     tx.update(None, tx.init(p.u), p.u, lower_fn=p.g)
-  with pytest.raises(ValueError, match=r"Penalty\.gamma must be a finite number > 0"):
+  with pytest.raises(ValueError, match=r"penalty\.gamma must be a finite number > 0"):
     bilevel.penalty(p.f, p.g, optax.sgd(0.1), inner_lr=0.1, gamma=-1.0)
-  with pytest.raises(ValueError, match=r"Penalty\.gamma_factor must be >= 1"):
+  with pytest.raises(ValueError, match=r"penalty\.gamma_factor must be >= 1"):
     bilevel.scale_by_penalty(p.v0, inner_lr=0.1, gamma_factor=0.5)
   with pytest.raises(TypeError, match="unexpected keyword"):
     bilevel.penalty(p.f, p.g, optax.sgd(0.1), inner_lr=0.1, gama=2.0)
-  solver = bilevel.solver(p.f, p.g, optax.sgd(0.1), bilevel.CG(2), num_steps=1, inner_lr=0.1)
+  solver = bilevel.solver(p.f, p.g, optax.sgd(0.1), bilevel.CG(2), inner_steps=1, inner_lr=0.1)
   with pytest.raises(TypeError, match="v must hold floating-point arrays"):
     solver.init(jax.random.key(0), p.u, jnp.arange(3))
 
@@ -335,7 +333,7 @@ def test_penalty_schedule_by_hand():
   u, v = jnp.full(10, 0.4), jnp.full(10, 0.2)
 
   def one_step(**options):
-    tx = bilevel.scale_by_penalty(v, num_steps=0, inner_lr=0.1, **options)
+    tx = bilevel.scale_by_penalty(v, inner_steps=0, inner_lr=0.1, **options)
     state = tx.init(u)
     grad, state = tx.update(None, state, u, upper_fn=f, lower_fn=g)
     return grad, state.lower
@@ -360,7 +358,7 @@ def test_penalty_lower_weight_adds_g_to_the_steps_on_v():
   f, g, _ = synthetic("sum")
   u, v = jnp.full(10, 0.4), jnp.full(10, 0.2)
   run = lambda lam: bilevel.scale_by_penalty(
-    v, num_steps=1, inner_lr=0.01, gamma=2.0, lower_weight=lam
+    v, inner_steps=1, inner_lr=0.01, gamma=2.0, lower_weight=lam
   )
   states = []
   for lam in (0.0, 1.0):
@@ -372,7 +370,7 @@ def test_penalty_lower_weight_adds_g_to_the_steps_on_v():
 def test_penalty_restart_recipe_starts_the_lower_level_afresh():
   # Re-init with the same upper state: the warm-up and the divergence baseline apply again.
   f, g, _ = synthetic("sum")
-  solver = bilevel.penalty(f, g, optax.sgd(0.01), num_steps=1, inner_lr=0.01, warmup_steps=5)
+  solver = bilevel.penalty(f, g, optax.sgd(0.01), inner_steps=1, inner_lr=0.01, warmup_steps=5)
   key, u, v = jax.random.key(0), jnp.full(10, 0.2), jnp.zeros(10)
   state, _ = solver.step(solver.init(key, u, v))
   restarted = solver.init(key, state.u, v)._replace(

@@ -1,5 +1,7 @@
 """The importance-learning (data denoising) task on tiny synthetic digits."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +13,10 @@ from kbeam_jax import bilevel
 from kbeam_jax.tasks import denoising
 
 METHODS = {
-  "penalty": bilevel.Penalty(gamma=1.0, epsilon=0.1, max_gamma=2.0),
-  "approxgrad": bilevel.ApproxGrad(200, 0.04),
-  "rmd": bilevel.RMD(),
-  "naive": bilevel.Naive(),
+  "penalty": functools.partial(bilevel.penalty, gamma=1.0, epsilon=0.1, max_gamma=2.0),
+  "approxgrad": functools.partial(bilevel.solver, method=bilevel.ApproxGrad(200, 0.04)),
+  "rmd": functools.partial(bilevel.solver, method=bilevel.RMD()),
+  "naive": functools.partial(bilevel.solver, method=bilevel.Naive()),
 }
 
 L2 = 1e-2  # makes the tiny lower problem strongly convex
@@ -41,7 +43,7 @@ def tiny():
 def solve_lower(g, a, v, args, steps=1000):
   """Gradient descent on the lower problem (step 0.1: 0.5 oscillates on these pixels)."""
   solve = lambda a, v: bilevel.argmin(
-    g, a, v, *args, method=bilevel.Naive(), num_steps=steps, inner_lr=0.1
+    g, a, v, *args, method=bilevel.Naive(), inner_steps=steps, inner_lr=0.1
   )
   return jax.jit(solve)(a, v)
 
@@ -105,12 +107,11 @@ def test_upper_objective_decreases_and_runs_are_deterministic(tiny, method):
   # Step sizes inside the stability bounds of this data (λ_max(∇²_vv g) ≈ 5 at the lower
   # optimum, ≈ 20 at v = 0): descent ρ < 2/λ, ApproxGrad's solve_lr < 2/λ², the penalty's
   # ρ·γ·λ² < 2. T = 30 warm-started steps keep v near v*(a) while a moves.
-  solver = bilevel.solver(
+  solver = METHODS[method](
     f,
     g,
     optax.adam(0.3),
-    METHODS[method],
-    num_steps=30,
+    inner_steps=30,
     inner_lr=0.02 if method == "penalty" else 0.1,
   )
   trace = lambda s, info: info.value
@@ -144,7 +145,7 @@ def test_rmd_and_approxgrad_agree_on_the_task():
   a = jax.random.normal(jax.random.key(0), (20,))
   v = solve_lower(g, a, model.init(None), args)
   hg = lambda m: (
-    bilevel.hypergradient(f, g, a, v, *args, method=m, num_steps=1000, inner_lr=0.1).grad
+    bilevel.hypergradient(f, g, a, v, *args, method=m, inner_steps=1000, inner_lr=0.1).grad
   )
   rmd = hg(bilevel.RMD())
   # descent on ½|Hq - b|² is stable below 2/λ_max(H)² (≈ 0.09 here) and converges at the

@@ -180,7 +180,7 @@ def test_objective_shapes_and_bad_input():
 
 def descend(g, u, heads, ep, steps, lr):
   """``steps`` plain descent steps on the heads."""
-  return bilevel.argmin(g, u, heads, ep, method=bilevel.Naive(), num_steps=steps, inner_lr=lr)
+  return bilevel.argmin(g, u, heads, ep, method=bilevel.Naive(), inner_steps=steps, inner_lr=lr)
 
 
 def test_lower_optimum_is_reached_regression_closed_form():
@@ -215,8 +215,8 @@ def test_lower_optimum_is_reached_classification():
     ep.support_y,
     num_outputs=3,
     l2=0.1,
-    num_steps=500,
-    lr=1.0,
+    inner_steps=500,
+    inner_lr=1.0,
   )
   np.testing.assert_allclose(fitted["w"], heads["w"], atol=1e-5)
 
@@ -226,7 +226,7 @@ def test_stacked_heads_give_the_mean_of_per_task_hypergradients():
   ep = fewshot.sample_sinusoid(jax.random.key(2), num_tasks=3, k_shot=5, num_query=7)
   u = fewshot.init_mlp(jax.random.key(3), [1, 8, 6])
   f, g = fewshot.objectives("regression", l2=0.1)
-  opts = dict(method=bilevel.ApproxGrad(30, 0.1), num_steps=30, inner_lr=0.3)
+  opts = dict(method=bilevel.ApproxGrad(30, 0.1), inner_steps=30, inner_lr=0.3)
   stacked = jax.jit(
     lambda u, ep: bilevel.hypergradient(f, g, u, fewshot.init_heads(3, 6, 1), ep, **opts).grad
   )(u, ep)
@@ -243,7 +243,9 @@ def test_stacked_heads_give_the_mean_of_per_task_hypergradients():
 def test_metrics():
   ep = tiny_classification(num_tasks=4)
   u = fewshot.init_mlp(jax.random.key(0), [16, 12, 8])
-  acc = fewshot.evaluate("classification", u, ep, num_outputs=3, l2=0.1, num_steps=5, lr=1.0)
+  acc = fewshot.evaluate(
+    "classification", u, ep, num_outputs=3, l2=0.1, inner_steps=5, inner_lr=1.0
+  )
   centroid = fewshot.nearest_centroid_accuracy(u, ep, n_way=3)
   for a in (acc, centroid):
     assert a.shape == (4,) and bool(jnp.all((a >= 0) & (a <= 1)))
@@ -253,7 +255,7 @@ def test_metrics():
   perfect = fewshot.Episodes(x, y, x, y)
   assert float(fewshot.nearest_centroid_accuracy([], perfect, n_way=3, feature_scale=None)[0]) == 1
   head_acc = fewshot.evaluate(
-    "classification", [], perfect, num_outputs=3, l2=0.01, num_steps=100, lr=1.0
+    "classification", [], perfect, num_outputs=3, l2=0.01, inner_steps=100, inner_lr=1.0
   )
   assert float(head_acc[0]) == 1.0
 

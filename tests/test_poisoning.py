@@ -1,5 +1,7 @@
 """The data-poisoning task on tiny synthetic digits."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,13 +15,13 @@ from kbeam_jax.tasks import poisoning
 # The benchmark's methods: the penalty method with its setting (Adam on v, γ = 100, λ = 1,
 # 300 warm-up steps); the others with 30 inner steps of 0.3 and 50 solve steps.
 METHODS = {
-  "penalty": bilevel.Penalty(
-    gamma=100.0, epsilon=0.1, max_gamma=100.0, lower_weight=1.0, warmup_steps=300
+  "penalty": functools.partial(
+    bilevel.penalty, gamma=100.0, epsilon=0.1, max_gamma=100.0, lower_weight=1.0, warmup_steps=300
   ),
-  "approxgrad": bilevel.ApproxGrad(50, 0.1),
-  "rmd": bilevel.RMD(),
-  "naive": bilevel.Naive(),
-  "cg": bilevel.CG(50),
+  "approxgrad": functools.partial(bilevel.solver, method=bilevel.ApproxGrad(50, 0.1)),
+  "rmd": functools.partial(bilevel.solver, method=bilevel.RMD()),
+  "naive": functools.partial(bilevel.solver, method=bilevel.Naive()),
+  "cg": functools.partial(bilevel.solver, method=bilevel.CG(50)),
 }
 
 
@@ -52,7 +54,7 @@ def tiny():
 def solve_lower(g, u, v, args, steps=1000):
   """Gradient descent on the lower problem, step 0.3 < 2 / λ_max(∇²_vv g) (λ_max ≈ 3)."""
   solve = lambda u, v: bilevel.argmin(
-    g, u, v, *args, method=bilevel.Naive(), num_steps=steps, inner_lr=0.3
+    g, u, v, *args, method=bilevel.Naive(), inner_steps=steps, inner_lr=0.3
   )
   return jax.jit(solve)(u, v)
 
@@ -101,23 +103,11 @@ def test_objectives_and_lower_optimum(tiny):
 
 @pytest.mark.parametrize("targeted", [False, True], ids=["untargeted", "targeted"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_upper_objective_decreases_in_the_box(tiny, method, targeted, request):
-  if method == "approxgrad" and targeted:
-    # Open problem, kept visible: on the targeted attack ApproxGrad raises f at the
-    # re-solved lower optimum (with 50 to 500 solve steps), while RMD and CG lower it from
-    # 1.03 to 0.008; the MNIST benchmark shows the same. Not a wrong hypergradient formula:
-    # at a converged lower optimum (float64) RMD's and CG's estimates match a finite
-    # difference of f(u, v*(u)) (7.07 vs 7.07), while ApproxGrad's descent on ½|Hq - b|² is
-    # still far from solved after 20,000 steps (norm 0.77, cosine 0.78 with RMD;
-    # test_targeted_hypergradients_... below checks this at 2,000 steps): λ_min(∇²_vv g) =
-    # 2·l2 = 0.01 against λ_max ≈ 3 makes that system very ill-conditioned. strict: a fix
-    # makes this test fail until the mark goes.
-    request.applymarker(
-      pytest.mark.xfail(
-        strict=True,
-        reason="known: approxgrad moves the targeted poisons the wrong way (see comment)",
-      )
-    )
+def test_upper_objective_decreases_in_the_box(tiny, method, targeted):
+  # ApproxGrad on the targeted attack used to raise f (an xfail): its descent on
+  # ½|Hq - b|² is far from solved in 50 steps (λ_min(∇²_vv g) = 2·l2 = 0.01 against
+  # λ_max ≈ 3). bilevel.solver now warm-starts the linear solve from the previous outer
+  # step's answer, so the solve steps add up across outer steps, and it lowers f too.
   model = poisoning.softmax_regression()
   f, g = poisoning.objectives(model, targeted=targeted)
   st = dict(source=2, target=7) if targeted else {}
@@ -134,12 +124,11 @@ def test_upper_objective_decreases_in_the_box(tiny, method, targeted, request):
   # poisoning section has the ablation.
   upper_lr, outer_steps = (0.002, 100) if method == "penalty" else (0.02, 8)
   inner = dict(inner=optax.adam(1e-3)) if method == "penalty" else dict(inner_lr=0.3)
-  solver = bilevel.solver(
+  solver = METHODS[method](
     f,
     g,
     optax.adam(upper_lr),
-    METHODS[method],
-    num_steps=30,
+    inner_steps=30,
     project_u=poisoning.project_images,
     **inner,
   )
@@ -198,9 +187,10 @@ def test_bad_inputs(tiny):
 
 
 def test_targeted_hypergradients_match_finite_differences(tiny):
-  """The targeted xfail is not a wrong formula: at a converged lower optimum RMD and CG
+  """The hypergradient formula is right: at a converged lower optimum RMD and CG
   agree with a central difference of F(u) = f(u, v*(u)); ApproxGrad's descent solve of
-  the ill-conditioned linear system still points downhill, but is far from the value."""
+  the ill-conditioned linear system from zero still points downhill, but is far from the
+  value (the solver's warm start makes up for it over outer steps)."""
   with jax.enable_x64(True):
     model = poisoning.softmax_regression(jnp.float64)
     f, g = poisoning.objectives(model, targeted=True)
@@ -213,7 +203,7 @@ def test_targeted_hypergradients_match_finite_differences(tiny):
     v_star = solve_lower(g, u, model.init(None), args, 20_000)
     F = lambda u: f(u, solve_lower(g, u, v_star, args, 20_000), *args)
     hg = lambda m, T: (
-      bilevel.hypergradient(f, g, u, v_star, *args, method=m, num_steps=T, inner_lr=0.3).grad
+      bilevel.hypergradient(f, g, u, v_star, *args, method=m, inner_steps=T, inner_lr=0.3).grad
     )
     rmd = hg(bilevel.RMD(), 3000)
     cg = hg(bilevel.CG(200), 1)

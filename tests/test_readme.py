@@ -59,6 +59,35 @@ CHECKS = {
     import numpy as np
     assert info.values.shape == (5,) and np.all(np.isfinite(np.asarray(info.values)))
   """,
+  "print(jax.hessian(F)(u))": """
+    import numpy as np
+    np.testing.assert_allclose(jax.grad(F)(u), jax.jacfwd(F)(u), rtol=1e-10)
+    H = jax.hessian(F)(u)
+    np.testing.assert_allclose(H, H.T, rtol=1e-8)
+  """,
+  "solve=closed_form": """
+    import numpy as np
+    steps = lambda l2: jnp.mean((x @ bilevel.argmin(ridge, l2, jnp.zeros(8), x, y,
+      method=bilevel.RMD(), inner_steps=3000, inner_lr=0.5) - y) ** 2)
+    np.testing.assert_allclose(jax.grad(val_loss)(1.0), jax.grad(steps)(1.0), rtol=1e-3)
+  """,
+  "prox=soft_threshold": """
+    import numpy as np
+    assert np.isfinite(float(jax.grad(val)(jnp.log(0.1))))
+  """,
+  "inner_lr=2.5, throw=True": """
+    assert bool(out.info.diverging)
+    assert "inner_lr 2.5 is above 2/λ_max ≈ 2" in message, message
+    assert abs(float(bilevel.max_curvature(g, u, v0)) - 1.0) < 1e-5
+  """,
+  "class JacobiCG(bilevel.Implicit)": """
+    import numpy as np
+    np.testing.assert_allclose(out.grad, [1.0, 0.01], rtol=1e-4)
+  """,
+  '"penalty": bilevel.penalty(f, g': """
+    import numpy as np
+    np.testing.assert_allclose(state.u, 0.5, atol=1e-3)
+  """,
 }
 
 

@@ -1,248 +1,141 @@
-r"""A differentiable ``argmin`` and the one ``hypergradient``.
+r"""Differentiable lower solves (``argmin``, ``root``, ``fixed_point``) and ``hypergradient``.
 
-``argmin(g, u, v0, *args, method=...)`` runs T steps of an optax optimizer on
-``g(u, ·, *args)`` from ``v0`` and returns ``v_T``; how ``jax.grad`` goes through it is the
-method's choice:
-
-* ``Naive``: not at all (``v_T`` is a constant);
-* ``RMD``: autodiff of the loop, every step rematerialized (only the iterates are
-  stored), or ``⌈√T⌉`` segments with ``checkpoint=True``;
-* ``FMD``: a ``custom_vjp`` whose forward pass carries the Jacobian ``dv_T/d(u, args)``
-  in forward mode and whose backward pass contracts it with the cotangent;
-* ``ApproxGrad``, ``CG``, ``Neumann``: a ``custom_vjp`` whose backward pass solves
-  ``∇²_vv g · q = v̄`` (Hessian-vector products at ``v_T``) and returns
-  ``-∇²_uv g · q`` for ``u`` (and the same vector-Jacobian product for ``args``).
-
-So ``jax.grad(lambda u: f(u, argmin(g, u, v0, method=m, ...)))`` is the hypergradient of
-method ``m``, and ``hypergradient`` is exactly that, with ``v_T`` returned beside it.
-Both are compiled once per (objective, method, settings, shapes): repeated eager calls
-do not recompile (pass the same function objects).
+Each solves its lower problem forward (the built-in loop or the user's ``solve=``) and
+returns the answer, differentiable in ``u``, in ``args`` and in any traced value the
+user's functions close over, the way ``method`` says (see ``_methods.py``). They are
+compiled once per (functions, method, settings, shapes): repeated eager calls with the
+same function objects do not recompile.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
 from kbeam_jax import derivatives
-from kbeam_jax._checks import check_float_leaves, check_steps, scalar_output
-from kbeam_jax.bilevel import _methods
+from kbeam_jax._checks import check_float_leaves, checked_projection, scalar_output
+from kbeam_jax._tree import PyTree, tree_all_finite, tree_scaled_norm
+from kbeam_jax.bilevel import _lower, _methods
+from kbeam_jax.bilevel._lower import SolveInfo as SolveInfo
 
-PyTree = Any
-StepSize = float | Callable[[jax.Array], jax.Array]
+
+class HypergradientInfo(NamedTuple):
+  """What a hypergradient saw, at the ``u`` it was taken at.
+
+  Attributes:
+    value: ``f(u, v)``, ``v`` the inner answer.
+    grad_norm: ``|hypergradient|``.
+    lower_grad_norm: ``|∇_v g(u, v)|``, how far the inner solve is from stationary.
+    inner_steps: steps the inner loop took (``-1`` for the user's ``solve=``).
+    converged: the inner solve reached ``tol`` (1e-3 when not given).
+    diverging: the inner solve diverged (see ``SolveInfo``), or the linear solve did
+      (``linear_residual`` above 1, worse than the zero answer, or not finite).
+    linear_residual: ``|Aᵀq - ∇_v f| / |∇_v f|`` of the implicit methods' linear solve
+      (0 for the methods without one: ``Naive``, ``FMD``, ``RMD``).
+    finite: the hypergradient is finite.
+  """
+
+  value: jax.Array
+  grad_norm: jax.Array
+  lower_grad_norm: jax.Array
+  inner_steps: jax.Array
+  converged: jax.Array
+  diverging: jax.Array
+  linear_residual: jax.Array
+  finite: jax.Array
 
 
 class Hypergradient(NamedTuple):
-  """A hypergradient estimate and the inner iterate it was computed at."""
+  """A hypergradient, the inner answer it was taken at, and the status of both solves."""
 
   grad: PyTree  # like u
-  v: PyTree  # v_T
-
-
-class Inner(NamedTuple):
-  """The inner loop's settings, hashable and equal for equal settings (a static argument
-  of the compiled functions): ``lr`` for plain descent, or ``given``, an optax optimizer."""
-
-  num_steps: int
-  lr: StepSize | None
-  given: optax.GradientTransformation | None
-
-  @property
-  def optimizer(self) -> optax.GradientTransformation:
-    return self.given if self.given is not None else optax.sgd(self.lr)
+  v: PyTree  # the inner answer (the next warm start)
+  info: HypergradientInfo
 
 
 @functools.lru_cache(maxsize=256)
-def _check_schedule(schedule: Callable[[jax.Array], jax.Array], num_steps: int) -> None:
-  """Raises unless ``schedule`` is finite and > 0 on steps ``0..num_steps-1`` (checked once
-  per schedule and step count; a schedule that needs traced values passes unchecked)."""
-  try:
-    values = np.asarray(jax.vmap(schedule)(jnp.arange(max(num_steps, 1))))
-  except jax.errors.ConcretizationTypeError:
-    return
-  good = np.isfinite(values) & (values > 0)
-  if not np.all(good):
-    bad = int(np.argmax(~good))
-    raise ValueError(
-      f"the inner_lr schedule must give finite values > 0 on the steps 0..{num_steps - 1},"
-      f" got {values[bad]} at step {bad}."
-    )
+def _projection_prox(project_v: Callable[[PyTree], PyTree]):
+  """``project_v`` as a proximal operator (one object per projection: no recompiles)."""
+  project = checked_projection(project_v, "v")
+  return lambda u, v, step, *args: project(v)
 
 
-def check_inner(
-  num_steps: Any, inner_lr: StepSize | None, inner: optax.GradientTransformation | None
-) -> Inner:
-  """Validates the inner loop's settings: ``num_steps`` and exactly one of ``inner_lr``
-  (a number > 0 or a schedule ``t -> ρ_t`` with finite positive values) or ``inner`` (an
-  optax optimizer)."""
-  num_steps = check_steps("num_steps", num_steps)
-  if (inner_lr is None) == (inner is None):
-    raise ValueError(
-      "pass exactly one of inner_lr= (the inner step size: a number or a schedule) and "
-      "inner= (an optax optimizer for v), got " + ("neither." if inner_lr is None else "both.")
-    )
-  if inner is not None:
-    if not isinstance(inner, optax.GradientTransformation):
-      raise TypeError(f"inner must be an optax.GradientTransformation, got {inner!r}.")
-    return Inner(num_steps, None, inner)
-  if callable(inner_lr):
-    _check_schedule(inner_lr, num_steps)
-  elif not (
-    isinstance(inner_lr, int | float | np.floating)
-    and not isinstance(inner_lr, bool)
-    and math.isfinite(inner_lr)
-    and inner_lr > 0
-  ):
-    raise ValueError(f"inner_lr must be a finite number > 0 or a schedule, got {inner_lr!r}.")
-  return Inner(num_steps, inner_lr, None)
-
-
-def lower_loop(g: Callable[..., jax.Array], inner: Inner, remat: str | None, u, v0, args):
-  """``v_T``: ``inner.num_steps`` steps of ``inner.optimizer`` on ``g(u, ·, *args)``.
-
-  ``remat`` (for reverse-mode autodiff through the loop): ``None`` stores what autodiff
-  stores, ``"step"`` rematerializes every step (the iterates alone are kept), ``"sqrt"``
-  keeps one iterate every ``⌈√T⌉`` steps and recomputes the segments.
-  """
-  opt, T = inner.optimizer, inner.num_steps
-  grad_v = jax.grad(g, argnums=1)
-
-  def step(carry, _):
-    v, state = carry
-    updates, state = opt.update(grad_v(u, v, *args), state, v)
-    return (optax.apply_updates(v, updates), state), None
-
-  if remat is not None:
-    step = jax.checkpoint(step)
-  carry = (v0, opt.init(v0))
-  if remat == "sqrt" and T > 1:
-    c = math.isqrt(T - 1) + 1  # ⌈√T⌉
-    segment = jax.checkpoint(lambda carry, _: (jax.lax.scan(step, carry, length=c)[0], None))
-    carry, _ = jax.lax.scan(segment, carry, length=T // c)
-    T = T % c
-  carry, _ = jax.lax.scan(step, carry, length=T)
-  return carry[0]
-
-
-def _fmd_loop(g, inner, u, v0, args):
-  return lower_loop(g, inner, None, u, v0, args)
-
-
-def _fmd_fwd(g, inner, u, v0, args):
-  primals = jax.tree.map(lambda p: p.value, (u, v0, args))
-  flags = jax.tree.map(lambda p: p.perturbed, (u, v0, args))
-  leaves, treedef = jax.tree.flatten(primals)
-  which = [
-    i
-    for i, (x, p) in enumerate(zip(leaves, jax.tree.leaves(flags), strict=True))
-    if p and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-  ]
-  if not which:
-    return _fmd_loop(g, inner, *primals), jax.tree.unflatten(treedef, [None] * len(leaves))
-  x, unravel = ravel_pytree([leaves[i] for i in which])
-
-  def loop(x):
-    new = list(leaves)
-    for i, leaf in zip(which, unravel(x), strict=True):
-      new[i] = leaf
-    return _fmd_loop(g, inner, *jax.tree.unflatten(treedef, new))
-
-  # One forward pass, the tangents of every input coordinate vmapped: dv_T/dx, (n, V).
-  basis = jnp.eye(x.size, dtype=x.dtype)
-  v_T, tangents = jax.vmap(lambda e: jax.jvp(loop, (x,), (e,)), out_axes=(None, 0))(basis)
-  jac = jnp.concatenate([t.reshape(x.size, -1) for t in jax.tree.leaves(tangents)], axis=1)
-  blocks: list[Any] = [None] * len(leaves)
-  offset = 0
-  for i in which:
-    size = int(np.prod(jnp.shape(leaves[i])))
-    block = jac[offset : offset + size].reshape(jnp.shape(leaves[i]) + (jac.shape[1],))
-    blocks[i] = block.astype(jnp.result_type(leaves[i]))  # the cotangent's dtype
-    offset += size
-  return v_T, jax.tree.unflatten(treedef, blocks)
-
-
-def _fmd_bwd(g, inner, jac, v_bar):
-  del g, inner
-  zero = jax.custom_derivatives.SymbolicZero
-  v_bar = jax.tree.map(
-    lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, zero) else c,
-    v_bar,
-    is_leaf=lambda c: isinstance(c, zero),
-  )
-  v_bar = ravel_pytree(v_bar)[0]
-  return jax.tree.map(
-    lambda J: None if J is None else (J @ v_bar.astype(J.dtype)),
-    jac,
-    is_leaf=lambda x: x is None,
+def make_loop(
+  method, *, solve, inner_steps, inner_lr, inner, tol, project_v, prox, default_lr=None
+):
+  """The forward solve's settings, validated, ``project_v`` folded into ``prox``."""
+  if project_v is not None and prox is not None:
+    raise ValueError("pass project_v= or prox=, not both (a projection is a prox).")
+  if project_v is not None:
+    if not callable(project_v):
+      raise TypeError(f"project_v must be a function v -> v, got {project_v!r}.")
+    prox = _projection_prox(project_v)
+  return _lower.make_loop(
+    method=method,
+    inner_steps=inner_steps,
+    inner_lr=inner_lr,
+    inner=inner,
+    tol=tol,
+    prox=prox,
+    solve=solve,
+    default_lr=default_lr,
   )
 
 
-_fmd = jax.custom_vjp(_fmd_loop, nondiff_argnums=(0, 1))
-_fmd.defvjp(_fmd_fwd, _fmd_bwd, symbolic_zeros=True)
+def _solve(kind, fn, method, loop, want_info, throw, u, v0, args, lr):
+  problem, data, params = _lower.build(kind, fn, loop, u, v0, args, lr)
+  v, steps = method.solution(problem, u, v0, data, params)
+  if not (want_info or throw):
+    return v
+  info, start = _lower.status(problem, loop, u, v0, v, steps, data, params)
+  if throw:
+    _lower.raise_if_failed(kind, loop, info, start, problem, u, v0, data, params)
+  return (v, info) if want_info else v
 
 
-def _implicit_loop(g, inner, method, u, v0, args):
-  return lower_loop(g, inner, None, u, v0, args)
+_solve_jit = jax.jit(_solve, static_argnums=(0, 1, 2, 3, 4, 5))
 
 
-def _implicit_fwd(g, inner, method, u, v0, args):
-  v_T = lower_loop(g, inner, None, u, v0, args)
-  return v_T, (u, v_T, args)
-
-
-def _implicit_bwd(g, inner, method, res, v_bar):
-  del inner
-  u, v_T, args = res
-  # A fresh forward-over-reverse product per iteration: on the CPU recomputing ∇_v g's
-  # forward pass measured as fast as (MLP) or faster than (separable, V = 10^6: 61 vs 68 ms
-  # for the whole hypergradient) reading the residuals that jax.linearize stores.
-  q = method.solve(lambda x: derivatives.hvp_vv(g, u, v_T, x, *args), v_bar)
-  u_bar, args_bar = derivatives.vjp_grad_v(g, u, v_T, q, *args)
-  neg = lambda c, x: -c if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else None
-  return (
-    jax.tree.map(jnp.negative, u_bar),
-    None,
-    jax.tree.map(neg, args_bar, args),
-  )
-
-
-_implicit = jax.custom_vjp(_implicit_loop, nondiff_argnums=(0, 1, 2))
-_implicit.defvjp(_implicit_fwd, _implicit_bwd)
-
-
-def _argmin(g, method, inner: Inner, u, v0, args):
-  """``v_T`` with the derivative rule of ``method`` (traceable, no checks)."""
-  g = scalar_output(g, "the lower objective g(u, v)")
-  if isinstance(method, _methods.Naive):
-    return jax.lax.stop_gradient(lower_loop(g, inner, None, u, v0, args))
-  if isinstance(method, _methods.RMD):
-    return lower_loop(g, inner, "sqrt" if method.checkpoint else "step", u, v0, args)
-  # The custom rules differentiate their explicit inputs only: values g closes over (a
-  # hyperparameter under an outer jax.grad, say) become explicit arguments.
-  g, consts = jax.closure_convert(g, u, v0, *args)
-  args = (*args, *consts)
-  if isinstance(method, _methods.FMD):
-    return _fmd(g, inner, u, v0, args)
-  return _implicit(g, inner, method, u, v0, args)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _argmin_jit(g, method, inner, u, v0, args):
-  return _argmin(g, method, inner, u, v0, args)
-
-
-def _check(u, v0, method):
+def _entry(
+  kind,
+  fn,
+  u,
+  v0,
+  args,
+  method,
+  solve,
+  inner_steps,
+  inner_lr,
+  inner,
+  tol,
+  project_v,
+  prox,
+  return_info,
+  throw,
+  default_lr=None,
+):
+  if not callable(fn):
+    raise TypeError(f"{kind.name} needs a function {kind.function}(u, v, *args) first, got {fn!r}.")
   check_float_leaves(u, "u")
   check_float_leaves(v0, "v0")
-  return _methods.check_method(method, penalty_ok=False)
+  method = _methods.check_method(method)
+  loop, lr = make_loop(
+    method,
+    solve=solve,
+    inner_steps=inner_steps,
+    inner_lr=inner_lr,
+    inner=inner,
+    tol=tol,
+    project_v=project_v,
+    prox=prox,
+    default_lr=default_lr,
+  )
+  return _solve_jit(kind, fn, method, loop, bool(return_info), bool(throw), u, v0, args, lr)
 
 
 def argmin(
@@ -251,42 +144,64 @@ def argmin(
   v0: PyTree,
   *args: Any,
   method: _methods.Method,
-  num_steps: int,
-  inner_lr: StepSize | None = None,
+  solve: Callable[..., PyTree] | None = None,
+  inner_steps: int | None = None,
+  inner_lr: Any = None,
   inner: optax.GradientTransformation | None = None,
+  tol: float | None = None,
+  project_v: Callable[[PyTree], PyTree] | None = None,
+  prox: Callable[..., PyTree] | None = None,
+  return_info: bool = False,
+  throw: bool = False,
 ) -> PyTree:
-  r"""``v_T ≈ argmin_v g(u, v, *args)``, differentiable in ``u`` and ``args`` by ``method``.
+  r"""``v* ≈ argmin_v g(u, v, *args)``, differentiable in ``u`` and ``args`` by ``method``.
 
-  Runs ``num_steps`` steps of gradient descent with step ``inner_lr`` (or of the optax
-  optimizer ``inner``) on ``g(u, ·, *args)`` from ``v0``. Under ``jax.grad``, ``jax.vjp``
-  (and so inside any loss) the derivative of ``v_T`` is the method's: ``jax.grad`` of
-  ``u ↦ f(u, argmin(g, u, v0, ...))`` is the hypergradient (see ``hypergradient``). It
-  composes with ``jit``, ``vmap`` and ``jax.checkpoint``.
+  The forward solve is yours or built in:
 
-  ``args``, and any traced value ``g`` closes over, are differentiated too (implicitly,
-  like ``u``). ``v0`` is a starting point: only ``RMD`` and ``FMD`` differentiate through
-  it (the unrolled loop depends on it); for the implicit methods and ``Naive`` its
-  cotangent is zero (a fixed point does not depend on where the search started). Calls
-  with the same ``g`` object, method, settings and shapes reuse one compiled program
-  (``argmin`` and ``hypergradient`` are jitted with ``g`` static: define ``g`` once, not
-  in a loop). Reverse mode only: the implicit methods and ``FMD`` are ``custom_vjp``
-  rules, so ``jax.jvp``, ``jax.jacfwd`` and second derivatives through ``argmin`` need
-  ``RMD`` or ``Naive``.
+  * ``solve=``: any ``solve(u, v0, *args) -> v`` (a closed form, an optimistix or jaxopt
+    solver, a ``while_loop`` with a tolerance); the implicit methods differentiate its
+    answer through the optimality condition ``∇_v g(u, v) = 0`` (the ``custom_root``
+    pattern), so ``inner_steps``/``inner_lr`` are not needed;
+  * otherwise at most ``inner_steps`` steps from ``v0`` of gradient descent with step
+    ``inner_lr`` (a number, an array, a traced value, a schedule ``t -> ρ_t``, or ``"auto"``:
+    ``1/λ_max(∇²_vv g)`` at the start by power iteration), or of any optax optimizer
+    ``inner=`` (``optax.lbfgs()`` included: the loop passes ``value``, ``grad`` and
+    ``value_fn``); with ``tol=`` it stops once ``|∇_v g| <= tol`` (implicit methods only).
+
+  ``project_v`` (a projection onto a convex set) or ``prox`` (``prox(u, v, step, *args)``, the
+  proximal operator of ``step·h(u, ·)``) makes it a constrained or composite problem
+  ``min_v g + h``: projected / proximal descent forward, and the derivative through the
+  fixed point ``v = prox(v - ρ∇_v g, ρ)`` (a non-symmetric system, solved by each method
+  accordingly).
+
+  How ``jax.grad``, ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` and nested ``jax.grad``
+  go through the answer is ``method``'s: ``Naive`` (not at all), ``RMD`` / ``FMD`` (through
+  the steps), ``ApproxGrad`` / ``CG`` / ``Neumann`` (implicitly, any order and mode, by a
+  ``custom_jvp`` whose linear solve is ``custom_linear_solve``). ``v0`` is a starting
+  point: only the unrolled methods differentiate through it.
 
   Args:
     g: lower objective ``g(u, v, *args) -> scalar``.
     u: upper variable, a pytree of floats.
     v0: initial inner iterate, a pytree of floats.
-    *args: extra arguments of ``g`` (a batch, hyperparameters).
-    method: ``Naive()``, ``FMD()``, ``RMD(...)``, ``ApproxGrad(...)``, ``CG(...)`` or
-      ``Neumann(...)``.
-    num_steps: T >= 0, inner steps.
-    inner_lr: ρ > 0, a number or a schedule ``t -> ρ_t``: plain gradient descent.
-    inner: instead of ``inner_lr``, any optax optimizer for ``v`` (its state, and the step
-      count of a schedule, start fresh from ``v0`` on every call).
+    *args: extra arguments of ``g`` (a batch, hyperparameters), differentiated too.
+    method: ``Naive()``, ``FMD()``, ``RMD(...)``, ``ApproxGrad(...)``, ``CG(...)``,
+      ``Neumann(...)`` or your own ``bilevel.Implicit`` subclass.
+    solve: your forward solver ``solve(u, v0, *args) -> v``.
+    inner_steps: T >= 0, the most inner steps of the built-in loop.
+    inner_lr: the inner step size (plain descent), see above.
+    inner: instead of ``inner_lr``, an optax optimizer for ``v`` (state fresh per call).
+    tol: stop once ``|∇_v g| <= tol`` (the bar of ``info.converged`` too).
+    project_v: projection of ``v`` after every step.
+    prox: proximal operator ``prox(u, v, step, *args) -> v``.
+    return_info: also return a ``SolveInfo`` (``grad_norm``, ``inner_steps``,
+      ``converged``, ``finite``, ``diverging``).
+    throw: raise at run time (under ``jit`` too, through ``jax.debug.callback``) when the
+      solve is not finite, diverged, or missed ``tol``; the message names the cause and the
+      fix (``inner_lr 0.5 is above 2/λ_max ≈ 0.12``).
 
   Returns:
-    ``v_T``, a pytree like ``v0``.
+    ``v``, a pytree like ``v0``, or ``(v, SolveInfo)``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -294,29 +209,207 @@ def argmin(
     >>> g = lambda u, v: jnp.sum((v - u) ** 2) / 2  # v*(u) = u
     >>> f = lambda u, v: jnp.sum((v - 1.0) ** 2)  # so df/du = 2(u - 1)
     >>> F = lambda u: f(u, bilevel.argmin(g, u, jnp.zeros(1), method=bilevel.CG(20),
-    ...                                   num_steps=50, inner_lr=0.5))
-    >>> jax.grad(F)(jnp.array([3.0]))
-    Array([4.], dtype=float32)
+    ...                                   inner_steps=50, inner_lr=0.5))
+    >>> jax.grad(F)(jnp.array([3.0])), jax.jacfwd(F)(jnp.array([3.0]))
+    (Array([4.], dtype=float32), Array([4.], dtype=float32))
+    >>> v, info = bilevel.argmin(g, jnp.array([3.0]), jnp.zeros(1), method=bilevel.CG(20),
+    ...                          solve=lambda u, v0: u, return_info=True)  # a closed form
+    >>> v, bool(info.converged)
+    (Array([3.], dtype=float32), True)
   """
-  method = _check(u, v0, method)
-  return _argmin_jit(g, method, check_inner(num_steps, inner_lr, inner), u, v0, args)
+  return _entry(
+    _lower.ARGMIN,
+    g,
+    u,
+    v0,
+    args,
+    method,
+    solve,
+    inner_steps,
+    inner_lr,
+    inner,
+    tol,
+    project_v,
+    prox,
+    return_info,
+    throw,
+  )
 
 
-def value_and_hypergradient(f, g, method, inner: Inner, u, v0, args):
-  """``(f(u, v_T), Hypergradient(grad, v_T))`` (traceable, no checks)."""
+def root(
+  F: Callable[..., PyTree],
+  u: PyTree,
+  v0: PyTree,
+  *args: Any,
+  method: _methods.Method,
+  solve: Callable[..., PyTree] | None = None,
+  inner_steps: int | None = None,
+  inner_lr: Any = None,
+  inner: optax.GradientTransformation | None = None,
+  tol: float | None = None,
+  return_info: bool = False,
+  throw: bool = False,
+) -> PyTree:
+  r"""``v`` with ``F(u, v, *args) = 0``, differentiated by ``(∂_v F)⁻¹`` (not via ``½|F|²``).
+
+  ``dv/du = -(∂_v F)⁻¹ ∂_u F`` with the method's linear solver on the non-symmetric
+  system (``CG`` on the normal equations, ``Neumann`` / ``ApproxGrad`` directly, or yours).
+  The built-in forward solve is the damped Richardson iteration ``v ← v - ρF(u, v)``
+  (gradient descent when ``F = ∇_v g``), which converges when the eigenvalues of ``∂_v F``
+  have positive real parts and ``ρ`` is small enough (``inner_lr="auto"``: ``1/|λ|_max``);
+  for anything harder bring ``solve=`` (Newton, an optimistix root finder).
+
+  Args:
+    F: ``F(u, v, *args) -> pytree like v``.
+    u, v0, *args, method, solve, inner_steps, inner_lr, inner, tol, return_info, throw:
+      as in ``argmin``; ``info.grad_norm`` is ``|F(u, v)|``.
+
+  Returns:
+    ``v`` (or ``(v, SolveInfo)``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kbeam_jax import bilevel
+    >>> F = lambda u, v: jnp.array([[2.0, 1.0], [0.0, 1.0]]) @ v - u  # v* = A⁻¹u
+    >>> v = lambda u: bilevel.root(F, u, jnp.zeros(2), method=bilevel.CG(10),
+    ...                            inner_steps=100, inner_lr=0.5)
+    >>> jnp.round(jax.jacfwd(v)(jnp.ones(2)), 4) + 0.0  # A⁻¹
+    Array([[ 0.5, -0.5],
+           [ 0. ,  1. ]], dtype=float32)
+  """
+  return _entry(
+    _lower.ROOT,
+    F,
+    u,
+    v0,
+    args,
+    method,
+    solve,
+    inner_steps,
+    inner_lr,
+    inner,
+    tol,
+    None,
+    None,
+    return_info,
+    throw,
+  )
+
+
+def fixed_point(
+  T: Callable[..., PyTree],
+  u: PyTree,
+  v0: PyTree,
+  *args: Any,
+  method: _methods.Method,
+  solve: Callable[..., PyTree] | None = None,
+  inner_steps: int | None = None,
+  inner_lr: Any = None,
+  inner: optax.GradientTransformation | None = None,
+  tol: float | None = None,
+  return_info: bool = False,
+  throw: bool = False,
+) -> PyTree:
+  r"""``v = T(u, v, *args)``, differentiated by ``(I - ∂_v T)⁻¹`` with the method's solver.
+
+  The built-in forward solve is the (damped) fixed-point iteration
+  ``v ← v + ρ(T(u, v) - v)``, ``ρ = inner_lr`` (1 by default: plain ``v ← T(u, v)``), which
+  converges for a contraction.
+
+  Args:
+    T: ``T(u, v, *args) -> pytree like v``.
+    u, v0, *args, method, solve, inner_steps, inner_lr, inner, tol, return_info, throw:
+      as in ``argmin``; ``info.grad_norm`` is ``|T(u, v) - v|``.
+
+  Returns:
+    ``v`` (or ``(v, SolveInfo)``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kbeam_jax import bilevel
+    >>> T = lambda u, v: 0.5 * v + u  # v* = 2u
+    >>> jax.grad(lambda u: bilevel.fixed_point(T, u, 0.0, method=bilevel.Neumann(30),
+    ...                                        inner_steps=60).sum())(1.0)
+    Array(2., dtype=float32)
+  """
+  return _entry(
+    _lower.FIXED_POINT,
+    T,
+    u,
+    v0,
+    args,
+    method,
+    solve,
+    inner_steps,
+    inner_lr,
+    inner,
+    tol,
+    None,
+    None,
+    return_info,
+    throw,
+    default_lr=1.0,
+  )
+
+
+def hypergradient_step(f, method, loop, throw, problem_parts, u, v0, args, q0):
+  """``(Hypergradient, q)`` of ``f`` at ``u`` (traceable, no checks): the method's
+  hypergradient, the status of both solves, and the linear solve's answer ``q`` (the next
+  warm start)."""
+  g, lr = problem_parts
   f = scalar_output(f, "the upper objective f(u, v)")
+  problem, data, params = _lower.build(_lower.ARGMIN, g, loop, u, v0, args, lr)
+  upper = lambda u_, v_: f(u_, v_, *args)
+  value, grad, v, steps, q, residual = method.hypergradient(upper, problem, u, v0, data, params, q0)
+  grad = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), grad, u)
+  solve_info, start = _lower.status(problem, loop, u, v0, v, steps, data, params)
+  dtype = solve_info.grad_norm.dtype
+  residual = jnp.asarray(residual, dtype)
+  linear_failed = ~(residual <= 1.0)
+  info = HypergradientInfo(
+    value=jnp.asarray(value).astype(dtype),
+    grad_norm=tree_scaled_norm(grad).astype(dtype),
+    lower_grad_norm=solve_info.grad_norm,
+    inner_steps=solve_info.inner_steps,
+    converged=solve_info.converged,
+    diverging=solve_info.diverging | linear_failed,
+    linear_residual=residual,
+    finite=tree_all_finite(grad),
+  )
+  if throw:
+    _lower.raise_if_failed(_lower.ARGMIN, loop, solve_info, start, problem, u, v0, data, params)
+    _raise_if_linear_failed(method, problem, linear_failed, residual, u, v, data, params)
+  return Hypergradient(grad, v, info), q
 
-  def F(u):
-    v = _argmin(g, method, inner, u, v0, args)
-    return f(u, v, *args), v
 
-  (value, v), grad = jax.value_and_grad(F, has_aux=True)(u)
-  return value, Hypergradient(grad, v)
+def _raise_if_linear_failed(method, problem, failed, residual, u, v, data, params):
+  sg = jax.lax.stop_gradient
+  u, v, data, params = sg((u, v, data, params))
+
+  def curvature():
+    matvec = lambda x: jax.jvp(lambda w: problem.condition(u, w, data, params), (v,), (x,))[1]
+    return derivatives.max_eigenvalue(matvec, v, symmetric=problem.symmetric)
+
+  lam = jax.lax.cond(jnp.any(failed), curvature, lambda: jnp.zeros([], residual.dtype))
+
+  def callback(failed, residual, lam):
+    import numpy as np
+
+    if not np.any(failed):
+      return
+    raise FloatingPointError(
+      f"hypergradient: the linear solve of {method!r} failed (relative residual "
+      f"{float(np.max(residual)):.3g}; above 1 is worse than the zero answer). "
+      + method.failure_hint(float(np.max(lam)))
+    )
+
+  jax.debug.callback(callback, failed, residual, lam)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _hypergradient_jit(f, g, method, inner, u, v0, args):
-  return value_and_hypergradient(f, g, method, inner, u, v0, args)[1]
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _hypergradient_jit(f, g, method, loop, throw, u, v0, args, lr):
+  out, _ = hypergradient_step(f, method, loop, throw, (g, lr), u, v0, args, None)
+  return out
 
 
 def hypergradient(
@@ -326,25 +419,33 @@ def hypergradient(
   v0: PyTree,
   *args: Any,
   method: _methods.Method,
-  num_steps: int,
-  inner_lr: StepSize | None = None,
+  solve: Callable[..., PyTree] | None = None,
+  inner_steps: int | None = None,
+  inner_lr: Any = None,
   inner: optax.GradientTransformation | None = None,
+  tol: float | None = None,
+  project_v: Callable[[PyTree], PyTree] | None = None,
+  prox: Callable[..., PyTree] | None = None,
+  throw: bool = False,
 ) -> Hypergradient:
-  r"""The hypergradient of ``u ↦ f(u, v_T(u), *args)``, ``v_T`` from ``argmin``.
+  r"""The hypergradient of ``u ↦ f(u, v*(u), *args)``, ``v*`` from ``argmin``, with status.
 
-  Exactly ``jax.grad(lambda u: f(u, argmin(g, u, v0, *args, ...), *args))(u)``, with
-  ``v_T`` returned beside it (the next warm start). For a converged inner solve and an
-  accurate linear solve every method approaches the true hypergradient
-  ``∇_u f - ∇²_uv g (∇²_vv g)⁻¹ ∇_v f``; ``FMD`` and ``RMD`` give the exact derivative of
-  the unrolled T steps; ``Naive`` gives ``∇_u f`` alone.
+  Equal to ``jax.grad(lambda u: f(u, argmin(g, u, v0, *args, ...), *args))(u)``; the
+  implicit methods compute it in adjoint form, ``(∂_v F)ᵀ q = ∇_v f`` then
+  ``∇_u f - (∂_u F)ᵀ q``, so that the linear solve's residual can be reported. For a
+  converged inner solve and an accurate linear solve every method approaches the true
+  hypergradient ``∇_u f - ∇²_uv g (∇²_vv g)⁻¹ ∇_v f``; ``FMD`` and ``RMD`` give the exact
+  derivative of the unrolled steps; ``Naive`` gives ``∇_u f`` alone.
 
   Args:
     f: upper objective ``f(u, v, *args) -> scalar``.
     g: lower objective ``g(u, v, *args) -> scalar``.
-    u, v0, *args, method, num_steps, inner_lr, inner: as in ``argmin``.
+    u, v0, *args, method, solve, inner_steps, inner_lr, inner, tol, project_v, prox, throw:
+      as in ``argmin`` (``throw`` also raises when the linear solve failed).
 
   Returns:
-    ``Hypergradient(grad, v)``: the derivative (like ``u``) and ``v_T``.
+    ``Hypergradient(grad, v, info)``: the derivative (like ``u``), the inner answer and a
+    ``HypergradientInfo``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -352,16 +453,58 @@ def hypergradient(
     >>> f = lambda u, v: jnp.sum((v - 1.0) ** 2)
     >>> g = lambda u, v: jnp.sum((v - u) ** 2) / 2  # v*(u) = u, df/du = 2(u - 1)
     >>> for method in [bilevel.FMD(), bilevel.RMD(), bilevel.CG(5),
-    ...                bilevel.ApproxGrad(50, 0.5), bilevel.Neumann(40, 0.5)]:
+    ...                bilevel.ApproxGrad(50), bilevel.Neumann(40)]:
     ...   out = bilevel.hypergradient(f, g, jnp.array([3.0]), jnp.array([0.0]),
-    ...                               method=method, num_steps=50, inner_lr=0.5)
-    ...   print(type(method).__name__, out.grad)
-    FMD [4.]
-    RMD [4.]
-    CG [4.]
-    ApproxGrad [4.]
-    Neumann [4.]
+    ...                               method=method, inner_steps=50, inner_lr=0.5)
+    ...   print(type(method).__name__, out.grad, bool(out.info.converged))
+    FMD [4.] True
+    RMD [4.] True
+    CG [4.] True
+    ApproxGrad [4.] True
+    Neumann [4.] True
   """
-  method = _check(u, v0, method)
-  inner_ = check_inner(num_steps, inner_lr, inner)
-  return _hypergradient_jit(f, g, method, inner_, u, v0, args)
+  check_float_leaves(u, "u")
+  check_float_leaves(v0, "v0")
+  method = _methods.check_method(method)
+  loop, lr = make_loop(
+    method,
+    solve=solve,
+    inner_steps=inner_steps,
+    inner_lr=inner_lr,
+    inner=inner,
+    tol=tol,
+    project_v=project_v,
+    prox=prox,
+  )
+  return _hypergradient_jit(f, g, method, loop, bool(throw), u, v0, args, lr)
+
+
+def max_curvature(
+  g: Callable[..., jax.Array], u: PyTree, v: PyTree, *args: Any, num_iters: int = 20
+) -> jax.Array:
+  r"""``λ_max`` of ``∇²_vv g(u, v, *args)`` by power iteration on Hessian-vector products.
+
+  Gradient descent on ``g`` is stable for ``inner_lr < 2/λ_max``; Neumann's series for
+  ``solve_lr < 2/λ_max``; ApproxGrad's descent for ``solve_lr < 2/λ_max²``. (``"auto"``
+  takes ``1/λ_max``, or ``1/λ_max²``, from this estimate.) Jit-, vmap- and grad-compatible;
+  the estimate approaches ``λ_max`` from below (the magnitude of the extreme eigenvalue
+  for an indefinite Hessian).
+
+  Args:
+    g: ``g(u, v, *args) -> scalar``.
+    u, v: the point.
+    *args: extra arguments of ``g``.
+    num_iters: Hessian-vector products, >= 1.
+
+  Returns:
+    A scalar array (float32 at least).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kbeam_jax import bilevel
+    >>> g = lambda u, v: 0.5 * jnp.sum(jnp.array([1.0, 4.0, 9.0]) * v**2)
+    >>> round(float(bilevel.max_curvature(g, None, jnp.zeros(3), num_iters=50)), 3)
+    9.0
+  """
+  check_float_leaves(v, "v")
+  return derivatives.max_eigenvalue(lambda x: derivatives.hvp_vv(g, u, v, x, *args), v, num_iters)

@@ -1,53 +1,113 @@
-r"""Hypergradient methods as values: how ``v_T(u)`` is differentiated, or how ``u`` moves.
+r"""Hypergradient methods as values, each owning how it differentiates a lower solve.
 
-Each method is an immutable, hashable dataclass, validated when it is built, so that
-``bilevel.argmin``, ``bilevel.hypergradient``, ``bilevel.solver`` and
-``bilevel.scale_by_hypergradient`` all take the same ``method=`` value and a loop over
-methods needs no per-method argument sets:
+The protocol (what ``argmin``, ``root``, ``fixed_point``, ``hypergradient`` and the outer
+solver call; no module switches on a method's type):
 
-* ``Naive()``   ``v_T`` treated as a constant: only ``∇_u f`` (the implicit term dropped);
-* ``FMD()``     forward mode through the T inner steps (carries ``dv_t/du``);
-* ``RMD(checkpoint=False)`` reverse mode through the T inner steps (autodiff of the
-  loop; with ``checkpoint=True`` only ``⌈√T⌉`` iterates are stored);
-* ``ApproxGrad(solve_steps, solve_lr, damping=0)``, ``CG(solve_steps, tol, damping)``,
-  ``Neumann(solve_steps, solve_lr)``: implicit differentiation at ``v_T``, the linear
-  system ``∇²_vv g · q = ∇_v f`` solved by descent on ``½|Hq - b|²``, by conjugate
-  gradient, or by a truncated Neumann series;
-* ``Penalty(...)``: no hypergradient at all: the inversion-free penalty method of
-  Mehra & Hamm (only in ``bilevel.solver`` / ``scale_by_hypergradient``).
+* ``solution(problem, u, v0, data, params) -> (v, steps)``: the forward solve's answer,
+  differentiable (in forward and reverse mode) the method's way;
+* ``hypergradient(upper, problem, u, v0, data, params, q0)
+  -> (value, grad, v, steps, q, linear_residual)``: ``upper(u, v)``'s value and its
+  total derivative in ``u`` (by default ``jax.value_and_grad`` through ``solution``);
+* ``init_adjoint(v)``: the warm start of the linear solve kept by the outer solver;
+* ``unrolled``: it differentiates through the forward solve's steps (so no ``tol``);
+  ``remat``: how the built-in loop stores its steps when it is differentiated.
+
+The implicit methods share one rule: at the answer ``F(u, v) = 0`` (``F = ∇_v g``, a root
+function, or a fixed-point / proximal residual), so ``dv = -(∂_v F)⁻¹ ∂_u F du``. That is a
+``jax.custom_jvp`` whose linear solve is a ``jax.lax.custom_linear_solve``: forward mode
+(``jvp``, ``jacfwd``) directly, reverse mode (``grad``, ``vjp``) by transposing it, and any
+order (``hessian``, ``grad(grad)``) because the primal answer re-enters the same rule. A new
+linear solver is a subclass of ``Implicit`` with one method, ``linear_solve``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from kbeam_jax._tree import tree_all_finite, tree_axpy, tree_sq_norm, tree_vdot
+from kbeam_jax import derivatives
+from kbeam_jax._tree import (
+  PyTree,
+  tree_all_finite,
+  tree_axpy,
+  tree_scaled_norm,
+  tree_sq_norm,
+  tree_vdot,
+)
 
-PyTree = Any
-MatVec = Callable[[PyTree], PyTree]
+MatVec = Any  # Callable[[PyTree], PyTree]
 
 
 def _require_int(owner: str, name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+  if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
     raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {name}={value!r}.")
 
 
-def _require_number(owner: str, name: str, value: Any, *, positive: bool) -> None:
-  ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-  ok = ok and (value > 0 if positive else value >= 0)
+def _require_number(owner: str, name: str, value: Any, *, positive: bool, auto=False) -> None:
+  if auto and value == "auto":
+    return
+  ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+  ok = ok and math.isfinite(value) and (value > 0 if positive else value >= 0)
   if not ok:
     bound = "> 0" if positive else ">= 0"
-    raise ValueError(f"{owner}.{name} must be a finite number {bound}, got {name}={value!r}.")
+    extra = ' or "auto"' if auto else ""
+    raise ValueError(
+      f"{owner}.{name} must be a finite number {bound}{extra}, got {name}={value!r}."
+    )
 
 
 class Method:
-  """Base class of the hypergradient methods (for ``isinstance`` checks)."""
+  """Base class of the hypergradient methods: the protocol above, with defaults."""
+
+  unrolled: ClassVar[bool] = False
+  remat: ClassVar[str | None] = None
+
+  def solution(self, problem, u, v0, data, params):
+    raise NotImplementedError(f"{type(self).__name__} does not define solution().")
+
+  def hypergradient(self, upper, problem, u, v0, data, params, q0):
+    def total(u):
+      v, steps = self.solution(problem, u, v0, data, params)
+      return upper(u, v), (v, steps)
+
+    (value, (v, steps)), grad = jax.value_and_grad(total, has_aux=True)(u)
+    return value, grad, v, steps, q0, jnp.zeros([], jnp.result_type(value))
+
+  def init_adjoint(self, v):
+    del v
+    return None  # no linear solve to warm-start
+
+
+def _float0_like(x):
+  return np.zeros(jnp.shape(x), jax.dtypes.float0)
+
+
+def _perturbed(primals, tangents):
+  """``(leaves, substitute, xs, ts)``: the inexact primal leaves whose tangent is not a
+  symbolic zero, their tangents, and ``substitute(xs)`` rebuilding the primals with them."""
+  zero = jax.custom_derivatives.SymbolicZero
+  leaves, treedef = jax.tree.flatten(primals)
+  dleaves = jax.tree.leaves(tangents, is_leaf=lambda t: isinstance(t, zero))
+  which = [
+    i
+    for i, (x, t) in enumerate(zip(leaves, dleaves, strict=True))
+    if not isinstance(t, zero) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
+
+  def substitute(xs):
+    new = list(leaves)
+    for i, x in zip(which, xs, strict=True):
+      new[i] = x
+    return jax.tree.unflatten(treedef, new)
+
+  return substitute, [leaves[i] for i in which], [dleaves[i] for i in which]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,34 +123,20 @@ class Naive(Method):
     Naive()
   """
 
-
-@dataclasses.dataclass(frozen=True)
-class FMD(Method):
-  """Forward-mode differentiation through the T inner steps.
-
-  Carries the Jacobian ``P_t = dv_t/du`` (one tangent per coordinate of ``u`` and of every
-  differentiated ``args`` leaf, vmapped): exact for the unrolled loop, time O(U·V·T),
-  memory O(U·V), independent of T.
-
-  Example:
-    >>> from kbeam_jax import bilevel
-    >>> bilevel.FMD()
-    FMD()
-
-  References:
-    Franceschi et al., Forward and Reverse Gradient-Based Hyperparameter Optimization,
-    ICML 2017.
-  """
+  def solution(self, problem, u, v0, data, params):
+    v, steps = problem.solve(u, v0, data, params, None)
+    return jax.lax.stop_gradient(v), steps
 
 
 @dataclasses.dataclass(frozen=True)
 class RMD(Method):
-  """Reverse-mode differentiation through the T inner steps (autodiff of the loop).
+  """Reverse-mode differentiation through the inner steps (autodiff of the loop).
 
   Every step is rematerialized, so the reverse pass stores only the iterates ``v_t``:
   memory O(V·T). With ``checkpoint=True`` only every ``⌈√T⌉``-th iterate is stored and
   each segment is recomputed in the reverse pass: memory O(V·√T) for one more forward
-  pass.
+  pass. Forward mode and higher orders are plain autodiff of the loop too. With your own
+  ``solve=``, RMD differentiates through it.
 
   Attributes:
     checkpoint: store ``⌈√T⌉`` checkpoints instead of every iterate.
@@ -105,34 +151,194 @@ class RMD(Method):
     Learning, ICML 2015; Franceschi et al., ICML 2017.
   """
 
+  unrolled: ClassVar[bool] = True
   checkpoint: bool = False
 
   def __post_init__(self):
     if not isinstance(self.checkpoint, bool):
       raise ValueError(f"RMD.checkpoint must be a bool, got checkpoint={self.checkpoint!r}.")
 
+  @property
+  def remat(self):  # type: ignore[override]
+    return "sqrt" if self.checkpoint else "step"
+
+  def solution(self, problem, u, v0, data, params):
+    return problem.solve(u, v0, data, params, self.remat)
+
+
+@dataclasses.dataclass(frozen=True)
+class FMD(Method):
+  """Forward-mode differentiation through the inner steps.
+
+  Carries the Jacobian ``P_t = dv_t/d(u, v0, args, inner_lr)`` forward (one tangent per
+  coordinate of every differentiated input, vmapped), then contracts it with the
+  tangents: exact for the unrolled loop, time O(U·V·T), memory O(U·V), independent of T.
+  As a ``custom_jvp`` rule whose tangent is linear in the input tangents, it serves
+  ``jvp``/``jacfwd`` and, transposed, ``grad``/``vjp`` without storing the trajectory.
+
+  Example:
+    >>> from kbeam_jax import bilevel
+    >>> bilevel.FMD()
+    FMD()
+
+  References:
+    Franceschi et al., Forward and Reverse Gradient-Based Hyperparameter Optimization,
+    ICML 2017.
+  """
+
+  unrolled: ClassVar[bool] = True
+
+  def solution(self, problem, u, v0, data, params):
+    return _fmd(problem, u, v0, data, params)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _fmd(problem, u, v0, data, params):
+  return problem.solve(u, v0, data, params, None)
+
+
+def _fmd_jvp(problem, primals, tangents):
+  v, steps = _fmd(problem, *primals)  # the primal re-enters the rule at higher orders
+  substitute, xs, ts = _perturbed(primals, tangents)
+  if not xs:
+    return (v, steps), (jax.tree.map(jnp.zeros_like, v), _float0_like(steps))
+  x, unravel = ravel_pytree(xs)
+  loop = lambda x: problem.solve(*substitute(unravel(x)), None)[0]
+  # One forward pass with the tangents of every input coordinate vmapped: dv/dx, (n, ...).
+  basis = jnp.eye(x.size, dtype=x.dtype)
+  jac = jax.vmap(lambda e: jax.jvp(loop, (x,), (e,))[1])(basis)
+  t = ravel_pytree(ts)[0].astype(x.dtype)
+  dv = jax.tree.map(lambda J, vi: jnp.tensordot(t, J, axes=1).astype(vi.dtype), jac, v)
+  return (v, steps), (dv, _float0_like(steps))
+
+
+_fmd.defjvp(_fmd_jvp, symbolic_zeros=True)
+
 
 class Implicit(Method):
-  """Implicit differentiation at ``v_T``: solves ``(∇²_vv g + σI) q = ∇_v f``."""
+  r"""Implicit differentiation at the answer: ``dv = -(∂_v F)⁻¹ ∂_u F du``.
 
-  def solve(self, matvec: MatVec, b: PyTree) -> PyTree:
-    """Approximates ``q = (H + σI)⁻¹ b`` with ``matvec(x) = H x``."""
-    raise NotImplementedError
+  A subclass defines one method, ``linear_solve(matvec, b, x0, *, symmetric) -> x``, an
+  approximate solution of ``A x = b`` for the linear map ``matvec(x) = A x`` (on pytrees
+  like ``b``), started from ``x0`` (``None``: from 0). ``symmetric`` says whether ``A`` is
+  symmetric (``∇²_vv g``); otherwise it is ``∂_v F`` of a root, fixed-point or proximal
+  condition (``jax.linear_transpose(matvec, b)`` gives ``Aᵀ`` when the solver needs it).
+  Subclasses are frozen dataclasses (hashable: a static argument of the compiled code).
+
+  Example, a diagonally preconditioned CG from ``jax.scipy``:
+
+    >>> import dataclasses, jax, jax.numpy as jnp
+    >>> from kbeam_jax import bilevel
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class JacobiCG(bilevel.Implicit):
+    ...   diagonal: tuple  # the diagonal of the Hessian, or an estimate
+    ...   def linear_solve(self, matvec, b, x0, *, symmetric):
+    ...     M = lambda r: r / jnp.asarray(self.diagonal)
+    ...     return jax.scipy.sparse.linalg.cg(matvec, b, x0, M=M, maxiter=20)[0]
+    >>> a = jnp.array([1.0, 100.0])
+    >>> g = lambda u, v: 0.5 * jnp.sum(a * v**2) - u @ v  # v* = u / a
+    >>> f = lambda u, v: jnp.sum(v)
+    >>> bilevel.hypergradient(f, g, jnp.ones(2), jnp.zeros(2), method=JacobiCG((1.0, 100.0)),
+    ...                       inner_steps=2000, inner_lr=0.01).grad
+    Array([1.  , 0.01], dtype=float32)
+  """
+
+  def linear_solve(self, matvec: MatVec, b: PyTree, x0: PyTree | None, *, symmetric: bool):
+    raise NotImplementedError(
+      f"{type(self).__name__} must define linear_solve(matvec, b, x0, *, symmetric)."
+    )
+
+  def tangent_solve(self, matvec: MatVec, b: PyTree, symmetric: bool) -> PyTree:
+    """``A⁻¹ b`` as a ``custom_linear_solve``: differentiable and transposable."""
+    solve = lambda mv, rhs: self.linear_solve(mv, rhs, None, symmetric=symmetric)
+    return jax.lax.custom_linear_solve(matvec, b, solve, transpose_solve=solve, symmetric=symmetric)
+
+  def solution(self, problem, u, v0, data, params):
+    return _implicit(self, problem, u, v0, data, params)
+
+  def hypergradient(self, upper, problem, u, v0, data, params, q0):
+    # The adjoint form of the same rule: (∂_v F)ᵀ q = ∇_v f, grad = ∇_u f - (∂_u F)ᵀ q.
+    v, steps = self.solution(problem, u, v0, data, params)
+    v = jax.lax.stop_gradient(v)
+    value, (f_u, f_v) = jax.value_and_grad(upper, argnums=(0, 1))(u, v)
+    condition_u = lambda u_: problem.condition(u_, v, data, params)
+    _, pull_u = jax.vjp(condition_u, u)
+    _, pull_v = jax.vjp(lambda v_: problem.condition(u, v_, data, params), v)
+    vecmat = lambda x: pull_v(x)[0]
+    q = self.linear_solve(vecmat, f_v, q0, symmetric=problem.symmetric)
+    q = jax.tree.map(lambda a, b: a.astype(b.dtype), q, f_v)
+    grad = jax.tree.map(lambda a, b: (a - b).astype(a.dtype), f_u, pull_u(q)[0])
+    r = jax.tree.map(jnp.subtract, vecmat(q), f_v)
+    b_norm = tree_scaled_norm(f_v)
+    residual = jnp.where(b_norm > 0, tree_scaled_norm(r) / jnp.where(b_norm > 0, b_norm, 1), 0.0)
+    return value, grad, v, steps, q, residual
+
+  def init_adjoint(self, v):
+    return jax.tree.map(jnp.zeros_like, v)
+
+  def failure_hint(self, lam: float) -> str:
+    """What to change when the linear solve diverged, ``lam`` ≈ ``λ_max`` of its matrix."""
+    del lam
+    return "check that the lower problem is strongly convex at the answer (or add damping)."
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _implicit(method, problem, u, v0, data, params):
+  return problem.solve(u, v0, data, params, None)
+
+
+def _implicit_jvp(method, problem, primals, tangents):
+  u, v0, data, params = primals
+  v, steps = _implicit(method, problem, u, v0, data, params)  # re-enters at higher orders
+  # ∂_(u, data) F · (du, ddata), in the inputs that are perturbed only
+  substitute, xs, ts = _perturbed((u, data), (tangents[0], tangents[2]))
+  if not xs:
+    return (v, steps), (jax.tree.map(jnp.zeros_like, v), _float0_like(steps))
+
+  def condition_at(*xs):
+    u_, data_ = substitute(xs)
+    return problem.condition(u_, v, data_, params)
+
+  rhs = jax.jvp(condition_at, xs, ts)[1]
+  matvec = lambda x: jax.jvp(lambda v_: problem.condition(u, v_, data, params), (v,), (x,))[1]
+  dv = method.tangent_solve(matvec, jax.tree.map(jnp.negative, rhs), problem.symmetric)
+  dv = jax.tree.map(lambda a, b: a.astype(jnp.result_type(b)), dv, v)
+  return (v, steps), (dv, _float0_like(steps))
+
+
+_implicit.defjvp(_implicit_jvp, symbolic_zeros=True)
+
+
+def _damped(matvec: MatVec, damping: float) -> MatVec:
+  if not damping:
+    return matvec
+  return lambda x: tree_axpy(damping, x, matvec(x))
+
+
+def _normal(matvec: MatVec, b: PyTree, symmetric: bool):
+  """``(x ↦ AᵀA x, Aᵀ)`` for a non-symmetric ``A``; ``(A, identity)`` for a symmetric one."""
+  if symmetric:
+    return matvec, lambda x: x
+  transpose = jax.linear_transpose(matvec, b)
+  At = lambda x: transpose(x)[0]
+  return (lambda x: At(matvec(x))), At
 
 
 @dataclasses.dataclass(frozen=True)
 class ApproxGrad(Implicit):
   r"""Implicit hypergradient, the linear system solved by gradient descent.
 
-  ``q`` minimizes ``½|(H + σI)q - b|²`` by ``solve_steps`` descent steps from 0 (each
-  step two Hessian-vector products); the descent is stable below
-  ``solve_lr < 2 / λ_max(H + σI)²``. On a singular ``H`` the iterates stay in the range
-  of ``H`` and tend to the minimum-norm solution.
+  ``q`` minimizes ``½|(A + σI)q - b|²`` by ``solve_steps`` descent steps (each two
+  products with ``A``); the descent is stable below ``solve_lr < 2 / λ_max(A + σI)²``, and
+  ``solve_lr="auto"`` takes ``1 / λ_max²`` (power iteration at the answer). Its condition
+  number is the square of ``A``'s: slow on an ill-conditioned lower problem, but it never
+  diverges at the auto step and improves with every step. On a singular ``A`` the iterates
+  stay in its range and tend to the minimum-norm solution.
 
   Attributes:
     solve_steps: descent steps on the linear system, >= 1.
-    solve_lr: their step size, > 0.
-    damping: σ >= 0, Tikhonov damping of the lower Hessian.
+    solve_lr: their step size, > 0, or ``"auto"``.
+    damping: σ >= 0, Tikhonov damping.
 
   Example:
     >>> from kbeam_jax import bilevel
@@ -145,34 +351,55 @@ class ApproxGrad(Implicit):
   """
 
   solve_steps: int
-  solve_lr: float
+  solve_lr: float | str = "auto"
   damping: float = 0.0
 
   def __post_init__(self):
     _require_int("ApproxGrad", "solve_steps", self.solve_steps, 1)
-    _require_number("ApproxGrad", "solve_lr", self.solve_lr, positive=True)
+    _require_number("ApproxGrad", "solve_lr", self.solve_lr, positive=True, auto=True)
     _require_number("ApproxGrad", "damping", self.damping, positive=False)
 
-  def solve(self, matvec, b):
+  def linear_solve(self, matvec, b, x0, *, symmetric):
     A = _damped(matvec, self.damping)
+    AtA, At = _normal(A, b, symmetric)
+    if self.solve_lr == "auto":
+      if symmetric:
+        lam = derivatives.max_eigenvalue(A, b) ** 2
+      else:
+        lam = derivatives.max_eigenvalue(AtA, b)
+      lr = jnp.where(lam > 0, 1.0 / lam, 1.0)
+    else:
+      lr = self.solve_lr
 
-    def body(q, _):
+    def body(q, _):  # the gradient of ½|Aq - b|² is Aᵀ(Aq - b)
       r = jax.tree.map(jnp.subtract, A(q), b)
-      return tree_axpy(-self.solve_lr, A(r), q), None
+      return tree_axpy(-lr, A(r) if symmetric else At(r), q), None
 
-    return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, b), length=self.solve_steps)[0]
+    q = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
+    return jax.lax.scan(body, q, length=self.solve_steps)[0]
+
+  def failure_hint(self, lam):
+    if self.solve_lr != "auto" and self.solve_lr * lam**2 >= 2:
+      return (
+        f"ApproxGrad's solve_lr {self.solve_lr:g} is above 2/λ_max² ≈ {2 / lam**2:.3g}: "
+        'lower it, or pass solve_lr="auto".'
+      )
+    return super().failure_hint(lam)
 
 
 @dataclasses.dataclass(frozen=True)
 class Neumann(Implicit):
-  r"""Implicit hypergradient with ``H⁻¹ b ≈ α Σ_{j=0}^{J} (I - αH)^j b``.
+  r"""Implicit hypergradient with ``A⁻¹ b ≈ α Σ_{j=0}^{J} (I - αA)^j b``.
 
-  The truncated Neumann series, ``J = solve_steps``, ``α = solve_lr``; it converges when
-  ``0 < α < 2 / λ_max(H)`` and ``H`` is positive definite.
+  The truncated Neumann series, ``J = solve_steps``, ``α = solve_lr``, computed as the
+  Richardson iteration ``q ← q + α(b - Aq)`` (so it can start from a previous answer). It
+  converges when ``0 < α < 2 / λ_max(A)`` and ``A``'s eigenvalues are positive (also for a
+  non-symmetric fixed-point condition); ``solve_lr="auto"`` takes ``1 / λ_max`` (power
+  iteration at the answer).
 
   Attributes:
     solve_steps: J, terms of the series after the first, >= 1.
-    solve_lr: α > 0.
+    solve_lr: α > 0, or ``"auto"``.
 
   Example:
     >>> from kbeam_jax import bilevel
@@ -185,53 +412,62 @@ class Neumann(Implicit):
   """
 
   solve_steps: int
-  solve_lr: float
+  solve_lr: float | str = "auto"
 
   def __post_init__(self):
     _require_int("Neumann", "solve_steps", self.solve_steps, 1)
-    _require_number("Neumann", "solve_lr", self.solve_lr, positive=True)
+    _require_number("Neumann", "solve_lr", self.solve_lr, positive=True, auto=True)
 
-  def solve(self, matvec, b):
-    alpha = self.solve_lr
+  def linear_solve(self, matvec, b, x0, *, symmetric):
+    if self.solve_lr == "auto":
+      lam = derivatives.max_eigenvalue(matvec, b, symmetric=symmetric)
+      alpha = jnp.where(lam > 0, 1.0 / lam, 1.0)
+    else:
+      alpha = self.solve_lr
 
-    def body(carry, _):
-      term, total = carry
-      term = tree_axpy(-alpha, matvec(term), term)
-      return (term, jax.tree.map(jnp.add, total, term)), None
+    def body(q, _):
+      r = jax.tree.map(jnp.subtract, b, matvec(q))
+      return tree_axpy(alpha, r, q), None
 
-    (_, total), _ = jax.lax.scan(body, (b, b), length=self.solve_steps)
-    return jax.tree.map(lambda x: alpha * x, total)
+    if x0 is None:  # the first term α b without a product
+      return jax.lax.scan(body, jax.tree.map(lambda x: alpha * x, b), length=self.solve_steps)[0]
+    return jax.lax.scan(body, x0, length=self.solve_steps + 1)[0]
+
+  def failure_hint(self, lam):
+    if self.solve_lr != "auto" and self.solve_lr * lam >= 2:
+      return (
+        f"Neumann's solve_lr {self.solve_lr:g} is above 2/λ_max ≈ {2 / lam:.3g}: lower it, "
+        'or pass solve_lr="auto".'
+      )
+    return super().failure_hint(lam)
 
 
 @dataclasses.dataclass(frozen=True)
 class CG(Implicit):
-  r"""Implicit hypergradient, ``(H + σI) q = b`` solved by conjugate gradient.
+  r"""Implicit hypergradient, ``(A + σI) q = b`` solved by conjugate gradient.
 
-  At most ``solve_steps`` iterations; stops once ``|r| <= tol·|b|``. It cannot lie:
+  At most ``solve_steps`` iterations; stops once ``|r| <= tol·|b|``. A non-symmetric
+  ``A`` (a root, fixed-point or proximal condition) is solved on the normal equations
+  ``AᵀA q = Aᵀb``. It cannot lie:
 
-  * a non-finite ``b`` (a diverged inner solve) gives a NaN ``q``, so a NaN
-    hypergradient, never the plausible ``q = 0``;
-  * on a singular ``H`` whose null space ``b`` has a component in (a continuum of lower
+  * ``b`` is scaled to unit size first, so a huge but finite ``b`` (a diverged inner solve
+    in float32) gives the huge answer it implies, never an overflowed ``0``; a non-finite
+    ``b`` gives a NaN ``q``;
+  * on a singular ``A`` whose null space ``b`` has a component in (a continuum of lower
     solutions), plain CG is wrong from its first step and then breaks down. After a
-    breakdown (zero or negative curvature: also an indefinite ``H``, a non-convex lower
-    problem), or when its answer has a larger residual ``|b - Hq|`` than ``q = 0`` (the
-    residual as CG's recursion tracks it), CG
-    solves again on the normal equations ``H²q = Hb`` from 0, whose iterates stay in the
-    range of ``H``: the minimum-norm answer ``q = H⁺b``, never NaN. The check costs no
-    product; the second solve (two products per iteration, the condition number squared)
-    runs only when it triggers (under ``vmap`` its right-hand side ``Hb`` is computed in
-    any case, and its loop runs zero iterations where it is not needed).
+    breakdown (zero or negative curvature: also an indefinite ``A``, a non-convex lower
+    problem), or when its answer has a larger residual than its start, CG solves again on
+    the normal equations ``A²q = Ab`` from 0, whose iterates stay in the range of ``A``:
+    the minimum-norm answer ``q = A⁺b``, never NaN. The second solve runs only when it
+    triggers (a while loop with zero iterations otherwise).
 
   Attributes:
     solve_steps: the most CG iterations, >= 1.
-    tol: relative residual at which CG stops, > 0 (with 0, float32 CG keeps iterating
-      past convergence and its step sizes turn into 0/0).
+    tol: relative residual at which CG stops, > 0.
     damping: σ >= 0.
-    fallback: the check and the normal-equations solve above. ``False`` gives plain CG,
-      wrong on a singular or indefinite ``H`` but faster: the extra control flow around
-      the Hessian-vector products measured 68 against 50 ms for a whole hypergradient at
-      V = 10^6 (``benchmarks/bilevel_scaling.py``'s separable problem, CPU), and 5.6
-      against 4.7 ms at V = 10^5; no difference on its MLP problem.
+    fallback: the check and the normal-equations solve above; ``False`` gives plain CG
+      (wrong on a singular or indefinite ``A``, measured up to 35% faster at V = 10^6 on
+      the CPU, ``benchmarks/bilevel_scaling.py``).
 
   Example:
     >>> from kbeam_jax import bilevel
@@ -251,8 +487,8 @@ class CG(Implicit):
     if not isinstance(self.fallback, bool):
       raise ValueError(f"CG.fallback must be a bool, got fallback={self.fallback!r}.")
 
-  def solve(self, matvec, b):
-    # The CG recursion runs in float32 at least (in bfloat16 its scalars, and the breakdown
+  def linear_solve(self, matvec, b, x0, *, symmetric):
+    # The recursion runs in float32 at least (in bfloat16 its scalars, and the breakdown
     # test relative to the machine epsilon, mean nothing); the products keep b's dtype.
     wide = lambda tree: jax.tree.map(
       lambda x: x.astype(jnp.promote_types(x.dtype, "float32")), tree
@@ -260,17 +496,28 @@ class CG(Implicit):
     like_b = lambda tree: jax.tree.map(lambda x, y: x.astype(y.dtype), tree, b)
     A = _damped(lambda x: wide(matvec(like_b(x))), self.damping)
     rhs = wide(b)
+    if x0 is not None:  # solve for the correction from the warm start
+      x0 = wide(x0)
+      rhs = jax.tree.map(jnp.subtract, rhs, A(x0))
+    A, At = _normal(A, rhs, symmetric)
+    rhs = At(rhs)
+    # Unit scale: |b|² may overflow where b does not (a diverged float32 inner solve).
+    size = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(rhs)]))
+    s = jnp.where(jnp.isfinite(size) & (size > 0), size, 1.0)
+    rhs = jax.tree.map(lambda x: x / s, rhs)
     q, residual_q, broke_down = conjugate_gradient(A, rhs, self.solve_steps, self.tol)
     finite = tree_all_finite(b)
-    if not self.fallback:
-      return like_b(jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q))
-    wrong = broke_down | ~(residual_q <= tree_sq_norm(rhs))  # worse than q = 0, or NaN
-    # q = H⁺b by CG on the normal equations H²q = Hb from 0, with zero iterations unless
-    # needed (a while loop, not a cond: under vmap a cond would run both branches).
-    budget = jnp.where(wrong, self.solve_steps, 0)
-    Ab = jax.lax.cond(wrong, lambda: A(rhs), lambda: jax.tree.map(jnp.zeros_like, rhs))
-    q2, _, _ = conjugate_gradient(lambda x: A(A(x)), Ab, budget, self.tol)
-    q = jax.tree.map(lambda a, c: jnp.where(wrong, a, c), q2, q)
+    if self.fallback and symmetric:
+      wrong = broke_down | ~(residual_q <= tree_sq_norm(rhs))  # worse than the start, or NaN
+      # q = A⁺b by CG on A²q = Ab from 0, with zero iterations unless needed (a while loop,
+      # not a cond: under vmap a cond would run both branches).
+      budget = jnp.where(wrong, self.solve_steps, 0)
+      Ab = jax.lax.cond(wrong, lambda: A(rhs), lambda: jax.tree.map(jnp.zeros_like, rhs))
+      q2, _, _ = conjugate_gradient(lambda x: A(A(x)), Ab, budget, self.tol)
+      q = jax.tree.map(lambda a, c: jnp.where(wrong, a, c), q2, q)
+    q = jax.tree.map(lambda x: x * s, q)
+    if x0 is not None:
+      q = jax.tree.map(jnp.add, x0, q)
     return like_b(jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q))
 
 
@@ -319,89 +566,24 @@ def conjugate_gradient(
   return q, rr, broke
 
 
-def _damped(matvec: MatVec, damping: float) -> MatVec:
-  if not damping:
-    return matvec
-  return lambda x: tree_axpy(damping, x, matvec(x))
-
-
-@dataclasses.dataclass(frozen=True)
-class Penalty(Method):
-  r"""The penalty method (Mehra & Hamm, ACML 2021): no inverse, no unrolling.
-
-  Replaces ``v ∈ argmin g`` by ``∇_v g = 0`` enforced by a growing penalty, minimizing
-  jointly ``L_γ = f + νᵀ∇_v g + (γ/2)|∇_v g|²``: each outer step takes ``num_steps``
-  steps of the inner optimizer on ``L_γ + λg`` in ``v``, then one step on ``u`` along
-  ``∇_u L``. When ``|∇L|² < ε²`` (measured where ``u``'s gradient is taken) the schedule
-  tightens: ``γ ← min(c_γ γ, γ_max)``, ``ε ← c_ε ε`` and, augmented,
-  ``ν ← ν + γ∇_v g``.
-
-  Attributes:
-    gamma: γ_0 > 0.
-    epsilon: ε_0 > 0.
-    gamma_factor: c_γ >= 1.
-    epsilon_factor: c_ε in (0, 1].
-    max_gamma: γ_max >= γ_0 (may be ``inf``). Plain steps on ``L_γ`` are stable only
-      while ``ρ γ λ_max(∇²_vv g)² < 2``: with a fixed inner step, cap γ.
-    lower_weight: λ >= 0, weight of ``g`` added to ``v``'s objective.
-    augmented: add the multiplier term ``νᵀ∇_v g`` (augmented Lagrangian).
-    warmup_steps: extra steps on ``v`` in the first outer step, before ``u`` moves.
-    divergence_steps: ``info.diverging`` turns true once ``|∇_v g|`` has risen this many
-      steps in a row to above its value after the first step (or ``v`` is not finite).
-
-  Example:
-    >>> from kbeam_jax import bilevel
-    >>> bilevel.Penalty(gamma=10.0, max_gamma=100.0).gamma
-    10.0
-
-  References:
-    Mehra & Hamm, Penalty Method for Inversion-Free Deep Bilevel Optimization, ACML 2021.
-  """
-
-  gamma: float = 1.0
-  epsilon: float = 1.0
-  gamma_factor: float = 1.1
-  epsilon_factor: float = 0.9
-  max_gamma: float = math.inf
-  lower_weight: float = 0.0
-  augmented: bool = False
-  warmup_steps: int = 0
-  divergence_steps: int = 10
-
-  def __post_init__(self):
-    _require_number("Penalty", "gamma", self.gamma, positive=True)
-    _require_int("Penalty", "divergence_steps", self.divergence_steps, 1)
-    _require_number("Penalty", "epsilon", self.epsilon, positive=True)
-    _require_number("Penalty", "lower_weight", self.lower_weight, positive=False)
-    _require_int("Penalty", "warmup_steps", self.warmup_steps, 0)
-    if not (isinstance(self.gamma_factor, int | float) and self.gamma_factor >= 1):
-      raise ValueError(f"Penalty.gamma_factor must be >= 1, got {self.gamma_factor!r}.")
-    if not (isinstance(self.epsilon_factor, int | float) and 0 < self.epsilon_factor <= 1):
-      raise ValueError(f"Penalty.epsilon_factor must be in (0, 1], got {self.epsilon_factor!r}.")
-    if not (isinstance(self.max_gamma, int | float) and self.max_gamma >= self.gamma):
-      raise ValueError(
-        f"Penalty.max_gamma must be >= gamma={self.gamma} (inf for no cap), got "
-        f"max_gamma={self.max_gamma!r}."
-      )
-    if not isinstance(self.augmented, bool):
-      raise ValueError(f"Penalty.augmented must be a bool, got {self.augmented!r}.")
-
-
-METHODS = (Naive, FMD, RMD, ApproxGrad, CG, Neumann, Penalty)
-
-
-def check_method(method: Any, *, penalty_ok: bool) -> Method:
+def check_method(method: Any) -> Method:
   """Returns ``method`` if it is a method value, else raises naming the choices."""
   if isinstance(method, type) and issubclass(method, Method):
     raise TypeError(
       f"method must be a method value, not the class: write bilevel.{method.__name__}(...)."
     )
-  if type(method) not in METHODS:
-    names = ", ".join(f"bilevel.{m.__name__}(...)" for m in METHODS)
-    raise TypeError(f"method must be one of {names}; got {method!r}.")
-  if isinstance(method, Penalty) and not penalty_ok:
+  if not isinstance(method, Method) or type(method) in (Method, Implicit):
     raise TypeError(
-      "the penalty method computes no hypergradient and no argmin: use it as the method "
-      "of bilevel.solver(...) or bilevel.scale_by_hypergradient(...)."
+      "method must be a hypergradient method value: bilevel.Naive(), FMD(), RMD(...), "
+      "ApproxGrad(...), CG(...), Neumann(...), or your own subclass of bilevel.Implicit "
+      f"(one method, linear_solve); got {method!r}. The penalty method is its own solver: "
+      "bilevel.penalty(...)."
     )
+  try:
+    hash(method)
+  except TypeError as e:
+    raise TypeError(
+      f"method must be hashable (a frozen dataclass), got {method!r}: {e}. Declare it with "
+      "@dataclasses.dataclass(frozen=True) and keep arrays out of its fields (tuples work)."
+    ) from e
   return method

@@ -1,5 +1,7 @@
-"""Hessian-vector products on pytrees (forward-over-reverse and mixed vjp)."""
+"""Hessian-vector products on pytrees (forward-over-reverse and mixed vjp) and the largest
+eigenvalue of such a product by power iteration."""
 
+from kbeam_jax.derivatives._curvature import max_eigenvalue as max_eigenvalue
 from kbeam_jax.derivatives._hvp import grad_and_hvp_vv as grad_and_hvp_vv
 from kbeam_jax.derivatives._hvp import hvp as hvp
 from kbeam_jax.derivatives._hvp import hvp_joint as hvp_joint
@@ -17,5 +19,6 @@ __all__ = [
   "hvp_vv",
   "jvp_grad_v",
   "linearize_hvp_vv",
+  "max_eigenvalue",
   "vjp_grad_v",
 ]

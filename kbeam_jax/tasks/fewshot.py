@@ -39,6 +39,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -322,7 +323,7 @@ def objectives(
     >>> u = fewshot.init_mlp(jax.random.key(1), [1, 16, 16])
     >>> heads = fewshot.init_heads(3, 16, 1)
     >>> out = bilevel.hypergradient(f, g, u, heads, ep, method=bilevel.ApproxGrad(20, 0.5),
-    ...                             num_steps=20, inner_lr=0.5)
+    ...                             inner_steps=20, inner_lr=0.5)
     >>> out.v["w"].shape, [p["w"].shape for p in out.grad]
     ((3, 16, 1), [(1, 16), (16, 16)])
   """
@@ -348,25 +349,41 @@ def fit_heads(
   *,
   num_outputs: int,
   l2: float,
-  num_steps: int,
-  lr: float,
+  inner_steps: int,
+  inner_lr: float,
 ) -> PyTree:
-  """Solves every task's lower problem on fixed features ``z (B, S, d)``: ``num_steps``
-  steps of gradient descent from zero heads (the lower problem is strongly convex).
+  """Solves every task's lower problem on fixed features ``z (B, S, d)``: ``inner_steps``
+  steps of gradient descent from zero heads (``bilevel.argmin``; the lower problem is
+  strongly convex), not differentiated.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import fewshot
     >>> z = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])  # one task, two points
     >>> heads = fewshot.fit_heads("regression", z, jnp.array([[1.0, -1.0]]), num_outputs=1,
-    ...                           l2=1e-3, num_steps=500, lr=0.5)
+    ...                           l2=1e-3, inner_steps=500, inner_lr=0.5)
     >>> jnp.round(fewshot.apply_heads(heads, z)[..., 0], 2)
     Array([[ 1., -1.]], dtype=float32)
   """
+  from kbeam_jax import bilevel
+
   heads = init_heads(z.shape[0], z.shape[-1], num_outputs, z.dtype)
-  loss = lambda h: jnp.sum(task_losses(kind, apply_heads(h, z), y) + l2 * _ridge(h))
-  step = lambda h, _: (jax.tree.map(lambda a, b: a - lr * b, h, jax.grad(loss)(h)), None)
-  return jax.lax.scan(step, heads, length=num_steps)[0]
+  return bilevel.argmin(
+    _support_loss(kind, l2),
+    z,
+    heads,
+    y,
+    method=bilevel.Naive(),
+    inner_steps=inner_steps,
+    inner_lr=inner_lr,
+  )
+
+
+@functools.cache
+def _support_loss(kind: str, l2: float):
+  """``g(z, heads, y)``: the tasks' support loss on fixed features (one object per
+  setting, so that ``bilevel.argmin`` compiles once)."""
+  return lambda z, h, y: jnp.sum(task_losses(kind, apply_heads(h, z), y) + l2 * _ridge(h))
 
 
 def evaluate(
@@ -376,8 +393,8 @@ def evaluate(
   *,
   num_outputs: int,
   l2: float,
-  num_steps: int,
-  lr: float,
+  inner_steps: int,
+  inner_lr: float,
   feature_scale: float | None = 1.0,
 ) -> jax.Array:
   """Per-task query metric ``(B,)`` after fitting each head on its support set:
@@ -388,8 +405,8 @@ def evaluate(
     >>> from kbeam_jax.tasks import fewshot
     >>> ep = fewshot.sample_sinusoid(jax.random.key(0), num_tasks=3, k_shot=5, num_query=5)
     >>> u = fewshot.init_mlp(jax.random.key(1), [1, 16, 16])
-    >>> fewshot.evaluate("regression", u, ep, num_outputs=1, l2=1e-2, num_steps=10,
-    ...                  lr=0.5).shape
+    >>> fewshot.evaluate("regression", u, ep, num_outputs=1, l2=1e-2, inner_steps=10,
+    ...                  inner_lr=0.5).shape
     (3,)
   """
   _check_kind(kind)
@@ -399,8 +416,8 @@ def evaluate(
     ep.support_y,
     num_outputs=num_outputs,
     l2=l2,
-    num_steps=num_steps,
-    lr=lr,
+    inner_steps=inner_steps,
+    inner_lr=inner_lr,
   )
   out = apply_heads(heads, features(u, ep.query_x, feature_scale))
   if kind == "classification":
