@@ -14,8 +14,6 @@ exponents are least-squares slopes in log-log, printed beside the design's table
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks import _common
+from benchmarks import _common, _peers
 from kbeam_jax import bilevel
 
 U = 4
@@ -119,65 +117,6 @@ def measure(method: str, T: int, V: int, repeats: int, kind: str = "separable"):
   )
 
 
-def jaxopt_peer(T: int, V: int, repeats: int, kind: str) -> dict[str, Any] | None:
-  """jaxopt's implicit differentiation (``custom_root`` + CG) against our ``CG``.
-
-  The same inner loop (T descent steps) and at most ``SOLVE_STEPS`` CG iterations each
-  (jaxopt's run all of them; ours stops at its tolerance). Equal accuracy is checked, not
-  assumed: both are compared with a reference, the same implicit hypergradient with 200
-  CG iterations. ``None`` when jaxopt is not installed (``pip install -e ".[peers]"``).
-  The two programs are timed alternately (``repeats`` rounds) so that a change in the
-  machine's load hits both.
-  """
-  try:
-    from jaxopt import implicit_diff, linear_solve
-  except ImportError:
-    return None
-  f, g, args = problem(kind, V)
-  solve = functools.partial(linear_solve.solve_cg, maxiter=SOLVE_STEPS, tol=0.0)
-  optimality = lambda v, u, *data: jax.grad(g, argnums=1)(u, v, *data)
-
-  @implicit_diff.custom_root(optimality, solve=solve)
-  def inner(v0, u, *data):  # the same T descent steps (their own derivative rule unused)
-    return bilevel.argmin(g, u, v0, *data, method=bilevel.Naive(), inner_steps=T, inner_lr=INNER_LR)
-
-  def peer(u, v0, *data):
-    return jax.grad(lambda u_: f(u_, inner(v0, u_, *data), *data))(u)
-
-  def reference(u, v0, *data):
-    return bilevel.hypergradient(
-      f, g, u, v0, *data, method=bilevel.CG(200, tol=1e-7), inner_steps=T, inner_lr=INNER_LR
-    ).grad
-
-  def plain(u, v0, *data):  # CG without its fallback (plain CG, as jaxopt's)
-    method = bilevel.CG(SOLVE_STEPS, fallback=False)
-    return bilevel.hypergradient(
-      f, g, u, v0, *data, method=method, inner_steps=T, inner_lr=INNER_LR
-    ).grad
-
-  ours = functools.partial(hypergradient_fn("cg", T), f, g)
-  programs = [jax.jit(fn).lower(*args).compile() for fn in (peer, ours, plain, reference)]
-  g_peer, g_ours, g_plain, g_ref = (jax.block_until_ready(c(*args)) for c in programs)
-  times: list[list[float]] = [[], [], []]
-  for _ in range(max(repeats, 1)):
-    for i, c in enumerate(programs[:3]):
-      start = time.perf_counter()
-      jax.block_until_ready(c(*args))
-      times[i].append(time.perf_counter() - start)
-  error = lambda x: float(jnp.linalg.norm(x - g_ref) / jnp.linalg.norm(g_ref))
-  return dict(
-    problem=kind,
-    T=T,
-    V=int(args[1].size),
-    jaxopt_seconds=statistics.median(times[0]),
-    cg_seconds=statistics.median(times[1]),
-    cg_plain_seconds=statistics.median(times[2]),
-    jaxopt_error=error(g_peer),
-    cg_error=error(g_ours),
-    cg_plain_error=error(g_plain),
-  )
-
-
 def slope(x, y) -> float:
   x, y = np.log(np.asarray(x, float)), np.log(np.maximum(np.asarray(y, float), 1e-12))
   return float(np.polyfit(x, y, 1)[0])
@@ -204,10 +143,22 @@ def run_suite(out_dir: Path, *, quick: bool = False, repeats: int = 3) -> list[d
       memory_T=slope([r["T"] for r in t_fit], [r["temp_bytes"] + 1 for r in t_fit]),
       memory_V=slope([r["V"] for r in v_fit], [r["peak_bytes"] for r in v_fit]),
     )
-  peers = [jaxopt_peer(10, V, repeats, k) for k in PROBLEMS for V in Vs[-3:]]
-  peers = [p for p in peers if p is not None]
+  peer_repeats = max(repeats, 7)
+  peers = [
+    _peers.hypergradient_row(problem, 10, V, SOLVE_STEPS, INNER_LR, peer_repeats, k)
+    for k in PROBLEMS
+    for V in Vs[-3:]
+  ]
   meta = dict(
-    U=U, solve_steps=SOLVE_STEPS, fits=fits, jaxopt=peers, environment=_common.environment()
+    U=U,
+    solve_steps=SOLVE_STEPS,
+    fits=fits,
+    jaxopt=[p for p in peers if p is not None],
+    ridge=_peers.ridge_row(max(repeats, 21)),
+    outer=_peers.outer_row(
+      problem, 10_000 if quick else 100_000, 10, SOLVE_STEPS, INNER_LR, 100, 0.5, peer_repeats
+    ),
+    environment=_common.environment(),
   )
   _common.write_json(out_dir / "bilevel_scaling.json", records, meta)
   (out_dir / "bilevel_scaling.md").write_text(markdown(records, meta, Ts, Vs))
@@ -255,52 +206,101 @@ def markdown(records, meta, Ts, Vs) -> str:
         _common.markdown_table(["method"] + [f"{sweep} = {x}" for x in values], rows),
         "",
       ]
-  if meta["jaxopt"]:
-    rows = [
-      [
-        p["problem"],
-        p["V"],
-        f"{p['jaxopt_seconds'] * 1e3:.2f}",
-        f"{p['cg_seconds'] * 1e3:.2f}",
-        f"{p['cg_plain_seconds'] * 1e3:.2f}",
-        f"{p['jaxopt_seconds'] / p['cg_seconds']:.2f}",
-        f"{p['jaxopt_seconds'] / p['cg_plain_seconds']:.2f}",
-        f"{p['jaxopt_error']:.1e}",
-        f"{p['cg_error']:.1e}",
-        f"{p['cg_plain_error']:.1e}",
-      ]
-      for p in meta["jaxopt"]
-    ]
-    lines += [
-      "## Peer: jaxopt implicit differentiation (custom_root + CG), T = 10",
-      "",
-      f"The same inner loop; at most {meta['solve_steps']} CG iterations each (jaxopt runs "
-      "all of them, ours stops at its tolerance 1e-6); ours with its minimum-norm fallback "
-      "(the default) and plain (`CG(10, fallback=False)`). Errors: relative to the same "
-      "implicit hypergradient with 200 CG iterations. Times: medians of alternating runs.",
-      "",
-      _common.markdown_table(
-        [
-          "problem",
-          "V",
-          "jaxopt (ms)",
-          "ours CG (ms)",
-          "ours plain (ms)",
-          "jaxopt / ours",
-          "jaxopt / ours plain",
-          "jaxopt error",
-          "ours error",
-          "ours plain error",
-        ],
-        rows,
-      ),
-      "",
-    ]
-  else:
-    lines += ['jaxopt is not installed: `pip install -e ".[peers]"` adds the peer timing.', ""]
+  lines += peer_markdown(meta)
   env = meta["environment"]
   lines += [f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}.", ""]
   return "\n".join(lines)
+
+
+def peer_markdown(meta) -> list[str]:
+  """The jaxopt comparisons: one hypergradient, the ridge example, the whole outer loop."""
+  if not meta["jaxopt"]:
+    return ['jaxopt is not installed: `pip install -e ".[peers]"` adds the peer timing.', ""]
+  ms = lambda x: f"{x * 1e3:.2f}"
+  rows = [
+    [
+      p["problem"],
+      p["V"],
+      ms(p["jaxopt_seconds"]),
+      ms(p["cg_seconds"]),
+      ms(p["cg_plain_seconds"]),
+      f"{p['jaxopt_seconds'] / p['cg_seconds']:.2f}",
+      f"{p['jaxopt_error']:.1e}",
+      f"{p['cg_error']:.1e}",
+      f"{p['cg_plain_error']:.1e}",
+    ]
+    for p in meta["jaxopt"]
+  ]
+  lines = [
+    "## Peer: jaxopt implicit differentiation (custom_root + CG), T = 10",
+    "",
+    f"The same inner loop; at most {meta['solve_steps']} CG iterations each (jaxopt runs "
+    "all of them, ours stops at its tolerance 1e-6); ours with its minimum-norm fallback "
+    "(the default, `CG(10)`) and plain (`CG(10, fallback=False)`). Errors: relative to the "
+    "implicit hypergradient in float64 with 2,000 CG iterations. Times: medians of "
+    "alternating runs.",
+    "",
+    _common.markdown_table(
+      [
+        "problem",
+        "V",
+        "jaxopt (ms)",
+        "ours CG (ms)",
+        "ours plain (ms)",
+        "jaxopt / ours",
+        "jaxopt error",
+        "ours error",
+        "ours plain error",
+      ],
+      rows,
+    ),
+    "",
+  ]
+  r = meta["ridge"]
+  names = [
+    ("jaxopt", "jaxopt custom_root, closed form"),
+    ("ours_closed_form", "ours, solve=closed form"),
+    ("ours_lbfgs", "ours, inner=optax.lbfgs(), tol=1e-6"),
+    ("ours_2000_steps", "ours, 2,000 gradient steps"),
+  ]
+  lines += [
+    f"## Peer: jaxopt's ridge example ({r['n']} × {r['d']}), d(validation loss)/d(l2)",
+    "",
+    "The lower problem solved in closed form (`solve=`), by L-BFGS, or by the fixed-T loop; "
+    "the derivative by `CG(20)`. Error: against autodiff of the closed form in float64.",
+    "",
+    _common.markdown_table(
+      ["forward solve", "ms", "jaxopt / this", "relative error"],
+      [
+        [
+          label,
+          ms(r[f"{k}_seconds"]),
+          f"{r['jaxopt_seconds'] / r[f'{k}_seconds']:.2f}",
+          f"{r[f'{k}_error']:.1e}",
+        ]
+        for k, label in names
+      ],
+    ),
+    "",
+  ]
+  o = meta["outer"]
+  lines += [
+    f"## Peer: the whole outer loop ({o['outer_steps']} SGD steps on u, separable, V = {o['V']})",
+    "",
+    f"Both warm-start v (T = {o['T']} steps from the previous answer); jaxopt's CG starts "
+    "from 0 every step, ours from the previous adjoint; both stop at a relative residual of "
+    f"1e-4. Upper loss f(u, v*(u)) from {o['start_loss']:.4f}.",
+    "",
+    _common.markdown_table(
+      ["loop", "seconds", "final upper loss"],
+      [
+        ["jaxopt (custom_root)", f"{o['jaxopt_seconds']:.3f}", f"{o['jaxopt_loss']:.6f}"],
+        ["ours (bilevel.solver)", f"{o['ours_seconds']:.3f}", f"{o['ours_loss']:.6f}"],
+      ],
+    ),
+    "",
+  ]
+  return lines
 
 
 def plot(records, path: Path) -> None:

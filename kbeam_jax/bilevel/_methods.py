@@ -455,19 +455,20 @@ class CG(Implicit):
     ``b`` gives a NaN ``q``;
   * on a singular ``A`` whose null space ``b`` has a component in (a continuum of lower
     solutions), plain CG is wrong from its first step and then breaks down. After a
-    breakdown (zero or negative curvature: also an indefinite ``A``, a non-convex lower
-    problem), or when its answer has a larger residual than its start, CG solves again on
+    breakdown (a numerically zero curvature), or when its answer has a larger residual than
+    its start (an indefinite ``A`` where the recursion failed), CG solves again on
     the normal equations ``A²q = Ab`` from 0, whose iterates stay in the range of ``A``:
     the minimum-norm answer ``q = A⁺b``, never NaN. The second solve runs only when it
-    triggers (a while loop with zero iterations otherwise).
+    triggers (inside a ``lax.cond``; under ``vmap``, which runs both branches, a loop of
+    zero iterations for the elements that do not need it).
 
   Attributes:
     solve_steps: the most CG iterations, >= 1.
     tol: relative residual at which CG stops, > 0.
     damping: σ >= 0.
     fallback: the check and the normal-equations solve above; ``False`` gives plain CG
-      (wrong on a singular or indefinite ``A``, measured up to 35% faster at V = 10^6 on
-      the CPU, ``benchmarks/bilevel_scaling.py``).
+      (wrong on a singular or indefinite ``A``; where the fallback does not trigger both
+      cost the same, ``benchmarks/bilevel_scaling.py``).
 
   Example:
     >>> from kbeam_jax import bilevel
@@ -509,12 +510,16 @@ class CG(Implicit):
     finite = tree_all_finite(b)
     if self.fallback and symmetric:
       wrong = broke_down | ~(residual_q <= tree_sq_norm(rhs))  # worse than the start, or NaN
-      # q = A⁺b by CG on A²q = Ab from 0, with zero iterations unless needed (a while loop,
-      # not a cond: under vmap a cond would run both branches).
-      budget = jnp.where(wrong, self.solve_steps, 0)
-      Ab = jax.lax.cond(wrong, lambda: A(rhs), lambda: jax.tree.map(jnp.zeros_like, rhs))
-      q2, _, _ = conjugate_gradient(lambda x: A(A(x)), Ab, budget, self.tol)
-      q = jax.tree.map(lambda a, c: jnp.where(wrong, a, c), q2, q)
+
+      def minimum_norm():  # q = A⁺b by CG on A²q = Ab from 0
+        # Under vmap the cond runs both branches: the loop then takes zero iterations for
+        # the elements that do not need it (only A·b is computed for them).
+        budget = jnp.where(wrong, self.solve_steps, 0)
+        return conjugate_gradient(lambda x: A(A(x)), A(rhs), budget, self.tol)[0]
+
+      # A cond, so that the unbatched common case pays nothing for the fallback (a loop of
+      # zero iterations outside a cond measured 34 against 25 ms at V = 10^6).
+      q = jax.lax.cond(wrong, minimum_norm, lambda: q)
     q = jax.tree.map(lambda x: x * s, q)
     if x0 is not None:
       q = jax.tree.map(jnp.add, x0, q)
@@ -528,9 +533,12 @@ def conjugate_gradient(
   ``b - Aq`` as CG's recursion tracks it.
 
   Stops when ``|r| <= tol·|b|`` or after ``max_iters``. A direction ``p`` whose curvature
-  ``pᵀAp / |p|²`` is not positive, or below ``1e3·eps`` times the largest curvature seen
-  (numerically a null direction), ends the loop with ``broke_down`` set and ``q`` left at
-  the last good iterate.
+  ``|pᵀAp| / |p|²`` is below ``1e3·eps`` times the largest seen (numerically a null
+  direction: the step would divide by about 0) ends the loop with ``broke_down`` set and
+  ``q`` left at the last good iterate. Negative curvature (an indefinite ``A``) does not
+  stop it: CG's recursion still solves a non-singular indefinite system (as jaxopt's and
+  ``jax.scipy``'s CG do), and a residual that ends worse than the start sends ``CG`` to its
+  fallback.
   """
   leaves = jax.tree.leaves(b)
   dtype = jnp.result_type(*leaves)
@@ -548,7 +556,7 @@ def conjugate_gradient(
     Ap = A(p)
     pAp = tree_vdot(p, Ap).astype(dtype)
     # pp = |p|² by the recursion |r + βp|² = |r|² + β²|p|² (r ⟂ p in CG): no extra pass.
-    curvature = pAp / jnp.maximum(pp, jnp.finfo(dtype).tiny)
+    curvature = jnp.abs(pAp) / jnp.maximum(pp, jnp.finfo(dtype).tiny)
     top = jnp.maximum(top, curvature)
     broke = ~(curvature > tiny * top) | ~jnp.isfinite(pAp)
     alpha = jnp.where(broke, zero, rr / jnp.where(broke, 1, pAp))

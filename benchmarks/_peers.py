@@ -1,0 +1,230 @@
+"""jaxopt beside kbeam_jax, in the same process: the peer rows of ``bilevel_scaling``.
+
+Every comparison compiles both programs first, then times them alternately (``repeats``
+rounds, so that a change in the machine's load hits both) and reports medians; accuracy is
+measured against a float64 reference, never assumed. ``None`` when jaxopt is not installed
+(``pip install -e ".[peers]"``).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kbeam_jax import bilevel
+
+
+def _jaxopt():
+  try:
+    import jaxopt
+  except ImportError:
+    return None
+  return jaxopt
+
+
+def alternate(programs: dict[str, Any], args: tuple, repeats: int) -> dict[str, float]:
+  """Median seconds of each compiled program, the programs run in turn ``repeats`` times."""
+  for c in programs.values():
+    jax.block_until_ready(c(*args))
+  times: dict[str, list[float]] = {k: [] for k in programs}
+  for _ in range(max(repeats, 1)):
+    for k, c in programs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(c(*args))
+      times[k].append(time.perf_counter() - start)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _compile(fn, args):
+  return jax.jit(fn).lower(*args).compile()
+
+
+def _error(x, ref) -> float:
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def hypergradient_row(
+  problem, T: int, V: int, solve_steps: int, inner_lr: float, repeats: int, kind: str
+) -> dict[str, Any] | None:
+  """One hypergradient through the same T-step inner loop: jaxopt ``custom_root`` + its CG
+  (``solve_steps`` iterations, all of them) against ``bilevel.CG`` (the default, with its
+  minimum-norm fallback, and ``fallback=False``), both stopping at ``solve_steps``.
+  Errors: against the same implicit hypergradient in float64 with 2,000 CG iterations."""
+  jaxopt = _jaxopt()
+  if jaxopt is None:
+    return None
+  f, g, args = problem(kind, V)
+  solve = functools.partial(jaxopt.linear_solve.solve_cg, maxiter=solve_steps, tol=0.0)
+  optimality = lambda v, u, *data: jax.grad(g, argnums=1)(u, v, *data)
+
+  @jaxopt.implicit_diff.custom_root(optimality, solve=solve)
+  def inner(v0, u, *data):  # the same T descent steps (their own derivative rule unused)
+    return bilevel.argmin(g, u, v0, *data, method=bilevel.Naive(), inner_steps=T, inner_lr=inner_lr)
+
+  def ours(method):
+    return lambda u, v0, *data: (
+      bilevel.hypergradient(
+        f, g, u, v0, *data, method=method, inner_steps=T, inner_lr=inner_lr
+      ).grad
+    )
+
+  programs = {
+    "jaxopt": lambda u, v0, *data: jax.grad(lambda u_: f(u_, inner(v0, u_, *data), *data))(u),
+    "cg": ours(bilevel.CG(solve_steps)),
+    "cg_plain": ours(bilevel.CG(solve_steps, fallback=False)),
+  }
+  compiled = {k: _compile(fn, args) for k, fn in programs.items()}
+  seconds = alternate(compiled, args, repeats)
+  with jax.enable_x64(True):
+    wide = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), args)
+    reference = jax.jit(ours(bilevel.CG(2000, tol=1e-12)))(*wide)
+  row = dict(problem=kind, T=T, V=int(args[1].size))
+  for k, c in compiled.items():
+    row[f"{k}_seconds"] = seconds[k]
+    row[f"{k}_error"] = _error(c(*args), reference)
+  return row
+
+
+def ridge_data(n: int = 442, d: int = 10, seed: int = 0):
+  """A regression set the size of jaxopt's example (scikit-learn's diabetes, 442 × 10),
+  split in half: training for the lower problem, validation for the upper one."""
+  kx, kw, kn = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (n, d))
+  y = x @ jax.random.normal(kw, (d,)) + 0.5 * jax.random.normal(kn, (n,))
+  h = n // 2
+  return x[:h], y[:h], x[h:], y[h:]
+
+
+def ridge_objective(l2, w, x, y):
+  """jaxopt's example: ``½ mean((Xw - y)²) + ½ l2 |w|²``."""
+  return 0.5 * jnp.mean((x @ w - y) ** 2) + 0.5 * l2 * jnp.sum(w**2)
+
+
+def ridge_closed_form(l2, w0, x, y):
+  """``(XᵀX + l2·n·I)⁻¹ Xᵀy``, the minimizer of ``ridge_objective``."""
+  del w0
+  return jnp.linalg.solve(x.T @ x + l2 * len(y) * jnp.eye(x.shape[1]), x.T @ y)
+
+
+def ridge_row(repeats: int) -> dict[str, Any] | None:
+  """jaxopt's ridge hyperparameter example (closed-form inner solve, ``custom_root``) against
+  ``argmin(..., solve=closed_form)``, and our built-in forward solves beside it: 2,000 fixed
+  gradient steps (the only option before), and L-BFGS (``inner=optax.lbfgs()``, ``tol``)."""
+  jaxopt = _jaxopt()
+  if jaxopt is None:
+    return None
+  x_tr, y_tr, x_val, y_val = ridge_data()
+  w0 = jnp.zeros(x_tr.shape[1])
+  outer = lambda w: 0.5 * jnp.mean((x_val @ w - y_val) ** 2)
+  optimality = lambda w, l2, x, y: jax.grad(ridge_objective, argnums=1)(l2, w, x, y)
+  peer_solver = jaxopt.implicit_diff.custom_root(optimality)(
+    lambda w0, l2, x, y: ridge_closed_form(l2, w0, x, y)
+  )
+  argmin = functools.partial(bilevel.argmin, ridge_objective, method=bilevel.CG(20))
+  solves = {
+    "jaxopt": lambda l2, w0: peer_solver(w0, l2, x_tr, y_tr),
+    "ours_closed_form": lambda l2, w0: argmin(l2, w0, x_tr, y_tr, solve=ridge_closed_form),
+    "ours_lbfgs": lambda l2, w0: argmin(
+      l2, w0, x_tr, y_tr, inner_steps=100, tol=1e-6, inner=optax.lbfgs()
+    ),
+    "ours_2000_steps": lambda l2, w0: argmin(l2, w0, x_tr, y_tr, inner_steps=2000, inner_lr=0.5),
+  }
+  l2 = jnp.asarray(0.1)
+  compiled = {
+    k: _compile(jax.grad(lambda l2, w0, s=s: outer(s(l2, w0))), (l2, w0)) for k, s in solves.items()
+  }
+  seconds = alternate(compiled, (l2, w0), repeats)
+  with jax.enable_x64(True):  # the exact derivative, by autodiff of the closed form
+    wide = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (l2, x_tr, y_tr, x_val, y_val))
+    exact = jax.grad(
+      lambda l2: 0.5 * jnp.mean((wide[3] @ ridge_closed_form(l2, None, *wide[1:3]) - wide[4]) ** 2)
+    )(wide[0])
+  row = dict(n=int(x_tr.shape[0]), d=int(x_tr.shape[1]))
+  for k, c in compiled.items():
+    row[f"{k}_seconds"] = seconds[k]
+    row[f"{k}_error"] = _error(c(l2, w0), exact)
+  return row
+
+
+def outer_row(
+  problem,
+  V: int,
+  T: int,
+  solve_steps: int,
+  inner_lr: float,
+  outer_steps: int,
+  upper_lr: float,
+  repeats: int,
+) -> dict[str, Any] | None:
+  """The whole outer loop, ``outer_steps`` steps of SGD on ``u``, on the separable problem:
+  jaxopt's idiomatic loop (``custom_root`` around T warm-started descent steps, its CG with
+  ``tol`` 1e-4 and at most ``solve_steps`` iterations, from 0 every step) against
+  ``bilevel.solver`` with the same inner steps and ``CG(solve_steps, tol=1e-4)``
+  warm-started from the previous step's answer. Reports the time of the whole loop and the
+  upper loss ``f(u, v*(u))`` it ends at (``v*`` solved to 1e-10 in float64)."""
+  jaxopt = _jaxopt()
+  if jaxopt is None:
+    return None
+  f, g, args = problem("separable", V)
+  u0, v0, *data = args
+  opt = optax.sgd(upper_lr)
+  solve = functools.partial(jaxopt.linear_solve.solve_cg, maxiter=solve_steps, tol=1e-4)
+  optimality = lambda v, u, *data: jax.grad(g, argnums=1)(u, v, *data)
+
+  @jaxopt.implicit_diff.custom_root(optimality, solve=solve)
+  def inner(v0, u, *data):
+    return bilevel.argmin(g, u, v0, *data, method=bilevel.Naive(), inner_steps=T, inner_lr=inner_lr)
+
+  def peer_loop(u, v, *data):
+    def step(carry, _):
+      u, v, s = carry
+      v = inner(v, u, *data)  # warm start: the previous answer
+      grad = jax.grad(lambda u_: f(u_, inner(v, u_, *data), *data))(u)
+      updates, s = opt.update(grad, s, u)
+      return (optax.apply_updates(u, updates), v, s), None
+
+    return jax.lax.scan(step, (u, v, opt.init(u)), length=outer_steps)[0][0]
+
+  solver = bilevel.solver(
+    f, g, opt, bilevel.CG(solve_steps, tol=1e-4), inner_steps=T, inner_lr=inner_lr
+  )
+
+  def our_loop(u, v, *data):
+    state = solver.init(jax.random.key(0), u, v)
+    return jax.lax.scan(lambda s, _: (solver.step(s, *data)[0], None), state, length=outer_steps)[
+      0
+    ].u
+
+  compiled = {"jaxopt": _compile(peer_loop, args), "ours": _compile(our_loop, args)}
+  seconds = alternate(compiled, args, repeats)
+  with jax.enable_x64(True):
+    wide = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), data)
+
+    @jax.jit
+    def loss(u):
+      u = jnp.asarray(u, jnp.float64)
+      v = bilevel.argmin(
+        g,
+        u,
+        jnp.zeros(V, jnp.float64),
+        *wide,
+        method=bilevel.Naive(),
+        inner_steps=10_000,
+        inner_lr=inner_lr,
+        tol=1e-10,
+      )
+      return f(u, v, *wide)
+
+    row = dict(V=V, T=T, outer_steps=outer_steps, start_loss=float(loss(u0)))
+    for k, c in compiled.items():
+      row[f"{k}_seconds"] = seconds[k]
+      row[f"{k}_loss"] = float(loss(c(*args)))
+  return row
