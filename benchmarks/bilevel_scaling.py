@@ -144,10 +144,10 @@ def run_suite(out_dir: Path, *, quick: bool = False, repeats: int = 3) -> list[d
       memory_V=slope([r["V"] for r in v_fit], [r["peak_bytes"] for r in v_fit]),
     )
   peer_repeats = max(repeats, 7)
+  peer_jobs = [(k, V) for k in PROBLEMS for V in Vs[-3:]]
   peers = [
     _peers.hypergradient_row(problem, 10, V, SOLVE_STEPS, INNER_LR, peer_repeats, k)
-    for k in PROBLEMS
-    for V in Vs[-3:]
+    for k, V in tqdm(peer_jobs, desc="bilevel_scaling peers (jaxopt)", unit="row")
   ]
   meta = dict(
     U=U,
