@@ -35,6 +35,11 @@ class BilevelState(NamedTuple):
   adjoint: Any
   count: jax.Array
 
+  @property
+  def players(self) -> tuple[PyTree, PyTree]:
+    """``(u, v)``: the leader and the follower, as the game solvers name them."""
+    return (self.u, self.v)
+
 
 class Core(NamedTuple):
   """The hypergradient direction shared by the solver and the transform:
