@@ -91,7 +91,10 @@ def test_valid_arguments_reach_the_suite(tmp_path, monkeypatch):
   monkeypatch.setattr(cli, "suite_module", lambda name: Suite)
   out = tmp_path / "new" / "results"  # created by the suite
   out.mkdir(parents=True)
-  assert cli.main(["gan_mog", "--trials", "3", "--iters", "7", "--out", str(out)]) == 0
+  # --no-compile-cache: the in-process run must not switch the persistent compilation
+  # cache on for the rest of the test session (its entries would outlive the session)
+  argv = ["gan_mog", "--trials", "3", "--iters", "7", "--out", str(out), "--no-compile-cache"]
+  assert cli.main(argv) == 0
   assert seen["trials"] == 3 and seen["iters"] == 7 and seen["resume"] is False
   assert seen["photos"] is None  # options a suite lacks still read as their defaults
 
