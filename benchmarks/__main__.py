@@ -73,6 +73,16 @@ SUITES = {
     "full 2 min (3.5 under load); --quick under 3 min",
     "",
   ),
+  "games": Suite(
+    "N-player games: naive, CO, SGA, LookAhead, LOLA, SOS, CGD, Stackelberg, three levels",
+    "learning dynamics on the games of the literature (matching pennies, a bilinear game, "
+    "the tandem game, the iterated prisoner's dilemma, a leader-follower game, a three-level "
+    "program), every solver from 100 random starts vmapped: share at the equilibrium, final "
+    "metric, steps, time per step, beside the published outcome",
+    "full about 2 min; --quick under 1.5 min",
+    "",
+    trials="100",
+  ),
   "gan_mog": Suite(
     "GAN on a mixture of 7 Gaussians, GDA vs K-beam",
     "the K-beam paper's GAN on a mixture of 7 Gaussians: JSD, modes covered and sample "

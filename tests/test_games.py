@@ -276,7 +276,7 @@ def test_stackelberg_leader_reaches_its_point(method):
 
 def test_bad_input():
   losses, _ = quadratic_game(2)
-  with pytest.raises(TypeError, match="losses must be a sequence of N >= 2 functions"):
+  with pytest.raises(TypeError, match="losses must be a sequence of N >= 1 functions"):
     games.sga(losses[0], 0.1)
   with pytest.raises(TypeError, match=r"losses\[1\] must be a function"):
     games.sga([losses[0], 3.0], 0.1)
@@ -294,3 +294,15 @@ def test_bad_input():
     games.sos(losses, 0.1, 0.1, a=1.5)
   with pytest.raises(ValueError, match="gamma must be a number >= 0"):
     games.consensus(losses, 0.1, gamma=-1.0)
+
+
+def test_the_benchmark_reports_what_it_measured():
+  from benchmarks import games as suite
+
+  tr = np.array([[1.0, 1.0, 1.0], [0.5, 1e-4, 1.0], [1e-4, 1e-5, 2.0]])  # (steps, runs)
+  out = suite.summarize(tr, 1e-3)
+  assert out["share"] == 2 / 3 and out["final_median"] == 1e-4 and out["steps_needed"] == 2.5
+  case = suite.tandem(60)
+  trajectory, seconds = suite.run_case(case, case.solvers["lola"], 8, 0, 1)
+  assert trajectory.shape == (60, 8) and seconds > 0
+  np.testing.assert_allclose(trajectory[-1], 1 / 3, atol=1e-4)  # LOLA's arrogant point

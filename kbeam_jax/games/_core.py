@@ -125,10 +125,11 @@ def _replace(players: Players, i: int, value: PyTree) -> Players:
 
 
 def make_game(losses: Sequence[Callable[..., jax.Array]]) -> Game:
-  """Checks ``losses``: a sequence of at least two functions ``(players, *args) -> scalar``."""
-  if callable(losses) or not isinstance(losses, Sequence) or len(losses) < 2:
+  """Checks ``losses``: a sequence of functions ``(players, *args) -> scalar`` (one is plain
+  optimization, a top level over nested ``bilevel.argmin``, say)."""
+  if callable(losses) or not isinstance(losses, Sequence) or len(losses) < 1:
     raise TypeError(
-      "losses must be a sequence of N >= 2 functions, losses[i](players, *args) -> player "
+      "losses must be a sequence of N >= 1 functions, losses[i](players, *args) -> player "
       f"i's scalar loss; got {losses!r}."
     )
   for i, L in enumerate(losses):

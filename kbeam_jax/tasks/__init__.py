@@ -1,17 +1,20 @@
 """The papers' problems as reusable definitions: objective, domain, known solution.
 
-Modules: ``surfaces``, ``gan_mog``, ``privacy``, ``domain_adaptation``, ``denoising``,
-``poisoning``, ``fewshot``. Each is imported on first use, so ``kbeam_jax.tasks.surfaces``
-works after ``import kbeam_jax`` and ``from kbeam_jax.tasks import poisoning`` as usual.
+Modules: ``surfaces``, ``gan_mog``, ``privacy``, ``domain_adaptation``, ``adversarial``,
+``denoising``, ``poisoning``, ``fewshot``, ``games``. Each is imported on first use, so
+``kbeam_jax.tasks.surfaces`` works after ``import kbeam_jax`` and ``from kbeam_jax.tasks
+import poisoning`` as usual.
 """
 
 import importlib
 
 _MODULES = (
+  "adversarial",
   "denoising",
   "domain_adaptation",
   "fewshot",
   "gan_mog",
+  "games",
   "poisoning",
   "privacy",
   "surfaces",
