@@ -1,11 +1,11 @@
 """kbeam_jax: K-beam minimax and bilevel optimization in JAX.
 
 Subpackages: ``kbeam_jax.minimax`` (K-beam, ε-subgradient rules, GDA baselines, optax
-forms), ``kbeam_jax.bilevel`` (hypergradient methods, a differentiable ``argmin``, the
-penalty method, optax forms), ``kbeam_jax.derivatives`` (Hessian-vector products),
-``kbeam_jax.nn`` (Flax helpers), ``kbeam_jax.data`` (loaders), ``kbeam_jax.tasks``
-(the papers' problems) and ``kbeam_jax.parallel`` (meshes and shardings for several
-devices). Every solver is a ``Solver(init, step)``; ``run`` drives one.
+forms), ``kbeam_jax.bilevel`` (hypergradient methods, differentiable ``argmin`` / ``root``
+/ ``fixed_point``, the penalty method, optax forms), ``kbeam_jax.games`` (N-player games,
+Stackelberg leaders), ``kbeam_jax.derivatives`` (Hessian-vector products),
+``kbeam_jax.nn`` (Flax helpers), ``kbeam_jax.data`` (loaders), ``kbeam_jax.tasks`` (the
+papers' problems) and ``kbeam_jax.parallel`` (meshes and shardings for several devices). Every solver is a ``Solver(init, step)``; ``run`` drives one.
 
 ``kbeam_jax.nn``, ``kbeam_jax.data`` and ``kbeam_jax.tasks`` are imported on first use
 (``import kbeam_jax`` then ``kbeam_jax.nn.stack_modules`` works): ``kbeam_jax.nn`` brings
@@ -16,6 +16,7 @@ import importlib
 
 from kbeam_jax import bilevel as bilevel
 from kbeam_jax import derivatives as derivatives
+from kbeam_jax import games as games
 from kbeam_jax import minimax as minimax
 from kbeam_jax import parallel as parallel
 from kbeam_jax._solver import Solver as Solver
@@ -46,6 +47,7 @@ __all__ = [
   "bilevel",
   "data",
   "derivatives",
+  "games",
   "kbeam",
   "kbeam_sgd",
   "minimax",

@@ -84,6 +84,18 @@ CHECKS = {
     import numpy as np
     np.testing.assert_allclose(out.grad, [1.0, 0.01], rtol=1e-4)
   """,
+  "examples.matching_pennies()": """
+    import numpy as np
+    assert float(jnp.abs(jnp.stack(state.players)).max()) < 1e-3  # the last one: SOS
+  """,
+  "def y_star(x):  # level 2": """
+    import numpy as np
+    P3 = np.linalg.solve(np.eye(3) + np.asarray(D), np.asarray(B))
+    P2 = np.linalg.solve(np.eye(3) + P3.T @ P3, np.asarray(A))
+    p2 = np.linalg.solve(np.eye(3) + P3.T @ P3, P3.T @ np.asarray(d))
+    x_star = np.linalg.solve(np.eye(3) + P2.T @ P2, np.asarray(a) + P2.T @ (np.asarray(c) - p2))
+    np.testing.assert_allclose(x, x_star, atol=1e-5)
+  """,
   '"penalty": bilevel.penalty(f, g': """
     import numpy as np
     np.testing.assert_allclose(state.u, 0.5, atol=1e-3)
