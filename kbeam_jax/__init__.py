@@ -5,7 +5,8 @@ forms), ``kbeam_jax.bilevel`` (hypergradient methods, differentiable ``argmin`` 
 / ``fixed_point``, the penalty method, optax forms), ``kbeam_jax.games`` (N-player games,
 Stackelberg leaders), ``kbeam_jax.derivatives`` (Hessian-vector products),
 ``kbeam_jax.nn`` (Flax helpers), ``kbeam_jax.data`` (loaders), ``kbeam_jax.tasks`` (the
-papers' problems) and ``kbeam_jax.parallel`` (meshes and shardings for several devices). Every solver is a ``Solver(init, step)``; ``run`` drives one.
+papers' problems) and ``kbeam_jax.parallel`` (meshes and shardings for several devices).
+Every solver is a ``Solver(init, step)``; ``run`` drives one.
 
 ``kbeam_jax.nn``, ``kbeam_jax.data`` and ``kbeam_jax.tasks`` are imported on first use
 (``import kbeam_jax`` then ``kbeam_jax.nn.stack_modules`` works): ``kbeam_jax.nn`` brings
