@@ -16,7 +16,9 @@ evaluated against.
 Models: the classifier ``(N, 28, 28, 1) → conv 5×5×16 → ReLU → max-pool 2 → conv 5×5×32
 → ReLU → max-pool 2 → 100 ReLU → 10`` (``kbeam_jax.nn.Conv``, fast inside ``lax.scan`` on
 the CPU); the attacker ``784 → 300 ReLU → 784`` (an MLP generator, the whole image in
-view, ``a_v(x)`` unbounded and squashed by ``tanh``).
+view, ``a_v(x)`` unbounded and squashed by ``tanh``), or with ``layers=2`` the paper's
+three-layer ``784 → 300 → 300 → 784``. Other sizes: ``graphdefs(**sizes)``,
+``init_classifier(key, ...)`` and ``init_attacker(key, ...)`` take the same keywords.
 
 η travels as an argument of every function here (a Python float, or an array inside
 ``jit``), so one compiled program serves every perturbation size.
@@ -74,9 +76,13 @@ class Classifier(nnx.Module):
 
 
 class Attacker(nnx.Module):
-  """The generator ``a_v``: ``(N, 28, 28, 1) → 784 → hidden ReLU → 784 → (N, 28, 28, 1)``.
+  """The generator ``a_v``: ``(N, 28, 28, 1) → 784 → hidden ReLU (× layers) → 784 → (N, 28,
+  28, 1)``.
 
   Its output is unbounded; ``attack`` turns it into a perturbation of size at most η.
+  ``layers=1`` (the default) is one hidden layer; ``layers=2`` is Hamm & Mehra's AttNet,
+  "a three-layer fully-connected network with 300 hidden units per layer" read as three
+  layers of weights.
 
   Example:
     >>> import jax.numpy as jnp
@@ -84,20 +90,34 @@ class Attacker(nnx.Module):
     >>> from kbeam_jax.tasks import adversarial
     >>> adversarial.Attacker(nnx.Rngs(0))(jnp.zeros((2, 28, 28, 1))).shape
     (2, 28, 28, 1)
+    >>> len(adversarial.Attacker(nnx.Rngs(0), layers=2).more)
+    1
   """
 
-  def __init__(self, rngs: nnx.Rngs, hidden: int = 300):
+  def __init__(self, rngs: nnx.Rngs, hidden: int = 300, layers: int = 1):
+    if layers < 1:
+      raise ValueError(f"layers (hidden layers of the attacker) must be >= 1, got {layers}.")
     pixels = int(np.prod(IMAGE_SHAPE))
     self.hidden = nnx.Linear(pixels, hidden, rngs=rngs)
+    self.more = nnx.List([nnx.Linear(hidden, hidden, rngs=rngs) for _ in range(layers - 1)])
     self.out = nnx.Linear(hidden, pixels, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
+    for layer in self.more:
+      h = jax.nn.relu(layer(h))
     return self.out(h).reshape(x.shape)
 
 
-def graphdefs() -> tuple[nnx.GraphDef, nnx.GraphDef]:
-  """Graph definitions of ``Classifier`` and ``Attacker`` (default sizes).
+def graphdefs(
+  *,
+  channels: tuple[int, int] = (16, 32),
+  hidden: int = 100,
+  attacker_hidden: int = 300,
+  attacker_layers: int = 1,
+) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+  """Graph definitions of ``Classifier(channels, hidden)`` and ``Attacker(attacker_hidden,
+  attacker_layers)`` (default: the default sizes).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -108,15 +128,20 @@ def graphdefs() -> tuple[nnx.GraphDef, nnx.GraphDef]:
     (2, 10)
   """
   shape = lambda make: nnx.split(nnx.eval_shape(make), nnx.Param)[0]
-  return shape(lambda: Classifier(nnx.Rngs(0))), shape(lambda: Attacker(nnx.Rngs(0)))
+  return (
+    shape(lambda: Classifier(nnx.Rngs(0), channels, hidden)),
+    shape(lambda: Attacker(nnx.Rngs(0), attacker_hidden, attacker_layers)),
+  )
 
 
-def init_classifier(key: jax.Array) -> PyTree:
+def init_classifier(
+  key: jax.Array, *, channels: tuple[int, int] = (16, 32), hidden: int = 100
+) -> PyTree:
   """Parameters of a freshly initialized ``Classifier`` as a pure pytree."""
-  return nnx.as_pure(nnx.split(Classifier(nnx.Rngs(key)), nnx.Param)[1])
+  return nnx.as_pure(nnx.split(Classifier(nnx.Rngs(key), channels, hidden), nnx.Param)[1])
 
 
-def init_attacker(key: jax.Array) -> PyTree:
+def init_attacker(key: jax.Array, *, hidden: int = 300, layers: int = 1) -> PyTree:
   """Parameters of a freshly initialized ``Attacker`` as a pure pytree.
 
   Example:
@@ -128,7 +153,7 @@ def init_attacker(key: jax.Array) -> PyTree:
     >>> bool(jnp.all(jnp.abs(adversarial.attack(attacker, v, x, 0.1) - x) <= 0.1 + 1e-6))
     True
   """
-  return nnx.as_pure(nnx.split(Attacker(nnx.Rngs(key)), nnx.Param)[1])
+  return nnx.as_pure(nnx.split(Attacker(nnx.Rngs(key), hidden, layers), nnx.Param)[1])
 
 
 def to_images(images: Any) -> np.ndarray:
