@@ -265,6 +265,12 @@ class Implicit(Method):
     _, pull_u = jax.vjp(condition_u, u)
     _, pull_v = jax.vjp(lambda v_: problem.condition(u, v_, data, params), v)
     vecmat = lambda x: pull_v(x)[0]
+    if q0 is not None:
+      # The warm start only where it is better than 0 (a smaller residual): a solve that
+      # diverged before (an unstable solve_lr) then cannot compound from step to step.
+      r0 = jax.tree.map(jnp.subtract, vecmat(q0), f_v)
+      ok = tree_all_finite(q0) & (tree_scaled_norm(r0) < tree_scaled_norm(f_v))
+      q0 = jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), q0)
     q = self.linear_solve(vecmat, f_v, q0, symmetric=problem.symmetric)
     q = jax.tree.map(lambda a, b: a.astype(b.dtype), q, f_v)
     grad = jax.tree.map(lambda a, b: (a - b).astype(a.dtype), f_u, pull_u(q)[0])
@@ -300,6 +306,11 @@ def _implicit_jvp(method, problem, primals, tangents):
     return problem.condition(u_, v, data_, params)
 
   rhs = jax.jvp(condition_at, xs, ts)[1]
+  # Every leaf of the right-hand side linear in the tangents, even one that does not depend
+  # on them (a bias the perturbed input does not reach): custom_linear_solve's transpose
+  # rule requires it (nested argmins differentiated in reverse mode hit this).
+  anchor = 0.0 * sum(jnp.sum(t) for t in ts)
+  rhs = jax.tree.map(lambda r: r + anchor.astype(r.dtype), rhs)
   matvec = lambda x: jax.jvp(lambda v_: problem.condition(u, v_, data, params), (v,), (x,))[1]
   dv = method.tangent_solve(matvec, jax.tree.map(jnp.negative, rhs), problem.symmetric)
   dv = jax.tree.map(lambda a, b: a.astype(jnp.result_type(b)), dv, v)

@@ -188,3 +188,41 @@ def retrained_accuracy(
   weights = np.concatenate([keep, np.ones(data.y_val.shape, bool)]).astype(np.float32)
   params = fit(model, x, y, weights=weights, **fit_options)
   return accuracy(model, params, jnp.asarray(data.x_test), jnp.asarray(data.y_test))
+
+
+def three_level_objectives(
+  model: Classifier, *, method: Any, inner_steps: int, inner_lr: float, ridge: float = 1e-3
+):
+  r"""``(f, g)`` of a three-level program: a regularization strength over importance weights
+  over the classifier.
+
+  Level 3 fits the classifier ``v*(a, λ) = argmin_v Σ w_i(a) ℓ_i(v) / Σ w_i + e^λ |W|²``
+  (``bilevel.argmin`` from ``v0``, ``inner_steps`` descent steps, differentiated by
+  ``method``); level 2 picks the weights ``a*(λ) = argmin_a CE_val(v*(a, λ)) + ½ridge|a|²``
+  (the ridge makes its optimum unique, so that level 1 can differentiate through it);
+  level 1 picks ``λ`` by the loss on a second validation set, ``CE_val2(v*(a*(λ), λ))``.
+  ``f(λ, a, *args)`` and ``g(λ, a, *args)`` are level 1's and level 2's objectives, for
+  ``bilevel.solver`` over ``λ`` with ``a`` as its lower variable;
+  ``args = (x_train, y_train, x_val, y_val, x_val2, y_val2, v0)``.
+  """
+  from kbeam_jax import bilevel
+
+  def lower(a, v, log_l2, x_train, y_train):
+    loss = cross_entropy(model.apply(v, x_train), y_train, importance_weights(a))
+    return loss + jnp.exp(log_l2) * l2_penalty(v)
+
+  def classifier(log_l2, a, x_train, y_train, v0):
+    return bilevel.argmin(lower, a, v0, log_l2, x_train, y_train, method=method,
+                          inner_steps=inner_steps, inner_lr=inner_lr)  # fmt: skip
+
+  def g(log_l2, a, x_train, y_train, x_val, y_val, x_val2, y_val2, v0):
+    del x_val2, y_val2
+    v = classifier(log_l2, a, x_train, y_train, v0)
+    return cross_entropy(model.apply(v, x_val), y_val) + 0.5 * ridge * jnp.sum(a**2)
+
+  def f(log_l2, a, x_train, y_train, x_val, y_val, x_val2, y_val2, v0):
+    del x_val, y_val
+    v = classifier(log_l2, a, x_train, y_train, v0)
+    return cross_entropy(model.apply(v, x_val2), y_val2)
+
+  return f, g
