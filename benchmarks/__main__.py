@@ -327,11 +327,15 @@ def _devices(text: str) -> tuple[int, ...]:
   return counts
 
 
-def setup_jax(args: argparse.Namespace) -> None:
-  """Device count and compilation cache, set before JAX starts its backend."""
+def set_device_count(args: argparse.Namespace) -> None:
+  """The virtual device count, set before anything imports JAX."""
   if args.devices and "jax" not in sys.modules:
     flag = f"--xla_force_host_platform_device_count={max(args.devices)}"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+
+def setup_compile_cache(args: argparse.Namespace) -> None:
+  """The persistent compilation cache, switched on only once the arguments are valid."""
   import jax
 
   if args.no_compile_cache:
@@ -389,11 +393,12 @@ def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   suites = ALL if args.suite == "all" else [args.suite]
-  setup_jax(args)  # first: the device count must be set before anything imports JAX
+  set_device_count(args)  # first: before anything imports JAX
   _check_out(parser, args.out)
   _check_data(parser, suites)
   if args.photos is not None and not args.photos.is_dir():
     parser.error(f"--photos {args.photos}: not a folder; pass a directory of photographs")
+  setup_compile_cache(args)
   for suite in suites:
     start = time.perf_counter()
     suite_module(suite).main(args)

@@ -38,3 +38,17 @@ def compile_counter():
   jax.monitoring.register_event_duration_secs_listener(counter)
   yield counter
   jax.monitoring.unregister_event_duration_listener(counter)
+
+
+@pytest.fixture(autouse=True)
+def no_persistent_compile_cache():
+  """Fails a test that leaves JAX's persistent compilation cache switched on.
+
+  The cache outlives the session, and writing some executables to it crashed the process
+  (a segmentation fault in ``put_executable_and_time``) later in the run.
+  """
+  yield
+  folder = jax.config.jax_compilation_cache_dir
+  if folder:
+    jax.config.update("jax_compilation_cache_dir", None)
+    pytest.fail(f"the test switched the persistent compilation cache on ({folder})")
