@@ -271,8 +271,9 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the checkpoints in --out when present (a run interrupted and "
-        "resumed ends with the numbers of a straight run)",
+        help="checkpoint every training run in --out and continue from the checkpoints there "
+        "(a run interrupted and resumed ends with the numbers of a straight run); without it "
+        "nothing is checkpointed",
       )
     if any(SUITES[n].photos for n in names):
       p.add_argument(
@@ -400,13 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"--photos {args.photos}: not a folder; pass a directory of photographs")
   setup_compile_cache(args)
   for suite in suites:
-    start = time.perf_counter()
+    start, began = time.perf_counter(), time.time() - 1.0
     suite_module(suite).main(args)
     report = f"{suite}_devices" if args.devices and SUITES[suite].devices else suite
     print((args.out / f"{report}.md").read_text())
+    files = [args.out / f"{report}.{e}" for e in ("json", "md", "png")]
+    written = ",".join(f.suffix[1:] for f in files if f.exists() and f.stat().st_mtime >= began)
     print(
       f"[{suite}] done in {time.perf_counter() - start:.1f} s; "
-      f"results in {args.out}/{report}.{{json,md,png}}"
+      f"results in {args.out}/{report}.{{{written}}}"
     )
   return 0
 

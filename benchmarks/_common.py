@@ -81,20 +81,20 @@ def train_in_chunks(
 
   ``chunk_fn`` is one compiled program (typically a ``lax.scan`` over a fixed number of
   iterations, all randomness drawn from keys in ``state``), so a run is deterministic and
-  can be cut anywhere between chunks. After every chunk the state and the metrics so far
-  are saved to ``checkpoint`` (if given) when ``save_every_s`` seconds have passed since the
-  last save, and always when the call ends, also by an exception or Ctrl-C (an orbax save
-  costs about 0.1 s on 2 CPU cores: after each of the poisoning suite's 400 short chunks
-  that would be about 45 s of its 160); with
-  ``resume=True`` an existing checkpoint is loaded and the run continues from it, ending
-  with the numbers of an uninterrupted run.
+  can be cut anywhere between chunks. With ``resume=True`` (the suites' ``--resume``) an
+  existing checkpoint is loaded and the run continues from it, ending with the numbers of
+  an uninterrupted run; after every chunk the state and the metrics so far are saved to
+  ``checkpoint`` when ``save_every_s`` seconds have passed since the last save, and always
+  when the call ends, also by an exception or Ctrl-C (an orbax save costs about 0.1 s on 2
+  CPU cores: after each of the poisoning suite's 400 short chunks that would be about 45 s
+  of its 160). Without ``resume`` nothing is read or written.
 
   Args:
     chunk_fn: ``state -> (state, metrics)``; jit it yourself (compiled once, reused).
     state: the initial state (also the template the checkpoint is read into).
     num_chunks: chunks in the whole run.
     checkpoint: directory for ``kbeam_jax.nn.save_checkpoint`` (orbax; one step kept).
-    resume: continue from ``checkpoint`` when it exists.
+    resume: continue from ``checkpoint`` when it exists, and keep it up to date.
     stop_after: stop after this many chunks of this call (simulates an interrupted run).
     desc: progress-bar label.
     after_chunk: ``state -> dict`` run after every chunk, outside the timing (an
@@ -113,7 +113,9 @@ def train_in_chunks(
   from kbeam_jax import nn
 
   history: list[Any] = []
-  if resume and checkpoint is not None and nn.checkpoint_exists(checkpoint):
+  if not resume:
+    checkpoint = None  # checkpoints only when asked for
+  if checkpoint is not None and nn.checkpoint_exists(checkpoint):
     state, meta = nn.load_checkpoint(checkpoint, like=state)
     history = list(meta["history"])
   times = []
@@ -153,6 +155,14 @@ def save_figure(fig: Any, path: Path) -> None:
   import matplotlib.pyplot as plt
 
   plt.close(fig)
+
+
+def kbeam_rules(epsilon: float) -> dict[str, Any]:
+  """Every K-beam rule value under the name the reports print, the ε-rules at ``epsilon``."""
+  from kbeam_jax import minimax
+
+  eps_rules = {"random": minimax.Random, "min_norm": minimax.MinNorm, "kiwiel": minimax.Kiwiel}
+  return {"best": minimax.Best(), **{name: rule(epsilon) for name, rule in eps_rules.items()}}
 
 
 def bilevel_method(

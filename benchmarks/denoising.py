@@ -58,7 +58,7 @@ CASES: dict[str, dict[str, Any]] = {
     penalty=dict(gamma=10.0, epsilon=0.1, max_gamma=10.0, warmup_steps=300),
     penalty_lower="adam",  # see the note below
     penalty_lr=1e-3,
-    fit=dict(steps=300, learning_rate=0.01),
+    fit=dict(num_steps=300, lr=0.01),
   ),
   "cnn_25": dict(
     model="small_cnn",
@@ -77,7 +77,7 @@ CASES: dict[str, dict[str, Any]] = {
     penalty=dict(gamma=1.0, epsilon=0.1, max_gamma=10.0),
     penalty_lower="sgd",
     penalty_lr=0.01,
-    fit=dict(steps=300, learning_rate=0.003),
+    fit=dict(num_steps=300, lr=0.003),
   ),
 }
 # Step sizes: on these MNIST sets λ_max(∇²_vv g) ≈ 4 for the linear model, so descent needs
@@ -88,7 +88,7 @@ CASES: dict[str, dict[str, Any]] = {
 # accuracy 0.9018 -> 0.9063 and precision 0.61 -> 0.86 (γ = 10; with γ = 100, λ = 1:
 # 0.8948). The same on the small CNN made it worse (0.857 -> 0.819), so it keeps plain steps.
 QUICK = dict(num_train=100, num_val=100, num_test=500, outer_steps=10, chunk=5, warmup=30)
-QUICK_FIT = dict(steps=30)
+QUICK_FIT = dict(num_steps=30)
 
 # Three levels on one split: a regularization strength (level 1, by its loss on a second
 # validation half) over the importance weights (level 2, on the first half) over the
@@ -97,7 +97,7 @@ QUICK_FIT = dict(steps=30)
 THREE_LEVEL = dict(
   noise=0.5, num_train=1000, num_val=1000, num_test=None, outer_steps=100, chunk=10,
   level2_steps=5, level3_steps=30, inner_lr=0.3, upper_lr=0.1, l2_lr=0.1, l2=1e-3,
-  warmup=300, fit=dict(steps=300, learning_rate=0.01),
+  warmup=300, fit=dict(num_steps=300, lr=0.01),
 )  # fmt: skip
 QUICK_THREE_LEVEL = dict(
   num_train=100,
@@ -107,7 +107,7 @@ QUICK_THREE_LEVEL = dict(
   chunk=2,
   level3_steps=5,
   warmup=30,
-  fit=dict(steps=30, learning_rate=0.01),
+  fit=dict(num_steps=30, lr=0.01),
 )
 
 # The paper's Table for these settings is not reproduced here: we do not reliably know its

@@ -13,8 +13,8 @@ generator and the same first discriminator (K-beam adds K - 1 more, all from the
 key). Every ``EVAL_EVERY`` iterations: the JSD between 10,000 generator and 10,000 data
 samples (20×20 histogram on [-2, 2]², one added per bin), the modes covered and the
 share of high-quality samples. All trials of a method run vmapped in one compiled
-``lax.scan`` per evaluation interval; the state is checkpointed after every interval
-(``--resume`` continues a stopped run and ends with the same numbers).
+``lax.scan`` per evaluation interval; with ``--resume`` the state is checkpointed after every
+interval and a stopped run continues, ending with the same numbers.
 
 Writes ``gan_mog.json``, ``gan_mog.md`` and ``gan_mog.png``.
 """

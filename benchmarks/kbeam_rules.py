@@ -34,8 +34,8 @@ from kbeam_jax import data, minimax, nn
 from kbeam_jax.tasks import gan_mog, surfaces
 
 K, EPSILON = 10, 0.01
-RULES = ("best", "random", "min_norm", "kiwiel")
-# Issue 13, measured before the exact QP (300 projected-gradient iterations per solve).
+RULES = _common.kbeam_rules(EPSILON)  # name -> rule value
+# Measured before the exact QP (300 projected-gradient iterations per solve).
 BEFORE = {"scalar_2d min_norm": "388 µs vs 0.1 µs for best", "gan kiwiel": "2.09x best"}
 
 
@@ -50,10 +50,10 @@ def scalar_2d(rule: str, trials: int, steps: int):
   f = surfaces.get("anti_saddle").f
   sgd = optax.sgd(lambda c: 0.1 / jnp.sqrt(c + 1.0))
   box = dict(project_u=surfaces.project, project_v=surfaces.project)
-  solver = minimax.kbeam(f, sgd, sgd, rule=rule, epsilon=0.0 if rule == "best" else EPSILON, **box)
+  solver = minimax.kbeam(f, sgd, sgd, rule=RULES[rule], **box)
 
   def one(key, u0, beams0):
-    state = solver.init(key, u0, beams0, K)
+    state = solver.init(key, u0, beams0, num_beams=K)
     state = jax.lax.fori_loop(0, steps, lambda _, s: solver.step(s)[0], state)
     return state.u, state.beams
 
@@ -71,11 +71,8 @@ def gan(rule: str, steps: int):
   g_def, u = nnx.split(gan_mog.Generator(nnx.Rngs(0)), nnx.Param)
   d_def, beams = nn.stack_modules(gan_mog.Discriminator, jax.random.key(1), K)
   f = gan_mog.objective(g_def, d_def)
-  eps = 0.0 if rule == "best" else EPSILON
-  solver = minimax.kbeam(
-    f, optax.adam(1e-3, b1=0.5), optax.adam(1e-4, b1=0.5), rule=rule, epsilon=eps
-  )
-  state = solver.init(jax.random.key(2), nnx.as_pure(u), beams, K)
+  solver = minimax.kbeam(f, optax.adam(1e-3, b1=0.5), optax.adam(1e-4, b1=0.5), rule=RULES[rule])
+  state = solver.init(jax.random.key(2), nnx.as_pure(u), beams, num_beams=K)
 
   def loop(state, key):
     def body(s, k):
@@ -89,15 +86,17 @@ def gan(rule: str, steps: int):
   return loop, (state, jax.random.key(3))
 
 
-def measure(make, steps: int, repeats: int) -> dict[str, dict[str, Any]]:
+def measure(make, steps: int, repeats: int, desc: str) -> dict[str, dict[str, Any]]:
   """Compiles every rule's loop, then times them in turns (``repeats`` rounds, so that a
   change of machine load hits every rule alike); median time per step."""
+  from tqdm.auto import tqdm
+
   compiled, rows = {}, {}
-  for rule in RULES:
+  for rule in tqdm(RULES, desc=f"{desc}: compile", leave=False):
     fn, args = make(rule, steps)
     compiled[rule], compile_s = _compile(fn, args)
     rows[rule] = {"compile_s": compile_s, "times": [], "args": args}
-  for _ in range(repeats):
+  for _ in tqdm(range(repeats), desc=f"{desc}: time", leave=False):
     for rule in RULES:
       start = time.perf_counter()
       out = jax.block_until_ready(compiled[rule](*rows[rule]["args"]))
@@ -107,7 +106,11 @@ def measure(make, steps: int, repeats: int) -> dict[str, dict[str, Any]]:
     rule: {
       "seconds_per_step": statistics.median(r["times"]) / steps,
       "compile_s": r["compile_s"],
-      **({"mean_step_scale": float(jnp.mean(r["out"][1]))} if make is gan else {}),
+      **(
+        {"mean_step_scale": float(jnp.mean(r["out"][1]))}
+        if make is gan and rule == "kiwiel"
+        else {}
+      ),
     }
     for rule, r in rows.items()
   }
@@ -122,7 +125,7 @@ def run_suite(out_dir: Path, *, quick: bool = False) -> list[dict[str, Any]]:
   ]
   records = []
   for problem, setting, make, steps in configs:
-    rows = measure(make, steps, repeats)
+    rows = measure(make, steps, repeats, f"kbeam_rules {problem}, {setting}")
     best = rows["best"]["seconds_per_step"]
     for rule, row in rows.items():
       records.append(
@@ -141,7 +144,35 @@ def run_suite(out_dir: Path, *, quick: bool = False) -> list[dict[str, Any]]:
   meta = {"epsilon": EPSILON, "K": K, "quick": quick, "environment": _common.environment()}
   _common.write_json(out_dir / "kbeam_rules.json", records, meta)
   (out_dir / "kbeam_rules.md").write_text(markdown(records, meta))
+  plot(records, out_dir / "kbeam_rules.png")
   return records
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+  """Time per step of every rule beside ``best``'s, one group of bars per setting."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  settings = list(dict.fromkeys((r["problem"], r["setting"]) for r in records))
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  width = 0.8 / len(RULES)
+  for i, rule in enumerate(RULES):
+    ratios = [
+      next(r["ratio_to_best"] for r in records if (r["problem"], r["setting"]) == s and
+           r["rule"] == rule)
+      for s in settings
+    ]  # fmt: skip
+    ax.bar([j + i * width for j in range(len(settings))], ratios, width, label=rule)
+  ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))])
+  ax.set_xticklabels([f"{p}\n{s}" for p, s in settings])
+  ax.set_yscale("log")
+  ax.set_ylabel("time per step / best's")
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.legend(fontsize=8)
+  ax.set_title(f"K-beam step time per rule (K = {K})")
+  _common.save_figure(fig, path)
 
 
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -153,7 +184,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
       f"{r['us_per_step']:.2f}",
       f"{r['us_more_than_best']:+.2f}",
       f"{r['ratio_to_best']:.2f}x",
-      f"{r.get('mean_step_scale', float('nan')):.2f}" if r["rule"] == "kiwiel" else "",
+      f"{r['mean_step_scale']:.2f}" if "mean_step_scale" in r else "",
     ]
     for r in records
   ]
@@ -167,10 +198,10 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
           rows,
         ),
         "Median over repeated runs of a compiled loop, per step; `kiwiel scale` is the mean "
-        "accepted line-search scale (1 = the first trial point passed). Goals of issue 13: "
-        "`min_norm` on the scalar 2D problem within 20 µs of `best` (was "
-        f"{BEFORE['scalar_2d min_norm']}), `kiwiel` at most 1.5x `best` on the GAN step (was "
-        f"{BEFORE['gan kiwiel']}).",
+        "accepted line-search scale on the GAN step (1 = the first trial point passed). "
+        "Targets: `min_norm` on the scalar 2D problem within 20 µs of `best` (before the "
+        f"exact QP: {BEFORE['scalar_2d min_norm']}), `kiwiel` at most 1.5x `best` on the GAN "
+        f"step (before: {BEFORE['gan kiwiel']}).",
         f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}.",
       ]
     )

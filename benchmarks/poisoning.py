@@ -55,7 +55,7 @@ CONFIG: dict[str, Any] = dict(
   penalty=dict(gamma=100.0, epsilon=0.1, max_gamma=100.0, lower_weight=1.0, warmup_steps=300),
   penalty_lower="adam",
   penalty_lr=1e-3,
-  fit=dict(steps=300, learning_rate=0.01),
+  fit=dict(num_steps=300, lr=0.01),
 )
 # Step sizes: λ_max(∇²_vv g) ≈ 3-4 on this MNIST set, so descent needs ρ < 2/λ and
 # ApproxGrad's solve_lr < 2/λ². The penalty method's v minimizes L_γ + λg, whose curvature
@@ -74,7 +74,7 @@ QUICK = dict(
   outer_steps=10,
   chunk=5,
   warmup=30,
-  fit=dict(steps=30, learning_rate=0.01),
+  fit=dict(num_steps=30, lr=0.01),
 )
 
 # We do not reliably know the paper's table values for this setting, so none are quoted.

@@ -105,9 +105,9 @@ def train_filter(
   f = privacy.objective(fdef, cdef, rho)
   follower = optax.adam(1e-2)
   if solver_name == "kiwiel":
-    solver = minimax.kbeam(f, optax.sgd(1e-2), follower, rule="kiwiel", epsilon=0.1, num_ascent=5)
+    solver = minimax.kbeam(f, optax.sgd(1e-2), follower, rule=minimax.Kiwiel(0.1), ascent_steps=5)
   elif solver_name in ("kbeam", "alt_gda"):
-    solver = minimax.kbeam(f, optax.adam(1e-3), follower, num_ascent=5)
+    solver = minimax.kbeam(f, optax.adam(1e-3), follower, ascent_steps=5)
   else:
     raise KeyError(f"unknown solver {solver_name!r}; known: {', '.join(SOLVERS)}.")
   state = solver.init(jax.random.key(seed + 3), u, beams, num_beams)

@@ -50,6 +50,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+import kbeam_jax
 from benchmarks import _common, numpy_reference
 from kbeam_jax import minimax
 from kbeam_jax.tasks import surfaces
@@ -57,10 +58,10 @@ from kbeam_jax.tasks import surfaces
 INIT_RANGE = 0.45
 EPSILON = 0.01
 MAX_K = 10
-RULES = ("best", "random", "min_norm", "kiwiel")
+RULES = _common.kbeam_rules(EPSILON)  # name -> rule value; Method.rule names one
 GDA_BRANCHES = ("gd", "alt_gd", "alt_gd_max_first", "extragradient")
 PAPER_SURFACES = tuple(surfaces.PUBLISHED)
-# Issue 13: the authors' NumPy code, 100 trials, measured on this machine (not here).
+# The authors' NumPy code, 100 trials, measured on this machine (not here).
 AUTHORS_SECONDS_PER_SURFACE = 118.0
 
 
@@ -68,8 +69,7 @@ class Method(NamedTuple):
   name: str
   family: str  # "gd", "alt_gd", "ogda", "extragradient" or "kbeam"
   K: int
-  rule: str = "best"
-  epsilon: float = 0.0
+  rule: str = "best"  # a key of RULES
 
 
 class Protocol(NamedTuple):
@@ -93,7 +93,7 @@ def methods(paper: bool = False) -> list[Method]:
     return out
   out[2:2] = [Method("ogda", "ogda", 1), Method("extragradient", "extragradient", 1)]
   for rule in ("random", "min_norm", "kiwiel"):
-    out += [Method(f"kbeam_{K}_{rule}", "kbeam", K, rule, EPSILON) for K in (2, 5, 10)]
+    out += [Method(f"kbeam_{K}_{rule}", "kbeam", K, rule) for K in (2, 5, 10)]
   return out
 
 
@@ -104,11 +104,6 @@ def schedule(count: jax.Array) -> jax.Array:
 
 def _box():
   return dict(project_u=surfaces.project, project_v=surfaces.project)
-
-
-def _iterate(step, state, num_iters, *args):
-  """``num_iters`` (traced) steps; the same updates as ``kbeam_jax.run`` without a trace."""
-  return jax.lax.fori_loop(0, num_iters, lambda _, s: step(s, *args)[0], state)
 
 
 def gda_trial(f, branches: tuple[str, ...]):
@@ -126,7 +121,7 @@ def gda_trial(f, branches: tuple[str, ...]):
 
   def one_trial(surface, branch, num_iters, key, u0, v0):
     step = lambda state, surface: jax.lax.switch(branch, steps, state, surface)
-    state = _iterate(step, solvers[0].init(key, u0, v0), num_iters, surface)
+    state, _ = kbeam_jax.run(step, solvers[0].init(key, u0, v0), num_iters, surface)
     return state.u, state.v
 
   return one_trial
@@ -136,19 +131,23 @@ def kbeam_trial(f, rules: tuple[str, ...]):
   """``(surface, rule, num_iters, K, key, u0, beams0) -> (u_T, beams_T)``: ``MAX_K``
   stacked beams of which the first K take part."""
   opt = optax.sgd(schedule)
-  solvers = [
-    minimax.kbeam(f, opt, opt, rule=r, epsilon=0.0 if r == "best" else EPSILON, **_box())
-    for r in rules
-  ]
+  solvers = [minimax.kbeam(f, opt, opt, rule=RULES[r], **_box()) for r in rules]
   steps = [s.step for s in solvers]
 
   def one_trial(surface, rule, num_iters, K, key, u0, beams0):
     step = lambda state, surface: jax.lax.switch(rule, steps, state, surface)
-    state = solvers[0].init(key, u0, beams0, MAX_K, num_active=K)
-    state = _iterate(step, state, num_iters, surface)
+    state = solvers[0].init(key, u0, beams0, num_beams=MAX_K, num_active=K)
+    state, _ = kbeam_jax.run(step, state, num_iters, surface)
     return state.u, state.beams
 
   return one_trial
+
+
+def under(method: Method, protocol: Protocol) -> Method:
+  """``method`` as ``protocol`` runs it (Alt-GD in the protocol's order)."""
+  if method.family == "alt_gd":
+    return method._replace(family=protocol.alt_gd_branch)
+  return method
 
 
 class Programs:
@@ -226,8 +225,7 @@ class Programs:
     Alt-GD order included)."""
     out, carried = {}, beams0
     for m in method_list:
-      if m.family == "alt_gd":
-        m = m._replace(family=protocol.alt_gd_branch)
+      m = under(m, protocol)
       start = beams0
       if protocol.carry_beams and m.family == "kbeam" and m.rule == "best" and m.K > 1:
         start = carried
@@ -339,7 +337,8 @@ def run_study(
         times = []
         for _ in range(max(1, repeats)):
           t = time.perf_counter()
-          jax.block_until_ready(programs.call(name, m, main.num_iters, keys, u0, beams0))
+          call = programs.call(name, under(m, main), main.num_iters, keys, u0, beams0)
+          jax.block_until_ready(call)
           times.append(time.perf_counter() - t)
         per_method[name][m.name] = statistics.median(times)
   jax_seconds = time.perf_counter() - wall_start
@@ -367,7 +366,7 @@ def run_study(
         name=m.name,
         K=m.K,
         rule=m.rule if m.family == "kbeam" else None,
-        epsilon=m.epsilon,
+        epsilon=getattr(RULES[m.rule], "epsilon", 0.0) if m.family == "kbeam" else 0.0,
         protocol=main.name,
         error_mean=float(err.mean()),
         error_std=float(err.std()),
@@ -578,7 +577,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"the JAX study, everything above included: {t['jax_seconds']:.2f} s "
         f"({total_np / t['jax_seconds']:.1f}x faster end to end). The authors' own NumPy code "
         f"took about {AUTHORS_SECONDS_PER_SURFACE:.0f} s per surface on this machine "
-        "(measured for issue 13, not in this run): "
+        "(measured once, not in this run): "
         f"{AUTHORS_SECONDS_PER_SURFACE * len(names):.0f} s for {len(names)} surfaces, "
         f"{AUTHORS_SECONDS_PER_SURFACE * len(names) / t['jax_seconds']:.0f}x this run."
         if meta["paper"]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from kbeam_jax._checks import check_steps
 
@@ -35,7 +36,9 @@ def run(
   Args:
     step: a solver's ``step(state, *args) -> (state, info)``.
     state: the initial state (from the solver's ``init``).
-    num_steps: number of steps, a Python int.
+    num_steps: number of steps, a Python int; or an integer array (traced under
+      ``jit``), so that one compiled program serves every step count: then nothing is
+      recorded and the trajectory is ``None``.
     *args: extra arguments passed unchanged to every step (a fixed batch, say).
     trace: ``trace(state, info) -> pytree`` picks what to record after each step;
       by default the ``info`` of every step is recorded.
@@ -55,6 +58,17 @@ def run(
     >>> us.shape
     (3,)
   """
+  if isinstance(num_steps, jax.Array):
+    if trace is not None:
+      raise ValueError(
+        "run(num_steps=<array>) records no trajectory (its length is not static); drop "
+        "trace=, or pass num_steps as a Python int."
+      )
+    if num_steps.shape or not jnp.issubdtype(num_steps.dtype, jnp.integer):
+      what = f"{num_steps.dtype}{list(num_steps.shape)}"
+      raise TypeError(f"num_steps must be a scalar integer, got an array of {what}.")
+    final = jax.lax.fori_loop(0, num_steps, lambda _, s: step(s, *args)[0], state)
+    return final, None
   num_steps = check_steps("num_steps", num_steps)
 
   def body(carry, _):

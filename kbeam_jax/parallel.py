@@ -36,7 +36,7 @@ Example:
   >>> mesh = parallel.make_mesh(beams=1)  # one device here; beams=8 splits K over eight
   >>> solver = parallel.kbeam(lambda u, v: u * v - v**2, optax.sgd(0.1), optax.sgd(0.1),
   ...                         mesh=mesh)
-  >>> state = solver.init(jax.random.key(0), jnp.array(1.0), jnp.zeros(4), K=4)
+  >>> state = solver.init(jax.random.key(0), jnp.array(1.0), jnp.zeros(4), num_beams=4)
   >>> state, info = jax.jit(solver.step)(state)
   >>> parallel.state_sharding(state, mesh).beams.spec, parallel.state_sharding(state, mesh).u.spec
   (P('beams',), P())
@@ -44,7 +44,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -54,6 +54,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kbeam_jax._solver import Solver
+from kbeam_jax._tree import PyTree
 
 __all__ = [
   "batch_sharding",
@@ -65,7 +66,6 @@ __all__ = [
   "state_sharding",
 ]
 
-PyTree = Any
 AXES = ("trials", "beams", "data")
 BEAM_FIELDS = ("beams", "follower_state", "active")
 
@@ -138,34 +138,55 @@ def _check_fits(path: tuple[Any, ...], leaf: Any, axes: tuple[str, ...], mesh: M
       )
 
 
-def _is_beam_leaf(path: tuple[Any, ...]) -> bool:
-  for key in path:
-    name = getattr(key, "name", getattr(key, "key", None))
-    if name in BEAM_FIELDS:
-      return True
+def _is_beam_state(node: Any) -> bool:
+  """A K-beam state: a ``KBeamState`` or ``ScaleByKBeamState``, or the mapping ``nnx.state``
+  makes of one (exactly its fields as keys); never a user pytree that merely has a field
+  named ``beams``."""
+  from kbeam_jax.minimax import KBeamState, ScaleByKBeamState
+
+  if isinstance(node, KBeamState | ScaleByKBeamState):
+    return True
+  if isinstance(node, Mapping):  # nnx.state leaves out fields without arrays (optax's EmptyState)
+    keys = set(node.keys())
+    return any(
+      {"beams", "key", "count", "active"} <= keys <= set(t._fields)
+      for t in (KBeamState, ScaleByKBeamState)
+    )
   return False
+
+
+def _field(path: tuple[Any, ...]) -> Any:
+  key = path[0]
+  return getattr(key, "name", getattr(key, "key", getattr(key, "idx", None)))
 
 
 def state_sharding(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
   """The ``NamedSharding`` of every leaf of a K-beam state (or any pytree holding one).
 
-  Leaves under a field or key named ``beams``, ``follower_state`` or ``active`` (a
-  ``KBeamState``, a ``ScaleByKBeamState`` inside an optax chain, the state of an
-  ``nnx.Optimizer``) are split along their beam axis on ``beams``; the rest is
-  replicated. With ``trials=True`` every leaf has a leading trial axis, split on
-  ``trials``, and the beam axis comes second.
+  The fields ``beams``, ``follower_state`` and ``active`` of every K-beam state in the tree
+  (a ``KBeamState``, a ``ScaleByKBeamState`` inside an optax chain, or the state of an
+  ``nnx.Optimizer`` holding one) are split along their beam axis on ``beams``; the rest is
+  replicated (a user pytree with a field called ``beams`` included). With ``trials=True``
+  every leaf has a leading trial axis, split on ``trials``, and the beam axis comes second.
   """
 
   _check_mesh(mesh)
 
-  def spec(path, leaf):
+  def spec(path, leaf, beam=False):
     axes = ("trials",) if trials else ()
-    if _is_beam_leaf(path):
+    if beam:
       axes += ("beams",)
     _check_fits(path, leaf, axes, mesh)
     return NamedSharding(mesh, P(*axes))
 
-  return jax.tree_util.tree_map_with_path(spec, tree)
+  def node_spec(path, node):
+    if not _is_beam_state(node):
+      return spec(path, node)
+    return jax.tree_util.tree_map_with_path(
+      lambda sub, leaf: spec(path + sub, leaf, _field(sub) in BEAM_FIELDS), node
+    )
+
+  return jax.tree_util.tree_map_with_path(node_spec, tree, is_leaf=_is_beam_state)
 
 
 def shard(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:

@@ -31,17 +31,25 @@ def stacked_beams(dtype=jnp.float32):
   return jax.tree.map(lambda x: scales.reshape((K,) + (1,) * x.ndim) * x[None], v0(dtype))
 
 
-def _kbeam(rule):
-  def make(f):
-    return minimax.kbeam(
-      f, optax.sgd(0.2), optax.sgd(0.2), rule=rule, epsilon=0.0 if rule == "best" else 0.05
-    )
+def rules(epsilon: float) -> dict[str, minimax.Rule]:
+  """One value of every K-beam rule by name, the ε-rules at ``epsilon``."""
+  return {
+    "best": minimax.Best(),
+    "random": minimax.Random(epsilon),
+    "min_norm": minimax.MinNorm(epsilon),
+    "kiwiel": minimax.Kiwiel(epsilon),
+  }
 
-  return make
+
+RULE_NAMES = tuple(rules(0.0))
+
+
+def _kbeam(rule):
+  return lambda f: minimax.kbeam(f, optax.sgd(0.2), optax.sgd(0.2), rule=rule)
 
 
 SOLVERS = {
-  **{f"kbeam_{rule}": (_kbeam(rule), True) for rule in minimax.RULES},
+  **{f"kbeam_{name}": (_kbeam(rule), True) for name, rule in rules(0.05).items()},
   "simultaneous_gda": (
     lambda f: minimax.simultaneous_gda(f, optax.sgd(0.2), optax.sgd(0.2)),
     False,
@@ -61,17 +69,13 @@ def init_solver(name, f, dtype=jnp.float32):
 
 
 def _transform(rule):
-  def make(beams):
-    eps = 0.0 if rule == "best" else 0.05
-    return optax.chain(
-      minimax.scale_by_kbeam(optax.sgd(0.2), beams, rule=rule, epsilon=eps), optax.sgd(0.2)
-    )
-
-  return make
+  return lambda beams: optax.chain(
+    minimax.scale_by_kbeam(optax.sgd(0.2), beams, rule=rule), optax.sgd(0.2)
+  )
 
 
 TRANSFORMS = {
-  **{f"scale_by_kbeam_{rule}": _transform(rule) for rule in minimax.RULES},
+  **{f"scale_by_kbeam_{name}": _transform(rule) for name, rule in rules(0.05).items()},
   "kbeam_sgd": lambda beams: minimax.kbeam_sgd(0.2, optax.sgd(0.2), beams),
   "kbeam_adam": lambda beams: optax.chain(
     minimax.scale_by_kbeam(optax.adam(0.1), beams), optax.adam(0.02)

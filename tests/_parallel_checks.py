@@ -81,8 +81,11 @@ def specs(tree) -> list[str]:
   return sorted({str(x.sharding.spec) for x in jax.tree.leaves(tree)})
 
 
-def solver_check(mesh_shape: dict[str, int], rule: str = "best", steps: int = 5) -> dict:
-  kwargs = dict(rule=rule, epsilon=0.0 if rule == "best" else 0.05)
+BEST = minimax.Best()
+
+
+def solver_check(mesh_shape: dict[str, int], rule: minimax.Rule = BEST, steps: int = 5) -> dict:
+  kwargs = dict(rule=rule)
   opts = (optax.adam(0.01), optax.adam(0.02))
   mesh = parallel.make_mesh(**mesh_shape)
   sharded = parallel.kbeam(game, *opts, mesh=mesh, **kwargs)
@@ -240,7 +243,7 @@ def main() -> None:
   out = {
     "best_beams8": solver_check({"beams": 8}),
     "best_beams4_data2": solver_check({"beams": 4, "data": 2}),
-    "min_norm_beams8": solver_check({"beams": 8}, rule="min_norm"),
+    "min_norm_beams8": solver_check({"beams": 8}, rule=minimax.MinNorm(0.05)),
     "trials2_beams4": trials_check(),
     "nnx_beams8": nnx_check(),
     "errors": error_check(),

@@ -135,7 +135,7 @@ def test_train_in_chunks_saves_on_a_clock_and_on_exit(tmp_path, monkeypatch):
   ckpt = tmp_path / "ckpt"
   # a long interval: one save, when the call ends (here after 2 of 5 chunks)
   state, history, _ = _common.train_in_chunks(
-    step, jnp.int32(0), 5, checkpoint=ckpt, stop_after=2, save_every_s=1e9
+    step, jnp.int32(0), 5, checkpoint=ckpt, resume=True, stop_after=2, save_every_s=1e9
   )
   assert len(saves) == 1 and int(state) == 2 and len(history) == 2
   state, history, _ = _common.train_in_chunks(
@@ -150,9 +150,18 @@ def test_train_in_chunks_saves_on_a_clock_and_on_exit(tmp_path, monkeypatch):
     return step(s)
 
   with pytest.raises(KeyboardInterrupt):
-    _common.train_in_chunks(failing, jnp.int32(0), 5, checkpoint=tmp_path / "k", save_every_s=1e9)
+    _common.train_in_chunks(
+      failing, jnp.int32(0), 5, checkpoint=tmp_path / "k", resume=True, save_every_s=1e9
+    )
   restored, meta = nn.load_checkpoint(tmp_path / "k", like=jnp.int32(0))
   assert int(restored) == 2 and len(meta["history"]) == 2  # state and history agree
+
+
+def test_train_in_chunks_writes_nothing_without_resume(tmp_path):
+  state, history, _ = _common.train_in_chunks(
+    lambda s: (s + 1, {"s": s}), jnp.int32(0), 3, checkpoint=tmp_path / "c", save_every_s=0.0
+  )
+  assert int(state) == 3 and len(history) == 3 and not any(tmp_path.iterdir())
 
 
 def test_devices_flag_starts_jax_with_that_many_devices(tmp_path):

@@ -159,7 +159,7 @@ def test_detection_and_retraining(tiny):
   det = denoising.detection(np.where(tiny.corrupted, 0.1, 0.99), tiny.corrupted)
   assert det == {"precision": 1.0, "recall": 1.0, "kept": 20}
   model = denoising.softmax_regression()
-  acc = denoising.retrained_accuracy(model, tiny, ~tiny.corrupted, steps=100, learning_rate=0.05)
+  acc = denoising.retrained_accuracy(model, tiny, ~tiny.corrupted, num_steps=100, lr=0.05)
   assert acc > 0.8
 
 

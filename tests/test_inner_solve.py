@@ -399,12 +399,12 @@ def test_auto_steps_on_a_condition_1000_quadratic():
 def test_max_curvature():
   f, g, u, solve, exact = condition_1000()
   np.testing.assert_allclose(
-    bilevel.max_curvature(g, u, jnp.zeros(20), num_iters=100), 1000.0, rtol=1e-3
+    bilevel.max_curvature(g, u, jnp.zeros(20), power_steps=100), 1000.0, rtol=1e-3
   )
   lam = jax.jit(lambda u: bilevel.max_curvature(g, u, jnp.zeros(20)))(u)
   assert 500 < float(lam) <= 1000.0 * (1 + 1e-9)
   scaled = jax.vmap(
-    lambda s: bilevel.max_curvature(lambda u, v: s * g(u, v), u, jnp.zeros(20), num_iters=100)
+    lambda s: bilevel.max_curvature(lambda u, v: s * g(u, v), u, jnp.zeros(20), power_steps=100)
   )(jnp.array([1.0, 2.0]))
   np.testing.assert_allclose(scaled, [1000.0, 2000.0], rtol=1e-3)
 

@@ -23,27 +23,58 @@ def test_k_not_an_int():
     minimax.kbeam(game, sgd, sgd).init(jax.random.key(0), u0(), lambda key: v0(), 2.0)
 
 
-@pytest.mark.parametrize("rule", ["random", "min_norm", "kiwiel"])
-def test_negative_epsilon(rule):
-  with pytest.raises(ValueError, match="epsilon must be a number >= 0, got epsilon=-0.1"):
-    minimax.kbeam(game, sgd, sgd, rule=rule, epsilon=-0.1)
-  with pytest.raises(ValueError, match="epsilon must be a number >= 0"):
-    minimax.scale_by_kbeam(sgd, stacked_beams(), rule=rule, epsilon=-0.1)
+@pytest.mark.parametrize("rule", [minimax.Random, minimax.MinNorm, minimax.Kiwiel])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), "0.1"])
+def test_bad_epsilon(rule, bad):
+  with pytest.raises(ValueError, match=rf"{rule.__name__}.epsilon must be a finite number >= 0"):
+    rule(bad)
 
 
-def test_best_rule_with_epsilon():
-  with pytest.raises(ValueError, match="rule='best' .* epsilon=0"):
-    minimax.kbeam(game, sgd, sgd, rule="best", epsilon=0.1)
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    (dict(armijo=0.0), r"Kiwiel.armijo must be a number in \(0, 1\)"),
+    (dict(backtrack=1.0), r"Kiwiel.backtrack must be a number in \(0, 1\)"),
+    (dict(max_backtracks=0), "Kiwiel.max_backtracks must be an int >= 1"),
+  ],
+)
+def test_bad_kiwiel_options(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    minimax.Kiwiel(0.1, **kwargs)
 
 
-def test_unknown_rule():
-  with pytest.raises(ValueError, match="rule must be one of"):
-    minimax.kbeam(game, sgd, sgd, rule="steepest")
+@pytest.mark.parametrize("make", [minimax.kbeam, minimax.scale_by_kbeam])
+def test_a_rule_string_names_the_rule_value(make):
+  first = game if make is minimax.kbeam else sgd
+  second = (sgd, sgd) if make is minimax.kbeam else (stacked_beams(),)
+  with pytest.raises(TypeError, match=r"Rules are values now: rule=minimax.Kiwiel\(epsilon\)"):
+    make(first, *second, rule="kiwiel")
+  with pytest.raises(TypeError, match=r"not the class: rule=minimax.MinNorm"):
+    make(first, *second, rule=minimax.MinNorm)
+  with pytest.raises(TypeError, match=r"rule must be minimax.Best\(\)"):
+    make(first, *second, rule="steepest")
 
 
-def test_num_ascent_below_one():
-  with pytest.raises(ValueError, match="num_ascent"):
-    minimax.kbeam(game, sgd, sgd, num_ascent=0)
+@pytest.mark.parametrize(
+  "kwargs, fix",
+  [
+    (dict(epsilon=0.1), r"no longer takes epsilon=; pass rule=minimax.MinNorm\(epsilon\)"),
+    (dict(num_ascent=2), "no longer takes num_ascent=; pass ascent_steps="),
+    (dict(armijo=0.1), r"pass rule=minimax.Kiwiel\(epsilon, armijo=...\)"),
+    (dict(steps=3), "unexpected keyword argument 'steps'"),
+  ],
+)
+def test_an_old_keyword_names_the_new_one(kwargs, fix):
+  with pytest.raises(TypeError, match=fix):
+    minimax.kbeam(game, sgd, sgd, **kwargs)
+  with pytest.raises(TypeError, match=fix):
+    minimax.scale_by_kbeam(sgd, stacked_beams(), **kwargs)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_ascent_steps_below_one(bad):
+  with pytest.raises(ValueError, match="ascent_steps .* must be an int >= 1"):
+    minimax.kbeam(game, sgd, sgd, ascent_steps=bad)
 
 
 def test_beams_with_the_wrong_leading_axis():

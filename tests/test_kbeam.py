@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _cases import RULE_NAMES, rules
 from flax import nnx
 
 from kbeam_jax import minimax
@@ -39,7 +40,7 @@ def test_k1_equals_alternating_gda_step_for_step():
   kb = minimax.kbeam(objective, leader, follower)
   gda = minimax.alternating_gda(objective, leader, follower)
   key = jax.random.key(0)
-  s_k = kb.init(key, leader_u(), beam_init, K=1)
+  s_k = kb.init(key, leader_u(), beam_init, num_beams=1)
   v0 = jax.tree.map(lambda x: x[0], s_k.beams)
   s_g = gda.init(key, leader_u(), v0)
   step_k, step_g = jax.jit(kb.step), jax.jit(gda.step)
@@ -87,7 +88,10 @@ def test_vmapped_beams_equal_a_loop_over_beams():
     leader, follower = optax.sgd(0.05), optax.adam(0.1)
     kb = minimax.kbeam(objective, leader, follower)
     state = kb.init(
-      jax.random.key(1), jax.tree.map(lambda x: x.astype(jnp.float64), leader_u()), beam_init, K=4
+      jax.random.key(1),
+      jax.tree.map(lambda x: x.astype(jnp.float64), leader_u()),
+      beam_init,
+      num_beams=4,
     )
     ref = state
     for _ in range(10):
@@ -103,8 +107,8 @@ def test_vmapped_beams_equal_a_loop_over_beams():
 
 def test_num_ascent_takes_j_steps_per_beam():
   f = lambda u, v: u * v - 0.5 * v**2  # ∇_v f = u - v
-  kb = minimax.kbeam(f, optax.sgd(0.0), optax.sgd(0.5), num_ascent=3)
-  state = kb.init(jax.random.key(0), jnp.array(1.0), jnp.array([0.0, 2.0]), K=2)
+  kb = minimax.kbeam(f, optax.sgd(0.0), optax.sgd(0.5), ascent_steps=3)
+  state = kb.init(jax.random.key(0), jnp.array(1.0), jnp.array([0.0, 2.0]), num_beams=2)
   state, _ = kb.step(state)
   # v ← v + 0.5 (1 - v), three times: 0 → 0.875, 2 → 1.125.
   np.testing.assert_allclose(state.beams, [0.875, 1.125], rtol=1e-6)
@@ -115,7 +119,7 @@ def test_projections_are_applied():
   kb = minimax.kbeam(
     f, optax.sgd(10.0), optax.sgd(10.0), project_u=surfaces.project, project_v=surfaces.project
   )
-  state = kb.init(jax.random.key(0), jnp.array(0.1), jnp.array([0.3, -0.2]), K=2)
+  state = kb.init(jax.random.key(0), jnp.array(0.1), jnp.array([0.3, -0.2]), num_beams=2)
   state, _ = kb.step(state)
   assert float(state.u) == -0.5
   np.testing.assert_allclose(state.beams, [-0.5, -0.5])
@@ -123,8 +127,8 @@ def test_projections_are_applied():
 
 def test_info_reports_all_beams():
   f = lambda u, v: -((u - v) ** 2)
-  kb = minimax.kbeam(f, optax.sgd(0.1), optax.sgd(0.1), rule="min_norm", epsilon=0.5)
-  state = kb.init(jax.random.key(0), jnp.array(0.0), jnp.array([-1.0, 1.0, 3.0]), K=3)
+  kb = minimax.kbeam(f, optax.sgd(0.1), optax.sgd(0.1), rule=minimax.MinNorm(0.5))
+  state = kb.init(jax.random.key(0), jnp.array(0.0), jnp.array([-1.0, 1.0, 3.0]), num_beams=3)
   _, info = kb.step(state)
   np.testing.assert_allclose(info.values, [-1.0, -1.0, -9.0])
   assert int(info.eps_set_size) == 2
@@ -135,14 +139,14 @@ def test_info_reports_all_beams():
 
 def test_kiwiel_line_search_shrinks_a_too_long_step_and_null_steps():
   f = lambda u, v: (u - v) ** 2 * 0.0 + u**2  # F(u) = u², one beam
-  long = minimax.kbeam(f, optax.sgd(4.0), optax.sgd(0.0), rule="kiwiel", epsilon=0.1)
-  state = long.init(jax.random.key(0), jnp.array(1.0), jnp.zeros((1,)), K=1)
+  long = minimax.kbeam(f, optax.sgd(4.0), optax.sgd(0.0), rule=minimax.Kiwiel(0.1))
+  state = long.init(jax.random.key(0), jnp.array(1.0), jnp.zeros((1,)), num_beams=1)
   state, info = long.step(state)
   # sgd proposes u = 1 - 4·2 = -7; t = 1/4 lands on u = -1 (no decrease), t = 1/8 on 0.
   np.testing.assert_allclose(info.step_scale, 0.125)
   np.testing.assert_allclose(state.u, 0.0, atol=1e-7)
-  up = minimax.kbeam(f, optax.sgd(-1.0), optax.sgd(0.0), rule="kiwiel", epsilon=0.1)
-  state = up.init(jax.random.key(0), jnp.array(1.0), jnp.zeros((1,)), K=1)
+  up = minimax.kbeam(f, optax.sgd(-1.0), optax.sgd(0.0), rule=minimax.Kiwiel(0.1))
+  state = up.init(jax.random.key(0), jnp.array(1.0), jnp.zeros((1,)), num_beams=1)
   state, info = up.step(state)  # an ascent proposal is never accepted
   assert float(info.step_scale) == 0.0 and float(state.u) == 1.0
 
@@ -150,23 +154,21 @@ def test_kiwiel_line_search_shrinks_a_too_long_step_and_null_steps():
 def test_epsilon_schedule_is_used():
   f = lambda u, v: -((u - v) ** 2)
   eps = optax.linear_schedule(10.0, 0.0, 1)
-  kb = minimax.kbeam(f, optax.sgd(0.0), optax.sgd(0.0), rule="min_norm", epsilon=eps)
-  state = kb.init(jax.random.key(0), jnp.array(0.0), jnp.array([-1.0, 2.0]), K=2)
+  kb = minimax.kbeam(f, optax.sgd(0.0), optax.sgd(0.0), rule=minimax.MinNorm(eps))
+  state = kb.init(jax.random.key(0), jnp.array(0.0), jnp.array([-1.0, 2.0]), num_beams=2)
   state, info = kb.step(state)
   assert int(info.eps_set_size) == 2
   _, info = kb.step(state)
   assert int(info.eps_set_size) == 1
 
 
-@pytest.mark.parametrize("rule", minimax.RULES)
-def test_transform_matches_the_solver(rule):
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_transform_matches_the_solver(name):
   leader, follower = optax.sgd(0.05), optax.sgd(0.1)
-  eps = 0.0 if rule == "best" else 0.3
-  kwargs = dict(rule=rule, epsilon=eps)
-  if rule == "kiwiel":  # the transform has no line search; compare on the weights only
-    kwargs["epsilon"] = 0.3
+  # Kiwiel: the transform has no line search; the solver's must take the plain step.
+  kwargs = dict(rule=rules(0.3)[name])
   solver = minimax.kbeam(objective, leader, follower, **kwargs)
-  state = solver.init(jax.random.key(2), leader_u(), beam_init, K=3)
+  state = solver.init(jax.random.key(2), leader_u(), beam_init, num_beams=3)
   tx = optax.chain(
     minimax.scale_by_kbeam(follower, state.beams, key=jax.random.key(2), **kwargs), leader
   )
@@ -174,7 +176,7 @@ def test_transform_matches_the_solver(rule):
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, minimax_fn=lambda a, b: objective(a, b, 1.0)))
   for _ in range(8):
     state, info = solver.step(state, 1.0)
-    if rule == "kiwiel":
+    if name == "kiwiel":
       assert float(info.step_scale) == 1.0  # so the solver took the plain step
     updates, opt_state = update(u, opt_state, u)
     u = optax.apply_updates(u, updates)
@@ -223,13 +225,14 @@ def test_transform_inside_nnx_optimizer():
   assert int(nnx.as_pure(optax.tree.get(optimizer.opt_state, "count"))) == 5
 
 
-@pytest.mark.parametrize("rule", ["best", "min_norm", "kiwiel"])
+@pytest.mark.parametrize("rule", [minimax.Best(), minimax.MinNorm(0.3), minimax.Kiwiel(0.3)])
 def test_num_active_equals_fewer_stacked_beams(rule):
   """K_max = 5 stacked beams with 2 active: the same steps as K = 2; the other beams stay."""
-  eps = 0.0 if rule == "best" else 0.3
-  solver = minimax.kbeam(objective, optax.sgd(0.05), optax.sgd(0.1), rule=rule, epsilon=eps)
-  five = solver.init(jax.random.key(3), leader_u(), beam_init, K=5, num_active=2)
-  two = solver.init(jax.random.key(3), leader_u(), jax.tree.map(lambda x: x[:2], five.beams), K=2)
+  solver = minimax.kbeam(objective, optax.sgd(0.05), optax.sgd(0.1), rule=rule)
+  five = solver.init(jax.random.key(3), leader_u(), beam_init, num_beams=5, num_active=2)
+  two = solver.init(
+    jax.random.key(3), leader_u(), jax.tree.map(lambda x: x[:2], five.beams), num_beams=2
+  )
   two = two._replace(key=five.key)
   step = jax.jit(solver.step)
   for _ in range(6):
@@ -241,7 +244,7 @@ def test_num_active_equals_fewer_stacked_beams(rule):
   for x, y, x0 in zip(
     jax.tree.leaves(five.beams),
     jax.tree.leaves(two.beams),
-    jax.tree.leaves(solver.init(jax.random.key(3), leader_u(), beam_init, K=5).beams),
+    jax.tree.leaves(solver.init(jax.random.key(3), leader_u(), beam_init, num_beams=5).beams),
     strict=True,
   ):
     np.testing.assert_allclose(x[:2], y, rtol=1e-5, atol=1e-6)
@@ -249,11 +252,11 @@ def test_num_active_equals_fewer_stacked_beams(rule):
 
 
 def test_one_program_for_every_beam_count():
-  solver = minimax.kbeam(objective, optax.sgd(0.05), optax.sgd(0.1), rule="min_norm", epsilon=0.3)
+  solver = minimax.kbeam(objective, optax.sgd(0.05), optax.sgd(0.1), rule=minimax.MinNorm(0.3))
 
   @jax.jit
   def final_u(n):
-    state = solver.init(jax.random.key(0), leader_u(), beam_init, K=4, num_active=n)
+    state = solver.init(jax.random.key(0), leader_u(), beam_init, num_beams=4, num_active=n)
     return jax.lax.fori_loop(0, 3, lambda _, s: solver.step(s, 1.0)[0], state).u
 
   finals = [final_u(n) for n in range(1, 5)]
@@ -265,7 +268,7 @@ def test_num_active_out_of_range():
   solver = minimax.kbeam(objective, optax.sgd(0.05), optax.sgd(0.1))
   for bad in (0, 4, 1.5, True):
     with pytest.raises(ValueError, match="num_active .* from 1 to K=3"):
-      solver.init(jax.random.key(0), leader_u(), beam_init, K=3, num_active=bad)
+      solver.init(jax.random.key(0), leader_u(), beam_init, num_beams=3, num_active=bad)
   with pytest.raises(ValueError, match="num_active"):
     minimax.scale_by_kbeam(optax.sgd(0.1), jnp.zeros((3, 2)), num_active=5)
 

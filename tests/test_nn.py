@@ -57,7 +57,7 @@ def test_stacked_nnx_beams_drive_the_kbeam_solver():
     return -jnp.mean((pred - u * x[:, 0]) ** 2) + 0.1 * u**2
 
   solver = minimax.kbeam(f, optax.sgd(0.01), optax.adam(0.02))
-  state = solver.init(jax.random.key(2), jnp.array(1.0), beams, K=3)
+  state = solver.init(jax.random.key(2), jnp.array(1.0), beams, num_beams=3)
   state, info = kbeam_jax.run(solver.step, state, 200)
   assert info.values.shape == (200, 3)
   assert bool(jnp.all(info.values[-1] > info.values[0]))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _cases import RULE_NAMES, rules
 
 from kbeam_jax import minimax
 
@@ -19,33 +20,33 @@ def table_game(values, zs):
 ZS = [[1.0, 0.0], [-1.0, 0.5], [0.0, -1.0]]
 
 
-@pytest.mark.parametrize("rule", minimax.RULES)
+@pytest.mark.parametrize("name", RULE_NAMES)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_a_nonfinite_beam_is_left_out(rule, bad):
-  eps = 0.0 if rule == "best" else 0.5
+def test_a_nonfinite_beam_is_left_out(name, bad):
+  rule = rules(0.5)[name]
   f, u, beams = table_game([bad, 1.0, 0.9], ZS)
-  solver = minimax.kbeam(f, optax.sgd(0.1), optax.sgd(0.0), rule=rule, epsilon=eps)
-  state, info = solver.step(solver.init(jax.random.key(0), u, beams, K=3))
+  solver = minimax.kbeam(f, optax.sgd(0.1), optax.sgd(0.0), rule=rule)
+  state, info = solver.step(solver.init(jax.random.key(0), u, beams, num_beams=3))
   assert int(info.num_nonfinite) == 1 and int(info.best) == 1 and bool(info.update_finite)
   # The step is the one the two finite beams give on their own.
   f2, _, beams2 = table_game([1.0, 0.9], ZS[1:])
-  ref, ref_info = minimax.kbeam(f2, optax.sgd(0.1), optax.sgd(0.0), rule=rule, epsilon=eps).step(
-    minimax.kbeam(f2, optax.sgd(0.1), optax.sgd(0.0), rule=rule, epsilon=eps).init(
-      jax.random.key(0), u, beams2, K=2
+  ref, ref_info = minimax.kbeam(f2, optax.sgd(0.1), optax.sgd(0.0), rule=rule).step(
+    minimax.kbeam(f2, optax.sgd(0.1), optax.sgd(0.0), rule=rule).init(
+      jax.random.key(0), u, beams2, num_beams=2
     )
   )
-  if rule != "random":  # random draws its weights over 3 entries, not 2
+  if name != "random":  # random draws its weights over 3 entries, not 2
     np.testing.assert_allclose(state.u, ref.u, atol=1e-6)
     np.testing.assert_allclose(info.certificate, ref_info.certificate, atol=1e-6)
   assert np.all(np.isfinite(state.u)) and np.isfinite(info.certificate)
 
 
-@pytest.mark.parametrize("rule", minimax.RULES)
-def test_no_valid_beam_skips_the_step_and_certifies_nothing(rule):
-  eps = 0.0 if rule == "best" else 0.5
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_no_valid_beam_skips_the_step_and_certifies_nothing(name):
+  rule = rules(0.5)[name]
   f, u, beams = table_game([np.nan, np.nan], ZS[:2])
-  solver = minimax.kbeam(f, optax.adam(0.1), optax.sgd(0.0), rule=rule, epsilon=eps)
-  state0 = solver.init(jax.random.key(0), u + 0.3, beams, K=2)
+  solver = minimax.kbeam(f, optax.adam(0.1), optax.sgd(0.0), rule=rule)
+  state0 = solver.init(jax.random.key(0), u + 0.3, beams, num_beams=2)
   state, info = jax.jit(solver.step)(state0)
   assert not bool(info.update_finite) and int(info.num_nonfinite) == 2
   assert np.isnan(info.certificate)  # nothing measured: NaN, never 0
@@ -56,7 +57,9 @@ def test_no_valid_beam_skips_the_step_and_certifies_nothing(rule):
 def test_a_nonfinite_update_is_skipped_and_flagged():
   f = lambda u, v: jnp.sqrt(u) * v  # ∇_u at u = 0 is inf, the value is finite
   solver = minimax.kbeam(f, optax.sgd(0.1), optax.sgd(0.1))
-  state, info = solver.step(solver.init(jax.random.key(0), jnp.array(0.0), jnp.ones((2,)), K=2))
+  state, info = solver.step(
+    solver.init(jax.random.key(0), jnp.array(0.0), jnp.ones((2,)), num_beams=2)
+  )
   assert not bool(info.update_finite) and float(state.u) == 0.0
   assert int(info.num_nonfinite) == 0  # the values were finite
 
@@ -96,10 +99,12 @@ def test_best_rule_certificate_on_a_nonsmooth_max():
   f = lambda u, v: u * v
   beams = jnp.array([-1.0, 1.0])
   plain = minimax.kbeam(f, optax.sgd(0.1), optax.sgd(0.0))
-  _, info = plain.step(plain.init(jax.random.key(0), jnp.array(0.0), beams, K=2))
+  _, info = plain.step(plain.init(jax.random.key(0), jnp.array(0.0), beams, num_beams=2))
   assert float(info.certificate) == 1.0
   certified = minimax.kbeam(f, optax.sgd(0.1), optax.sgd(0.0), certificate_epsilon=0.01)
-  state, info = certified.step(certified.init(jax.random.key(0), jnp.array(0.0), beams, K=2))
+  state, info = certified.step(
+    certified.init(jax.random.key(0), jnp.array(0.0), beams, num_beams=2)
+  )
   assert abs(float(info.certificate)) < 1e-6
   assert float(state.u) != 0.0  # still the best rule's step, along one beam's gradient
   tx = minimax.scale_by_kbeam(optax.sgd(0.0), beams, certificate_epsilon=0.01)

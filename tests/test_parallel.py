@@ -118,3 +118,32 @@ def test_mesh_needs_enough_devices():
   with pytest.raises(ValueError, match="beams .* must be an int >= 1"):
     parallel.make_mesh(beams=0)
   assert "parallel" in kbeam_jax.__all__
+
+
+def test_beam_leaves_are_found_by_state_type_not_by_field_name():
+  """A K-beam state's beams, follower states and mask split on ``beams``, inside any pytree
+  and inside ``nnx.state`` of an optimizer; a user's own field called ``beams`` does not."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from kbeam_jax import minimax
+
+  mesh = parallel.make_mesh(beams=1)
+  specs = lambda tree: {
+    jax.tree_util.keystr(p): str(s.spec)
+    for p, s in jax.tree_util.tree_leaves_with_path(parallel.state_sharding(tree, mesh))
+  }
+  solver = minimax.kbeam(lambda u, v: u * v, optax.sgd(0.1), optax.adam(0.1))
+  state = solver.init(jax.random.key(0), jnp.ones(1), jnp.zeros((4, 1)), num_beams=4)
+  got = specs({"run": state, "beams": jnp.ones(2), "active": jnp.ones(2)})
+  assert got["['beams']"] == got["['active']"] == got["['run'].u"] == "P()"
+  for field in ("beams", "active", "follower_state[0].mu"):
+    assert got[f"['run'].{field}"] == "P('beams',)"
+  model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  tx = minimax.kbeam_sgd(0.1, optax.adam(0.1), jnp.zeros((4, 2)))
+  got = specs(nnx.state(nnx.Optimizer(model, tx, wrt=nnx.Param)))
+  assert got["['opt_state'][0]['beams'].value"] == "P('beams',)"
+  assert got["['opt_state'][0]['follower_state'][0]['nu'].value"] == "P('beams',)"
+  assert got["['opt_state'][0]['values'].value"] == "P()"

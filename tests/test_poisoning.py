@@ -150,7 +150,7 @@ def test_upper_objective_decreases_in_the_box(tiny, method, targeted):
 
 def test_clean_classifier_and_target_rate(tiny):
   model = poisoning.softmax_regression()
-  params = poisoning.train_poisoned(model, tiny, steps=100, learning_rate=0.05)
+  params = poisoning.train_poisoned(model, tiny, num_steps=100, lr=0.05)
   assert poisoning.accuracy(model, params, tiny.x_test, tiny.y_test) > 0.6
   rate = poisoning.target_misclassification(model, params, tiny, source=2, target=7)
   assert 0.0 <= rate <= 0.5

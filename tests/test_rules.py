@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cases import RULE_NAMES, rules
 
+from kbeam_jax import minimax
 from kbeam_jax.minimax import _rules
 from kbeam_jax.minimax._direction import direction
 
@@ -20,10 +22,12 @@ def linear_objective(zs, values):
   return f, jnp.zeros(zs.shape[1]), beams
 
 
-def weights(rule, zs, values, epsilon):
+def weights(name, zs, values, epsilon):
+  """The direction of the rule ``name`` (at ``epsilon``) on the linear objective."""
   key = jax.random.key(0)
   f, u, beams = linear_objective(zs, values)
   active = jnp.ones(len(values), bool)
+  rule = rules(epsilon)[name]
   return direction(f, rule, u, beams, active, jnp.asarray(epsilon), key, (), None)
 
 
@@ -86,7 +90,8 @@ def test_random_weights_are_normalized_exponentials_on_the_set():
   zs, values = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [1.0, 0.95, 0.0]
   f, u, beams = linear_objective(zs, values)
   # direction() splits nothing: the rule key is used as given.
-  d = direction(f, "random", u, beams, jnp.ones(3, bool), jnp.asarray(0.1), key, (), None)
+  rule = minimax.Random(0.1)
+  d = direction(f, rule, u, beams, jnp.ones(3, bool), jnp.asarray(0.1), key, (), None)
   e = -np.log(np.asarray(jax.random.uniform(key, (3,), minval=np.finfo(np.float32).tiny)))
   expected = np.array([e[0], e[1], 0.0]) / (e[0] + e[1])
   np.testing.assert_allclose(d.weights, expected, rtol=1e-6)
@@ -120,7 +125,7 @@ def test_kiwiel_three_beams_drops_a_far_beam():
   assert int(d.eps_set_size) == 3
 
 
-@pytest.mark.parametrize("rule", _rules.RULES)
+@pytest.mark.parametrize("rule", RULE_NAMES)
 def test_weights_are_convex_and_on_the_set(rule):
   zs = jax.random.normal(jax.random.key(1), (6, 4))
   values = jnp.array([1.0, 0.99, 0.5, 0.98, 0.0, 1.0])
@@ -186,7 +191,8 @@ def test_rules_in_low_precision(dtype):
     ref = weights(rule, zs, values, 0.1)
     f, u, beams = linear_objective(zs.astype(dtype), values.astype(dtype))
     u, beams = u.astype(dtype), beams.astype(dtype)
-    d = direction(f, rule, u, beams, jnp.ones(3, bool), jnp.asarray(0.1), None, (), None)
+    value = rules(0.1)[rule]
+    d = direction(f, value, u, beams, jnp.ones(3, bool), jnp.asarray(0.1), None, (), None)
     assert d.weights.dtype == dtype and d.certificate.dtype == dtype
     np.testing.assert_allclose(np.asarray(d.weights, np.float32), ref.weights, atol=2e-2)
     np.testing.assert_allclose(float(d.certificate), float(ref.certificate), rtol=2e-2, atol=5.0)
@@ -201,4 +207,4 @@ def test_simplex_qp_bad_input_is_named():
   with pytest.raises(TypeError, match="mask must be boolean"):
     _rules.simplex_qp(G, b, jnp.ones(3))
   with pytest.raises(ValueError, match="num_iters must be >= 0"):
-    _rules.simplex_qp(G, b, mask, num_iters=-1)
+    _rules.simplex_qp(G, b, mask, max_steps=-1)

@@ -18,7 +18,7 @@ from kbeam_jax._tree import PyTree, tree_random_like, tree_sq_norm, tree_vdot
 def max_eigenvalue(
   matvec: Callable[[PyTree], PyTree],
   like: PyTree,
-  num_iters: int = 20,
+  power_steps: int = 20,
   *,
   symmetric: bool = True,
 ) -> jax.Array:
@@ -33,7 +33,7 @@ def max_eigenvalue(
   Args:
     matvec: ``x ↦ A x`` on pytrees like ``like``.
     like: a pytree with the structure, shapes and dtypes of ``x``.
-    num_iters: products with ``A``, >= 1.
+    power_steps: products with ``A``, >= 1.
     symmetric: whether ``A`` is symmetric (a Hessian).
 
   Returns:
@@ -46,8 +46,8 @@ def max_eigenvalue(
     >>> round(float(max_eigenvalue(lambda x: A @ x, jnp.zeros(3), 50)), 4)
     10.0
   """
-  if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-    raise ValueError(f"num_iters must be an int >= 1, got num_iters={num_iters!r}.")
+  if isinstance(power_steps, bool) or not isinstance(power_steps, int) or power_steps < 1:
+    raise ValueError(f"power_steps must be an int >= 1, got power_steps={power_steps!r}.")
   leaves = jax.tree.leaves(like)
   x = tree_random_like(like)
   wide = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
@@ -57,7 +57,7 @@ def max_eigenvalue(
     scale = jax.lax.rsqrt(jnp.maximum(tree_sq_norm(x).astype(wide), tiny))
     return jax.tree.map(lambda a: (a * scale).astype(a.dtype), x)
 
-  x = jax.lax.fori_loop(0, num_iters - 1, lambda _, x: normalize(matvec(x)), normalize(x))
+  x = jax.lax.fori_loop(0, power_steps - 1, lambda _, x: normalize(matvec(x)), normalize(x))
   Ax = matvec(x)
   if symmetric:
     return jnp.abs(tree_vdot(x, Ax).astype(wide))

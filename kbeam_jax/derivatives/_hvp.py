@@ -23,8 +23,7 @@ from typing import Any
 import jax
 
 from kbeam_jax._checks import check_same_structure, scalar_output
-
-PyTree = Any
+from kbeam_jax._tree import PyTree
 
 
 def _grad_v(g: Callable[..., jax.Array]) -> Callable[..., PyTree]:

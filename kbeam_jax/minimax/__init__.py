@@ -6,12 +6,14 @@ Solvers share one pure API, ``solver.init(key, u, v, ...)`` and
 are the optax form for the leader.
 
 Direction rules of K-beam over the ε-set ``R = {k : f_max - f_k <= ε}`` of the beams,
-``z_k = ∇_u f(u, v_k)``, step along ``-Σ λ_k z_k``:
+``z_k = ∇_u f(u, v_k)``, step along ``-Σ λ_k z_k``; each rule is a value passed as
+``kbeam(..., rule=...)``:
 
-* ``best``: ``λ`` one-hot at the best beam;
-* ``random``: ``λ`` uniform on the simplex of ``R``;
-* ``min_norm``: ``λ`` minimizes ``|Σ λ_k z_k|`` (the certificate);
-* ``kiwiel``: ``λ`` maximizes ``Σ λ_k (f_k - f_max) - ½|Σ λ_k z_k|²``.
+* ``Best()``: ``λ`` one-hot at the best beam;
+* ``Random(ε)``: ``λ`` uniform on the simplex of ``R``;
+* ``MinNorm(ε)``: ``λ`` minimizes ``|Σ λ_k z_k|`` (the certificate);
+* ``Kiwiel(ε, armijo, backtrack, max_backtracks)``: ``λ`` maximizes
+  ``Σ λ_k (f_k - f_max) - ½|Σ λ_k z_k|²``, then an Armijo line search.
 """
 
 from kbeam_jax.minimax._gda import GDAInfo as GDAInfo
@@ -23,7 +25,11 @@ from kbeam_jax.minimax._gda import simultaneous_gda as simultaneous_gda
 from kbeam_jax.minimax._kbeam import KBeamInfo as KBeamInfo
 from kbeam_jax.minimax._kbeam import KBeamState as KBeamState
 from kbeam_jax.minimax._kbeam import kbeam as kbeam
-from kbeam_jax.minimax._rules import RULES as RULES
+from kbeam_jax.minimax._rules import Best as Best
+from kbeam_jax.minimax._rules import Kiwiel as Kiwiel
+from kbeam_jax.minimax._rules import MinNorm as MinNorm
+from kbeam_jax.minimax._rules import Random as Random
+from kbeam_jax.minimax._rules import Rule as Rule
 from kbeam_jax.minimax._rules import project_simplex as project_simplex
 from kbeam_jax.minimax._rules import simplex_qp as simplex_qp
 from kbeam_jax.minimax._transform import ScaleByKBeamState as ScaleByKBeamState
@@ -31,7 +37,11 @@ from kbeam_jax.minimax._transform import kbeam_sgd as kbeam_sgd
 from kbeam_jax.minimax._transform import scale_by_kbeam as scale_by_kbeam
 
 __all__ = [
-  "RULES",
+  "Best",
+  "Kiwiel",
+  "MinNorm",
+  "Random",
+  "Rule",
   "GDAInfo",
   "GDAState",
   "KBeamInfo",

@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kbeam_jax._checks import check_nonnegative
+from kbeam_jax._tree import PyTree
 
-PyTree = Any
 Projection = Callable[[PyTree], PyTree] | None
 
 
@@ -44,14 +43,14 @@ def ascend_beams(
   f: Callable[..., jax.Array],
   follower: optax.GradientTransformation,
   project_v: Callable[[PyTree], PyTree],
-  num_ascent: int,
+  ascent_steps: int,
   u: PyTree,
   beams: PyTree,
   follower_state: Any,
   args: tuple[Any, ...],
   first_grads: PyTree | None = None,
 ) -> tuple[PyTree, Any]:
-  """``num_ascent`` ascent steps of every beam at a fixed ``u``, all beams in one vmap.
+  """``ascent_steps`` ascent steps of every beam at a fixed ``u``, all beams in one vmap.
 
   ``first_grads``: the beams' gradients ``∇_v f(u, v_k)`` at this ``u``, already
   computed (by the ``kiwiel`` line search); the first ascent step then uses them.
@@ -65,32 +64,42 @@ def ascend_beams(
 
     if g0 is not None:
       v, opt_state = ascend(follower, g0, opt_state, v, project_v)
-      if num_ascent == 1:
+      if ascent_steps == 1:
         return v, opt_state
-      return jax.lax.fori_loop(1, num_ascent, body, (v, opt_state))
-    if num_ascent == 1:  # no loop: the same program as one alternating-GDA ascent step
+      return jax.lax.fori_loop(1, ascent_steps, body, (v, opt_state))
+    if ascent_steps == 1:  # no loop: the same program as one alternating-GDA ascent step
       return body(0, (v, opt_state))
-    return jax.lax.fori_loop(0, num_ascent, body, (v, opt_state))
+    return jax.lax.fori_loop(0, ascent_steps, body, (v, opt_state))
 
   return jax.vmap(one_beam)(beams, follower_state, first_grads)
 
 
-def resolve_epsilon(epsilon: float | Callable[[jax.Array], jax.Array], count: jax.Array):
-  """``epsilon`` as a scalar at step ``count`` (a constant or an optax-style schedule)."""
-  return epsilon(count) if callable(epsilon) else jnp.asarray(epsilon)
-
-
-def check_epsilon(epsilon: Any) -> None:
-  if not callable(epsilon):
-    check_nonnegative("epsilon", epsilon)
-
-
-def check_num_ascent(num_ascent: Any) -> int:
-  if isinstance(num_ascent, bool) or not isinstance(num_ascent, int | np.integer) or num_ascent < 1:
+def check_ascent_steps(ascent_steps: Any) -> int:
+  bad = isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int | np.integer)
+  if bad or ascent_steps < 1:
     raise ValueError(
-      f"num_ascent (J, ascent steps per iteration) must be an int >= 1, got {num_ascent!r}."
+      f"ascent_steps (J, ascent steps per iteration) must be an int >= 1, got {ascent_steps!r}."
     )
-  return num_ascent
+  return int(ascent_steps)
+
+
+_OLD_KEYWORDS = {
+  "epsilon": "rule=minimax.MinNorm(epsilon) (or Random(ε), Kiwiel(ε))",
+  "num_ascent": "ascent_steps=",
+  "armijo": "rule=minimax.Kiwiel(epsilon, armijo=...)",
+  "backtrack": "rule=minimax.Kiwiel(epsilon, backtrack=...)",
+  "max_backtracks": "rule=minimax.Kiwiel(epsilon, max_backtracks=...)",
+}
+
+
+def reject_old_keywords(owner: str, extra: dict[str, Any]) -> None:
+  """A ``TypeError`` naming the current spelling of a pre-0.3 keyword (``epsilon=``,
+  ``num_ascent=``, Kiwiel's options), or saying an unknown keyword is unknown."""
+  for name in extra:
+    fix = _OLD_KEYWORDS.get(name)
+    if fix is None:
+      raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}.")
+    raise TypeError(f"{owner}() no longer takes {name}=; pass {fix}.")
 
 
 def active_mask(K: int, num_active: Any = None) -> jax.Array:
@@ -120,9 +129,3 @@ def keep_inactive(active: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 def tree_where(cond: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   """``new`` where the scalar ``cond`` holds, else ``old``, leaf by leaf."""
   return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
-
-
-def tree_all_finite(tree: PyTree) -> jax.Array:
-  """Whether every entry of every floating-point leaf is finite."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True

@@ -17,9 +17,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kbeam_jax._tree import PyTree
 from kbeam_jax.minimax import _rules
-
-PyTree = Any
 
 
 class Direction(NamedTuple):
@@ -68,9 +67,9 @@ def _local(fn: Callable[..., Any], sharded_beams: bool) -> Callable[..., Any]:
   return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
 
 
-def _certificate(gram, zs, mask, qp_iters, dtype, sharded_beams):
+def _certificate(gram, zs, mask, qp_steps, dtype, sharded_beams):
   """``|min-norm element of co{z_k : k in mask}|`` and its weights; NaN for an empty mask."""
-  solve = lambda gram, mask: _rules.min_norm_weights(gram, mask, qp_iters)
+  solve = lambda gram, mask: _rules.min_norm_weights(gram, mask, qp_steps)
   weights = _local(solve, sharded_beams)(gram, mask)
   cert = jnp.where(jnp.any(mask), _norm(_rules.combine(weights, zs)), jnp.nan)
   return cert.astype(dtype), weights
@@ -78,33 +77,33 @@ def _certificate(gram, zs, mask, qp_iters, dtype, sharded_beams):
 
 def direction(
   f: Callable[..., jax.Array],
-  rule: str,
+  rule: _rules.Rule,
   u: PyTree,
   beams: PyTree,
   active: jax.Array,
   epsilon: jax.Array,
   key: jax.Array,
   args: tuple[Any, ...],
-  qp_iters: int | None,
+  qp_steps: int | None,
   *,
   certificate_epsilon: float | None = None,
   sharded_beams: bool = False,
 ) -> Direction:
-  """Evaluates every beam in one vmap and forms the direction of ``rule``.
+  """Evaluates every beam in one vmap and forms the direction of ``rule`` (a rule value).
 
-  Rule ``best`` differentiates at the best beam only (one gradient), unless
+  ``Best`` differentiates at the best beam only (one gradient), unless
   ``sharded_beams`` (then at every beam, combined with one-hot weights: no beam's
   parameters cross devices) or ``certificate_epsilon`` (the ε-certificate needs every
   gradient). The ε-rules differentiate at every beam in one vmap and mask the ε-set.
   """
   in_axes = (None, 0) + (None,) * len(args)
-  all_grads = rule != "best" or sharded_beams or certificate_epsilon is not None
+  all_grads = rule.all_gradients or sharded_beams or certificate_epsilon is not None
   if all_grads:
     values, zs = jax.vmap(jax.value_and_grad(f), in_axes=in_axes)(u, beams, *args)
   else:
     values = jax.vmap(f, in_axes=in_axes)(u, beams, *args)
   dtype = values.dtype
-  finite = jnp.isfinite(values) & (_per_beam_finite(zs) if rule != "best" else True)
+  finite = jnp.isfinite(values) & (_per_beam_finite(zs) if rule.all_gradients else True)
   valid = active & finite
   num_nonfinite = jnp.sum(active & ~finite).astype(jnp.int32)
   any_valid = jnp.any(valid)
@@ -112,7 +111,7 @@ def direction(
   best = jnp.argmax(ranked).astype(jnp.int32)
   K = values.shape[0]
 
-  if rule == "best":
+  if not rule.all_gradients:  # the best beam's gradient alone (Best)
     weights = jax.nn.one_hot(best, K, dtype=dtype) * any_valid.astype(dtype)
     if all_grads:
       grads_finite = _per_beam_finite(zs)
@@ -130,7 +129,7 @@ def direction(
       mask = _rules.epsilon_set(values, certificate_epsilon, ok)
       zs = _select(ok, zs)
       gram = _rules.gram_matrix(zs)
-      certificate, _ = _certificate(gram, zs, mask, qp_iters, dtype, sharded_beams)
+      certificate, _ = _certificate(gram, zs, mask, qp_steps, dtype, sharded_beams)
     eps_set_size = jnp.sum(valid & (ranked == ranked[best])) * any_valid
     return Direction(
       z=z,
@@ -147,14 +146,9 @@ def direction(
   mask = _rules.epsilon_set(values, epsilon, valid)
   zs = _select(valid, zs)
   gram = _rules.gram_matrix(zs)
-  certificate, min_norm = _certificate(gram, zs, mask, qp_iters, dtype, sharded_beams)
-  if rule == "min_norm":
-    weights = min_norm
-  elif rule == "kiwiel":
-    kiwiel = lambda gram, values, mask: _rules.kiwiel_weights(gram, values, mask, qp_iters)
-    weights = _local(kiwiel, sharded_beams)(gram, values, mask)
-  else:  # random
-    weights = _rules.random_weights(key, mask, dtype)
+  certificate, min_norm = _certificate(gram, zs, mask, qp_steps, dtype, sharded_beams)
+  solve = lambda fn, *xs: _local(fn, sharded_beams)(*xs)
+  weights = rule.weights(values, gram, mask, key, min_norm, qp_steps, solve)
   weights = jnp.where(jnp.any(mask), weights, 0.0).astype(dtype)
   return Direction(
     z=_rules.combine(weights, zs),

@@ -20,10 +20,8 @@ import optax
 
 from kbeam_jax._checks import check_float_leaves, checked_projection, scalar_output
 from kbeam_jax._solver import Solver
-from kbeam_jax._tree import tree_norm
+from kbeam_jax._tree import PyTree, tree_all_finite, tree_norm
 from kbeam_jax.minimax import _common
-
-PyTree = Any
 
 
 class GDAState(NamedTuple):
@@ -111,7 +109,7 @@ def _gda(
 
   def step(state: GDAState, *args: Any) -> tuple[GDAState, GDAInfo]:
     new, (value, gu, gv) = update(state, args)
-    finite = _common.tree_all_finite(new[:2])
+    finite = tree_all_finite(new[:2])
     old = (state.u, state.v, state.leader_state, state.follower_state)
     u, v, ls, fs = _common.tree_where(finite, new, old)
     norm = lambda g: tree_norm(g).astype(value.dtype)
@@ -174,7 +172,7 @@ def alternating_gda(
 
   ``order="min_first"`` (default): ``u ← u - ρ ∇_u f(u, v)``, then
   ``v ← v + η ∇_v f(u_new, v)``, the same steps as ``kbeam`` with K = 1 and
-  ``num_ascent=1``. ``order="max_first"``: ``v ← v + η ∇_v f(u, v)``, then
+  ``ascent_steps=1``. ``order="max_first"``: ``v ← v + η ∇_v f(u, v)``, then
   ``u ← u - ρ ∇_u f(u, v_new)`` (the order of the K-beam paper's own 2D code). Other
   arguments and the return value as in ``simultaneous_gda``; ``info`` is measured at the
   step's starting point in both orders.

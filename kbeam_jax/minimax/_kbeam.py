@@ -12,17 +12,16 @@ import optax
 from kbeam_jax._checks import (
   check_float_leaves,
   check_leading_axis,
+  check_nonnegative,
   check_num_beams,
   check_steps,
   checked_projection,
   scalar_output,
 )
 from kbeam_jax._solver import Solver
-from kbeam_jax._tree import tree_vdot
+from kbeam_jax._tree import PyTree, tree_all_finite
 from kbeam_jax.minimax import _common, _rules
 from kbeam_jax.minimax._direction import direction
-
-PyTree = Any
 
 
 class KBeamState(NamedTuple):
@@ -86,17 +85,14 @@ def kbeam(
   leader: optax.GradientTransformation,
   follower: optax.GradientTransformation,
   *,
-  num_ascent: int = 1,
-  rule: str = "best",
-  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0,
+  rule: _rules.Rule = _rules.BEST,
+  ascent_steps: int = 1,
   project_u: Callable[[PyTree], PyTree] | None = None,
   project_v: Callable[[PyTree], PyTree] | None = None,
-  qp_iters: int | None = None,
-  armijo: float = 1e-4,
-  backtrack: float = 0.5,
-  max_backtracks: int = 10,
+  qp_steps: int | None = None,
   certificate_epsilon: float | None = None,
   sharded_beams: bool = False,
+  **old_keywords: Any,
 ) -> Solver:
   r"""K-beam minimax solver for ``min_u max_v f(u, v, *args)``.
 
@@ -107,10 +103,10 @@ def kbeam(
      ``z`` of ``rule`` from the gradients ``z_k = ∇_u f(u, v_k)`` of the ε-set
      ``R = {k : max_j f(u, v_j) - f(u, v_k) <= ε}``, and let ``leader`` step downhill
      on ``z`` (then ``project_u``);
-  2. max step: every beam takes ``num_ascent`` ascent steps of ``follower`` at the new
+  2. max step: every beam takes ``ascent_steps`` ascent steps of ``follower`` at the new
      ``u``, all beams in one ``vmap`` with a vmapped follower state (then ``project_v``).
 
-  With K = 1, ``num_ascent=1`` and any rule but ``kiwiel`` (whose line search may shorten
+  With K = 1, ``ascent_steps=1`` and any rule but ``Kiwiel`` (whose line search may shorten
   the step) this is exactly alternating gradient descent-ascent.
 
   The beam count can change without compiling again: ``init(..., num_active=n)`` (n may
@@ -120,36 +116,30 @@ def kbeam(
   in ``info.num_nonfinite``), and a non-finite step of the leader is skipped (and
   flagged in ``info.update_finite``).
 
-  Rules (see ``kbeam_jax.minimax`` for the math): ``best`` (the basic K-beam step:
-  gradient at the best beam only, ε must be 0), ``random`` (random convex combination
-  on R, Algorithm 2 of the paper), ``min_norm`` (minimum-norm element of the hull:
-  steepest ε-descent), ``kiwiel`` (Kiwiel's linearization weights, followed by an
-  Armijo backtracking line search on ``F(u) = max_k f(u, v_k)`` over the scale of the
-  leader's proposed step; if no scale passes, the step is null and ``u`` stays, while the
-  leader's optimizer state keeps its update). The line search tries the scales one at
-  a time and stops at the first that passes (usually the first); its evaluation of the
-  beams at the accepted point also gives the beams' next ascent gradients.
+  Rules are values that carry their behaviour (see ``kbeam_jax.minimax`` for the math):
+  ``Best()`` (the basic K-beam step: the gradient at the best beam only), ``Random(ε)``
+  (a random convex combination on R, Algorithm 2 of the paper), ``MinNorm(ε)`` (the
+  minimum-norm element of the hull: steepest ε-descent), ``Kiwiel(ε, armijo, backtrack,
+  max_backtracks)`` (Kiwiel's linearization weights, then an Armijo backtracking line
+  search on ``F(u) = max_k f(u, v_k)``; a null step when no scale passes). An ε schedule
+  that gives a negative or NaN ε at some step skips that step (``info.update_finite``).
 
   Args:
     f: objective ``f(u, v, *args) -> scalar``; ``u``, ``v`` any pytrees of floats.
     leader: optax optimizer for ``u`` (it receives ``z`` as the gradient).
     follower: optax optimizer for one beam (it receives ``-∇_v f``, so it ascends);
       its state is vmapped over the beams.
-    num_ascent: J, ascent steps per beam per iteration.
-    rule: ``"best"``, ``"random"``, ``"min_norm"`` or ``"kiwiel"``.
-    epsilon: ε >= 0, or a schedule ``count -> ε``; ignored by ``best``.
+    rule: ``minimax.Best()`` (default), ``Random(ε)``, ``MinNorm(ε)`` or ``Kiwiel(ε, ...)``.
+    ascent_steps: J, ascent steps per beam per iteration.
     project_u: optional projection applied to ``u`` after every step.
     project_v: optional projection applied to each beam after every ascent step.
-    qp_iters: cap on the iterations of the exact simplex QP solver (``min_norm``,
-      ``kiwiel`` and the ε-certificate; see ``minimax.simplex_qp``); default ``4K + 10``.
-    armijo: sufficient-decrease constant of the ``kiwiel`` line search.
-    backtrack: factor by which the ``kiwiel`` line search shrinks the step.
-    max_backtracks: most scales the ``kiwiel`` line search tries before the null step.
-    certificate_epsilon: rule ``best`` only: report the ε-certificate over the beams
+    qp_steps: cap on the iterations of the exact simplex QP solver (``MinNorm``,
+      ``Kiwiel`` and the ε-certificate; see ``minimax.simplex_qp``); default ``4K + 10``.
+    certificate_epsilon: ``Best`` only: report the ε-certificate over the beams
       within this ε of the best (K gradients per step instead of one) instead of
       ``|∇_u f(u, v_best)|``. The ε-rules always report the certificate of their ε-set.
     sharded_beams: set when the beams are sharded across devices
-      (``kbeam_jax.parallel``): rule ``best`` then differentiates at every beam and
+      (``kbeam_jax.parallel``): ``Best`` then differentiates at every beam and
       combines the gradients with one-hot weights, so a step exchanges the K values and
       one leader-sized gradient between devices and never a beam's parameters (K
       gradients per step, K/n on each of n devices, instead of one).
@@ -157,9 +147,9 @@ def kbeam(
   Returns:
     ``Solver(init, step)``:
 
-    * ``init(key, u, v, K, *, num_active=None) -> KBeamState``: ``v`` is either an
-      initializer ``key -> v`` (called on K split keys) or the K beams already stacked
-      on a leading axis of size K; ``num_active`` (default K) beams take part.
+    * ``init(key, u, v, num_beams, *, num_active=None) -> KBeamState``: ``v`` is either an
+      initializer ``key -> v`` (called on K = ``num_beams`` split keys) or the K beams
+      already stacked on a leading axis of size K; ``num_active`` (default K) take part.
     * ``step(state, *args) -> (KBeamState, KBeamInfo)``; ``args`` go to ``f``.
 
   Example:
@@ -171,7 +161,7 @@ def kbeam(
     >>> solver = minimax.kbeam(f, optax.sgd(0.05), optax.sgd(0.05),
     ...                        project_u=box, project_v=box)
     >>> state = solver.init(jax.random.key(0), jnp.array(0.3),
-    ...                     jnp.array([-0.4, -0.1, 0.2, 0.4]), K=4)
+    ...                     jnp.array([-0.4, -0.1, 0.2, 0.4]), num_beams=4)
     >>> state, trajectory = kbeam_jax.run(solver.step, state, 500)
     >>> bool(abs(state.u) < 0.02)
     True
@@ -180,28 +170,22 @@ def kbeam(
     Hamm & Noh, K-Beam Minimax: Efficient Optimization for Deep Adversarial Learning,
     ICML 2018. Kiwiel, Methods of Descent for Nondifferentiable Optimization, 1985/87.
   """
+  _common.reject_old_keywords("minimax.kbeam", old_keywords)
   rule = _rules.check_rule(rule)
-  _common.check_epsilon(epsilon)
-  if rule == "best" and not callable(epsilon) and float(epsilon) != 0.0:
-    raise ValueError(
-      f"rule='best' uses the best beam only and needs epsilon=0, got epsilon={epsilon}. "
-      "Pick rule='random', 'min_norm' or 'kiwiel' to use an ε-set."
-    )
-  num_ascent = _common.check_num_ascent(num_ascent)
-  qp_iters = None if qp_iters is None else check_steps("qp_iters", qp_iters)
+  ascent_steps = _common.check_ascent_steps(ascent_steps)
+  qp_steps = None if qp_steps is None else check_steps("qp_steps", qp_steps)
   if certificate_epsilon is not None:
-    _common.check_epsilon(certificate_epsilon)
-  max_backtracks = check_steps("max_backtracks", max_backtracks)
-  if max_backtracks < 1:
-    raise ValueError(f"max_backtracks must be >= 1, got max_backtracks={max_backtracks}.")
+    check_nonnegative("certificate_epsilon", certificate_epsilon)
   f = scalar_output(f, "the objective f(u, v)")
   project_u = checked_projection(project_u, "u")
   project_v = checked_projection(project_v, "v")
 
-  def init(key: jax.Array, u: PyTree, v: Any, K: int, *, num_active: Any = None) -> KBeamState:
+  def init(
+    key: jax.Array, u: PyTree, v: Any, num_beams: int, *, num_active: Any = None
+  ) -> KBeamState:
     check_float_leaves(u, "u")
     key, beam_key = jax.random.split(key)
-    beams = init_beams(beam_key, v, K)
+    beams = init_beams(beam_key, v, num_beams)
     return KBeamState(
       u=u,
       beams=beams,
@@ -209,48 +193,12 @@ def kbeam(
       follower_state=jax.vmap(follower.init)(beams),
       key=key,
       count=jnp.zeros([], jnp.int32),
-      active=_common.active_mask(K, num_active),
+      active=_common.active_mask(num_beams, num_active),
     )
-
-  def line_search(state, d, u_new, args):
-    """Largest scale ``t = backtrack**i`` whose point passes Armijo on ``max_k f``.
-
-    Scales are tried one at a time (a ``while_loop``); if none passes, a last trial at
-    ``t = 0`` keeps ``u`` (the null step). Each trial evaluates ``f`` and ``∇_v f`` at
-    every beam: at the accepted point these are the gradients of the beams' next ascent
-    step, which then needs no evaluation of its own. A step whose first scale passes
-    costs one evaluation of the beams, as a plain step's ascent does.
-
-    Returns:
-      ``(u, scale, ∇_v f(u, v_k) for every beam)``.
-    """
-    dtype = d.values.dtype
-    evaluate = jax.vmap(jax.value_and_grad(f, argnums=1), in_axes=(None, 0) + (None,) * len(args))
-    F0 = jnp.max(jnp.where(d.valid, d.values, -jnp.inf))
-    step = jax.tree.map(jnp.subtract, u_new, state.u)
-
-    def attempt(i):
-      last = i == max_backtracks
-      t = jnp.where(last, 0.0, jnp.asarray(backtrack, dtype) ** i)
-      trial = project_u(jax.tree.map(lambda x, s: x + t.astype(x.dtype) * s, state.u, step))
-      trial = _common.tree_where(last, state.u, trial)
-      values, grads = evaluate(trial, state.beams, *args)
-      moved = tree_vdot(d.z, jax.tree.map(jnp.subtract, trial, state.u)).astype(dtype)
-      # Armijo on the aggregate gradient; a trial that does not move downhill along z is
-      # never accepted (with momentum or Adam the proposed step need not follow -z).
-      F = jnp.max(jnp.where(d.valid, values, -jnp.inf))
-      ok = ((F <= F0 + armijo * moved) & (moved < 0)) | last
-      return i + 1, ok, trial, t, grads
-
-    # The first scale outside the loop (straight-line code that XLA fuses with the rest of
-    # the step); the loop runs only when it fails.
-    first = attempt(jnp.zeros([], jnp.int32))
-    _, _, u, t, grads = jax.lax.while_loop(lambda c: ~c[1], lambda c: attempt(c[0]), first)
-    return u, t, grads
 
   def step(state: KBeamState, *args: Any) -> tuple[KBeamState, KBeamInfo]:
     key, rule_key = jax.random.split(state.key)
-    eps = _common.resolve_epsilon(epsilon, state.count)
+    eps = rule.epsilon_at(state.count)
     d = direction(
       f,
       rule,
@@ -260,21 +208,19 @@ def kbeam(
       eps,
       rule_key,
       args,
-      qp_iters,
+      qp_steps,
       certificate_epsilon=certificate_epsilon,
       sharded_beams=sharded_beams,
     )
     u, leader_state = _common.descend(leader, d.z, state.leader_state, state.u, project_u)
-    scale, first_grads = jnp.ones([], d.values.dtype), None
-    if rule == "kiwiel":
-      u, scale, first_grads = line_search(state, d, u, args)
-    finite = d.any_valid & _common.tree_all_finite(d.z) & _common.tree_all_finite(u)
-    # kiwiel: a non-finite z or u never passes Armijo, so then u is the old u already and
+    u, scale, first_grads = rule.search(f, state.u, u, state.beams, d, args, project_u)
+    finite = d.any_valid & tree_all_finite(d.z) & tree_all_finite(u) & (eps >= 0)
+    # Kiwiel: a non-finite z or u never passes Armijo, so then u is the old u already and
     # first_grads are the gradients there.
     u = _common.tree_where(finite, u, state.u)
     leader_state = _common.tree_where(finite, leader_state, state.leader_state)
     beams, follower_state = _common.ascend_beams(
-      f, follower, project_v, num_ascent, u, state.beams, state.follower_state, args, first_grads
+      f, follower, project_v, ascent_steps, u, state.beams, state.follower_state, args, first_grads
     )
     beams = _common.keep_inactive(state.active, beams, state.beams)
     follower_state = _common.keep_inactive(state.active, follower_state, state.follower_state)

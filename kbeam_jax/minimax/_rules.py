@@ -20,16 +20,16 @@ linear term), in at least float32.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kbeam_jax._checks import check_steps
-
-PyTree = Any
-
-RULES = ("best", "random", "min_norm", "kiwiel")
+from kbeam_jax._tree import PyTree
 
 
 def epsilon_set(values: jax.Array, epsilon: jax.Array, valid: jax.Array | None = None) -> jax.Array:
@@ -92,7 +92,7 @@ def _solve_pd(H: jax.Array, rhs: jax.Array) -> jax.Array:
 
 
 def simplex_qp(
-  gram: jax.Array, linear: jax.Array, mask: jax.Array, num_iters: int | None = None
+  gram: jax.Array, linear: jax.Array, mask: jax.Array, max_steps: int | None = None
 ) -> jax.Array:
   """Minimizes ``½λᵀGλ - λᵀb`` over the simplex of the masked-in entries, exactly.
 
@@ -108,7 +108,7 @@ def simplex_qp(
     the entries that reach zero.
 
   It stops after about ``2|S*|`` iterations (``S*`` the optimal support), at most
-  ``num_iters``; every iterate is feasible. The arithmetic is done in at least float32
+  ``max_steps``; every iterate is feasible. The arithmetic is done in at least float32
   (float16 and bfloat16 inputs are upcast), so it neither overflows nor loses the
   weights in low precision; the result has the working dtype. Entries off the mask
   (NaN included) are ignored; with an empty mask the weights are all zero.
@@ -118,7 +118,7 @@ def simplex_qp(
       gradients ``z_k``).
     linear: ``(K,)`` vector ``b``.
     mask: ``(K,)`` booleans; weights off the mask are zero.
-    num_iters: cap on the iterations (add or drop steps); default ``4K + 10``.
+    max_steps: cap on the iterations (add or drop steps); default ``4K + 10``.
 
   Returns:
     The ``(K,)`` weights, in ``promote_types(gram.dtype, float32)``.
@@ -140,7 +140,7 @@ def simplex_qp(
     )
   if jnp.result_type(mask) != jnp.bool_:
     raise TypeError(f"simplex_qp's mask must be boolean, got {jnp.result_type(mask)}.")
-  num_iters = 4 * K + 10 if num_iters is None else check_steps("num_iters", num_iters)
+  max_steps = 4 * K + 10 if max_steps is None else check_steps("max_steps", max_steps)
   work = jnp.promote_types(gram.dtype, jnp.float32)
   idx = jnp.arange(K)
   G = jnp.where(mask[:, None] & mask[None, :], gram.astype(work), 0.0)
@@ -181,7 +181,7 @@ def simplex_qp(
   k0 = jnp.argmin(jnp.where(mask, 0.5 * jnp.diag(G) - b, jnp.inf))
   lam0 = jnp.where(jnp.any(mask), jax.nn.one_hot(k0, K, dtype=work), 0.0)
   init = (jnp.zeros([], jnp.int32), lam0 > 0, lam0, ~jnp.any(mask))
-  cond = lambda c: (~c[3]) & (c[0] < num_iters)
+  cond = lambda c: (~c[3]) & (c[0] < max_steps)
   return jax.lax.while_loop(cond, body, init)[2]
 
 
@@ -207,13 +207,13 @@ def combine(weights: jax.Array, z: PyTree) -> PyTree:
   )
 
 
-def min_norm_weights(gram: jax.Array, mask: jax.Array, num_iters: int | None) -> jax.Array:
+def min_norm_weights(gram: jax.Array, mask: jax.Array, max_steps: int | None) -> jax.Array:
   """Weights of the minimum-norm point of the convex hull of the masked gradients."""
-  return simplex_qp(gram, jnp.zeros(gram.shape[0], gram.dtype), mask, num_iters)
+  return simplex_qp(gram, jnp.zeros(gram.shape[0], gram.dtype), mask, max_steps)
 
 
 def kiwiel_weights(
-  gram: jax.Array, values: jax.Array, mask: jax.Array, num_iters: int | None
+  gram: jax.Array, values: jax.Array, mask: jax.Array, max_steps: int | None
 ) -> jax.Array:
   """Weights of Kiwiel's linearization step: ``max_λ Σλ_k (f_k - f_max) - ½λᵀGλ``.
 
@@ -221,7 +221,7 @@ def kiwiel_weights(
   """
   values = jnp.where(mask, values.astype(gram.dtype), -jnp.inf)
   gap = jnp.where(mask, values - jnp.max(values), 0.0)
-  return simplex_qp(gram, gap, mask, num_iters)
+  return simplex_qp(gram, gap, mask, max_steps)
 
 
 def random_weights(key: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
@@ -232,8 +232,200 @@ def random_weights(key: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
   return e / jnp.sum(e)
 
 
-def check_rule(rule: str) -> str:
-  """Returns ``rule`` if it is one of ``RULES``, else raises naming the choices."""
-  if rule not in RULES:
-    raise ValueError(f"rule must be one of {RULES}, got rule={rule!r}.")
-  return rule
+# --------------------------------------------------------------------- rules as values
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """How the leader's direction is formed from the beams: a value that carries its
+  behaviour (its weights over the ε-set, and for ``Kiwiel`` its line search).
+
+  ``all_gradients``: the rule needs ``∇_u f`` at every beam (the ε-rules); without it the
+  leader steps along the best beam's gradient alone (``Best``). ``weights(values, gram,
+  mask, key, min_norm, qp_steps, solve)`` returns the convex weights over the ε-set
+  ``mask`` (``min_norm``: the certificate's weights, already computed; ``solve(fn, *xs)``
+  runs a K-sized QP where the beams live).
+  """
+
+  all_gradients: ClassVar[bool] = True
+
+  def epsilon_at(self, count: jax.Array) -> jax.Array:
+    """ε at step ``count`` (a constant or a schedule)."""
+    eps = getattr(self, "epsilon", 0.0)
+    return eps(count) if callable(eps) else jnp.asarray(eps)
+
+  def weights(self, values, gram, mask, key, min_norm, qp_steps, solve):
+    raise NotImplementedError(f"{type(self).__name__} does not define weights().")
+
+  def search(self, f, u, u_new, beams, direction, args, project_u):
+    """The leader's accepted point: ``(u, scale, ∇_v f at every beam there or None)``.
+    Without a line search the proposed step is taken whole."""
+    del f, u, beams, args, project_u
+    return u_new, jnp.ones([], direction.values.dtype), None
+
+
+def _check_epsilon(owner: str, epsilon: Any) -> None:
+  if callable(epsilon):
+    return
+  ok = isinstance(epsilon, int | float | np.number) and not isinstance(epsilon, bool)
+  if not (ok and np.isfinite(epsilon) and epsilon >= 0):
+    raise ValueError(
+      f"{owner}.epsilon must be a finite number >= 0 or a schedule count -> ε, got "
+      f"epsilon={epsilon!r}."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Best(Rule):
+  """The basic K-beam step: the gradient at the best beam only (ε = 0).
+
+  Example:
+    >>> from kbeam_jax import minimax
+    >>> minimax.Best()
+    Best()
+  """
+
+  all_gradients: ClassVar[bool] = False
+
+
+BEST = Best()  # the default rule (a frozen value: safe to share)
+
+
+@dataclasses.dataclass(frozen=True)
+class Random(Rule):
+  """A random convex combination of the ε-set's gradients (the paper's Algorithm 2):
+  ``λ ~ Dirichlet(1, ..., 1)`` on ``R = {k : f_max - f_k <= ε}``.
+
+  Attributes:
+    epsilon: ε >= 0, or a schedule ``count -> ε``.
+
+  Example:
+    >>> from kbeam_jax import minimax
+    >>> minimax.Random(0.1)
+    Random(epsilon=0.1)
+  """
+
+  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0
+
+  def __post_init__(self):
+    _check_epsilon("Random", self.epsilon)
+
+  def weights(self, values, gram, mask, key, min_norm, qp_steps, solve):
+    del gram, min_norm, qp_steps, solve
+    return random_weights(key, mask, values.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinNorm(Rule):
+  """The minimum-norm element of the ε-set's gradient hull: Demyanov's steepest
+  ε-descent; its norm is the stationarity certificate.
+
+  Attributes:
+    epsilon: ε >= 0, or a schedule ``count -> ε``.
+
+  Example:
+    >>> from kbeam_jax import minimax
+    >>> minimax.MinNorm(0.01)
+    MinNorm(epsilon=0.01)
+  """
+
+  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0
+
+  def __post_init__(self):
+    _check_epsilon("MinNorm", self.epsilon)
+
+  def weights(self, values, gram, mask, key, min_norm, qp_steps, solve):
+    del values, gram, mask, key, qp_steps, solve
+    return min_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class Kiwiel(Rule):
+  """Kiwiel's linearization step over the ε-set (the minimax filter's rule), then an
+  Armijo backtracking line search on ``F(u) = max_k f(u, v_k)`` over the scale of the
+  leader's proposed step; if no scale passes, the step is null (``u`` stays). The line
+  search tries scales one at a time and usually stops at the first; its evaluation of
+  the beams at the accepted point gives their next ascent gradients. (The optax form
+  ``scale_by_kbeam`` uses the weights without the line search.)
+
+  Attributes:
+    epsilon: ε >= 0, or a schedule ``count -> ε``.
+    armijo: the sufficient-decrease constant, in (0, 1).
+    backtrack: the factor by which a scale shrinks, in (0, 1).
+    max_backtracks: the most scales tried before the null step, >= 1.
+
+  Example:
+    >>> from kbeam_jax import minimax
+    >>> minimax.Kiwiel(0.1)
+    Kiwiel(epsilon=0.1, armijo=0.0001, backtrack=0.5, max_backtracks=10)
+  """
+
+  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0
+  armijo: float = 1e-4
+  backtrack: float = 0.5
+  max_backtracks: int = 10
+
+  def __post_init__(self):
+    _check_epsilon("Kiwiel", self.epsilon)
+    for name in ("armijo", "backtrack"):
+      value = getattr(self, name)
+      ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+      if not (ok and 0 < value < 1):
+        raise ValueError(f"Kiwiel.{name} must be a number in (0, 1), got {name}={value!r}.")
+    n = self.max_backtracks
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+      raise ValueError(f"Kiwiel.max_backtracks must be an int >= 1, got {n!r}.")
+
+  def weights(self, values, gram, mask, key, min_norm, qp_steps, solve):
+    del key, min_norm
+    return solve(lambda g, v, m: kiwiel_weights(g, v, m, qp_steps), gram, values, mask)
+
+  def search(self, f, u, u_new, beams, direction, args, project_u):
+    """The largest scale ``t = backtrack**i`` whose point passes Armijo on ``max_k f``;
+    a last trial at ``t = 0`` keeps ``u`` (the null step)."""
+    d = direction
+    dtype = d.values.dtype
+    evaluate = jax.vmap(jax.value_and_grad(f, argnums=1), in_axes=(None, 0) + (None,) * len(args))
+    F0 = jnp.max(jnp.where(d.valid, d.values, -jnp.inf))
+    step = jax.tree.map(jnp.subtract, u_new, u)
+
+    def attempt(i):
+      last = i == self.max_backtracks
+      t = jnp.where(last, 0.0, jnp.asarray(self.backtrack, dtype) ** i)
+      trial = project_u(jax.tree.map(lambda x, s: x + t.astype(x.dtype) * s, u, step))
+      trial = jax.tree.map(lambda a, b: jnp.where(last, a, b), u, trial)
+      values, grads = evaluate(trial, beams, *args)
+      moved = sum(
+        jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(d.z),
+                                       jax.tree.leaves(jax.tree.map(jnp.subtract, trial, u)),
+                                       strict=True)
+      ).astype(dtype)  # fmt: skip
+      # Armijo on the aggregate gradient; a trial that does not move downhill along z is
+      # never accepted (with momentum or Adam the proposed step need not follow -z).
+      F = jnp.max(jnp.where(d.valid, values, -jnp.inf))
+      ok = ((F <= F0 + self.armijo * moved) & (moved < 0)) | last
+      return i + 1, ok, trial, t, grads
+
+    # The first scale in straight-line code (XLA fuses it with the rest of the step); the
+    # loop runs only when it fails.
+    first = attempt(jnp.zeros([], jnp.int32))
+    _, _, u, t, grads = jax.lax.while_loop(lambda c: ~c[1], lambda c: attempt(c[0]), first)
+    return u, t, grads
+
+
+def check_rule(rule: Any) -> Rule:
+  """Returns ``rule`` if it is a rule value, else raises naming the choices."""
+  if isinstance(rule, Rule) and type(rule) is not Rule:
+    return rule
+  hint = ""
+  if isinstance(rule, str):
+    name = {"best": "Best()", "random": "Random(epsilon)", "min_norm": "MinNorm(epsilon)",
+            "kiwiel": "Kiwiel(epsilon)"}.get(rule)  # fmt: skip
+    if name:
+      hint = f" Rules are values now: rule=minimax.{name}."
+  elif isinstance(rule, type) and issubclass(rule, Rule):
+    hint = f" Pass a value, not the class: rule=minimax.{rule.__name__}(...)."
+  raise TypeError(
+    "rule must be minimax.Best(), minimax.Random(epsilon), minimax.MinNorm(epsilon) or "
+    f"minimax.Kiwiel(epsilon, ...), got {rule!r}.{hint}"
+  )

@@ -10,17 +10,17 @@ import jax.numpy as jnp
 import optax
 
 from kbeam_jax._checks import (
+  check_nonnegative,
   check_num_beams,
   check_same_structure,
   check_steps,
   checked_projection,
   scalar_output,
 )
+from kbeam_jax._tree import PyTree, tree_all_finite
 from kbeam_jax.minimax import _common, _rules
 from kbeam_jax.minimax._direction import direction
 from kbeam_jax.minimax._kbeam import init_beams
-
-PyTree = Any
 
 
 class ScaleByKBeamState(NamedTuple):
@@ -55,21 +55,21 @@ def scale_by_kbeam(
   *,
   num_beams: int | None = None,
   key: jax.Array | None = None,
-  num_ascent: int = 1,
-  rule: str = "best",
-  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0,
+  rule: _rules.Rule = _rules.BEST,
+  ascent_steps: int = 1,
   project_v: Callable[[PyTree], PyTree] | None = None,
-  qp_iters: int | None = None,
+  qp_steps: int | None = None,
   num_active: Any = None,
   certificate_epsilon: float | None = None,
   sharded_beams: bool = False,
+  **old_keywords: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Replaces the leader's gradient by the K-beam direction ``z``; the beams live in the state.
 
   ``update(grads, state, params, *, minimax_fn, **extra_args)`` with
   ``minimax_fn(u, v) -> scalar`` the minimax objective (close over the batch):
 
-  1. from the second call on, every beam takes ``num_ascent`` ascent steps of
+  1. from the second call on, every beam takes ``ascent_steps`` ascent steps of
      ``follower`` on ``minimax_fn(params, ·)`` (one vmap; these are the max steps at the
      leader's new point);
   2. returns ``z = Σ_k λ_k ∇_u minimax_fn(params, v_k)`` with the weights of ``rule``
@@ -82,7 +82,7 @@ def scale_by_kbeam(
   optax.adam(1e-3))`` runs the K-beam step with Adam on ``z``; a sequence of updates is
   then the same as the ``kbeam`` solver's steps with that leader and the same ``key``
   (the solver's ``project_u`` has no counterpart here: project the parameters yourself
-  after ``apply_updates``). Rule ``kiwiel`` gives
+  after ``apply_updates``). ``Kiwiel`` gives
   Kiwiel's weights but no line search (a transform cannot evaluate the objective
   at trial points of the leader; use the solver for the line search).
 
@@ -98,15 +98,14 @@ def scale_by_kbeam(
     beams: the K beams stacked on a leading axis, or an initializer ``key -> v``
       (then ``num_beams`` and ``key`` are required).
     num_beams: K, when ``beams`` is an initializer.
-    key: random key for the initializer and the ``random`` rule.
-    num_ascent: J, ascent steps per beam per update.
-    rule: ``"best"``, ``"random"``, ``"min_norm"`` or ``"kiwiel"``.
-    epsilon: ε >= 0 or a schedule ``count -> ε``.
+    key: random key for the initializer and the ``Random`` rule.
+    rule: ``minimax.Best()`` (default), ``Random(ε)``, ``MinNorm(ε)`` or ``Kiwiel(ε)``.
+    ascent_steps: J, ascent steps per beam per update.
     project_v: optional projection of each beam after every ascent step.
-    qp_iters: cap on the iterations of the exact simplex QP solver (default ``4K + 10``).
+    qp_steps: cap on the iterations of the exact simplex QP solver (default ``4K + 10``).
     num_active: use only the first ``num_active`` beams (default all K); the others
       never enter the best beam, the ε-set or the certificate, and do not move.
-    certificate_epsilon: rule ``best`` only: report the ε-certificate over the beams
+    certificate_epsilon: ``Best`` only: report the ε-certificate over the beams
       within this ε of the best instead of ``|∇_u f(u, v_best)|`` (see ``kbeam``).
     sharded_beams: the beams are sharded across devices (see ``kbeam`` and
       ``kbeam_jax.parallel``).
@@ -138,14 +137,12 @@ def scale_by_kbeam(
     Hamm & Noh, K-Beam Minimax: Efficient Optimization for Deep Adversarial Learning,
     ICML 2018.
   """
+  _common.reject_old_keywords("minimax.scale_by_kbeam", old_keywords)
   rule = _rules.check_rule(rule)
-  _common.check_epsilon(epsilon)
-  if rule == "best" and not callable(epsilon) and float(epsilon) != 0.0:
-    raise ValueError(f"rule='best' needs epsilon=0, got epsilon={epsilon}.")
   if certificate_epsilon is not None:
-    _common.check_epsilon(certificate_epsilon)
-  num_ascent = _common.check_num_ascent(num_ascent)
-  qp_iters = None if qp_iters is None else check_steps("qp_iters", qp_iters)
+    check_nonnegative("certificate_epsilon", certificate_epsilon)
+  ascent_steps = _common.check_ascent_steps(ascent_steps)
+  qp_steps = None if qp_steps is None else check_steps("qp_steps", qp_steps)
   project_v = checked_projection(project_v, "v")
   if callable(beams):
     if num_beams is None or key is None:
@@ -191,7 +188,7 @@ def scale_by_kbeam(
     f = scalar_output(minimax_fn, "minimax_fn(u, v)")
 
     def max_step(carry):
-      return _common.ascend_beams(f, follower, project_v, num_ascent, params, *carry, ())
+      return _common.ascend_beams(f, follower, project_v, ascent_steps, params, *carry, ())
 
     beams, follower_state = jax.lax.cond(
       state.count > 0, max_step, lambda carry: carry, (state.beams, state.follower_state)
@@ -199,7 +196,7 @@ def scale_by_kbeam(
     beams = _common.keep_inactive(state.active, beams, state.beams)
     follower_state = _common.keep_inactive(state.active, follower_state, state.follower_state)
     key, rule_key = jax.random.split(state.key)
-    eps = _common.resolve_epsilon(epsilon, state.count)
+    eps = rule.epsilon_at(state.count)
     d = direction(
       f,
       rule,
@@ -209,11 +206,11 @@ def scale_by_kbeam(
       eps,
       rule_key,
       (),
-      qp_iters,
+      qp_steps,
       certificate_epsilon=certificate_epsilon,
       sharded_beams=sharded_beams,
     )
-    finite = d.any_valid & _common.tree_all_finite(d.z)
+    finite = d.any_valid & tree_all_finite(d.z) & (eps >= 0)
     z = jax.tree.map(
       lambda g, p: jnp.where(finite, g, jnp.zeros_like(g)).astype(jnp.result_type(p)), d.z, params
     )

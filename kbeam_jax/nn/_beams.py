@@ -9,8 +9,7 @@ import jax
 from flax import nnx
 
 from kbeam_jax._checks import check_num_beams
-
-PyTree = Any
+from kbeam_jax._tree import PyTree
 
 
 def stack_modules(

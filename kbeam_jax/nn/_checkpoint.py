@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from kbeam_jax._tree import PyTree
 
 _FORMAT = 1  # bump when the layout below changes
 _STEP_NAME = re.compile(r"^\d+($|\.)")  # orbax step folders and their temporary folders

@@ -9,7 +9,7 @@ import jax
 import optax
 from flax import nnx
 
-PyTree = Any
+from kbeam_jax._tree import PyTree
 
 
 def update_without_grads(optimizer: nnx.Optimizer, model: nnx.Module, /, **extra_args: Any):

@@ -187,8 +187,8 @@ def fit(
   *,
   weights: Any = None,
   l2: float = 0.0,
-  steps: int = 500,
-  learning_rate: float = 0.01,
+  num_steps: int = 500,
+  lr: float = 0.01,
   key: jax.Array | None = None,
 ):
   """Trains ``model`` on ``Σ w_i ℓ_i / Σ w_i + l2·|W|²`` by full-batch Adam; returns params.
@@ -202,31 +202,31 @@ def fit(
     >>> x = jax.random.uniform(jax.random.key(0), (40, 784))
     >>> y = jnp.arange(40) % 10
     >>> model = denoising.softmax_regression()
-    >>> params = denoising.fit(model, x, y, steps=200, learning_rate=0.05)
+    >>> params = denoising.fit(model, x, y, num_steps=200, lr=0.05)
     >>> denoising.accuracy(model, params, x, y)
     1.0
   """
-  if steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}.")
+  if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+    raise ValueError(f"num_steps must be an int >= 1, got num_steps={num_steps!r}.")
   x = jnp.asarray(x)
   labels = jnp.asarray(labels)
   weights = jnp.ones(x.shape[0], x.dtype) if weights is None else jnp.asarray(weights, x.dtype)
   params = model.init(jax.random.key(0) if key is None else key)
-  return _fit(model.apply, params, x, labels, weights, l2, steps, learning_rate)
+  return _fit(model.apply, params, x, labels, weights, l2, num_steps, lr)
 
 
-def _fit(apply, params, x, labels, weights, l2, steps, learning_rate):
-  return _fit_jit(apply, steps, learning_rate)(params, x, labels, weights, l2)
+def _fit(apply, params, x, labels, weights, l2, num_steps, lr):
+  return _fit_jit(apply, num_steps, lr)(params, x, labels, weights, l2)
 
 
 _FIT_CACHE: dict[Any, Callable[..., Any]] = {}
 
 
-def _fit_jit(apply, steps, learning_rate):
+def _fit_jit(apply, num_steps, lr):
   """One jitted training program per (model, steps, learning rate)."""
-  cache_key = (apply, steps, learning_rate)
+  cache_key = (apply, num_steps, lr)
   if cache_key not in _FIT_CACHE:
-    opt = optax.adam(learning_rate)
+    opt = optax.adam(lr)
 
     def run(params, x, labels, weights, l2):
       loss = lambda p: cross_entropy(apply(p, x), labels, weights) + l2 * l2_penalty(p)
@@ -236,7 +236,7 @@ def _fit_jit(apply, steps, learning_rate):
         updates, s = opt.update(jax.grad(loss)(p), s, p)
         return (optax.apply_updates(p, updates), s), None
 
-      return jax.lax.scan(body, (params, opt.init(params)), length=steps)[0][0]
+      return jax.lax.scan(body, (params, opt.init(params)), length=num_steps)[0][0]
 
     _FIT_CACHE[cache_key] = jax.jit(run)
   return _FIT_CACHE[cache_key]

@@ -42,9 +42,9 @@ from flax import nnx
 
 from kbeam_jax import nn as kbeam_nn
 from kbeam_jax._checks import check_steps
+from kbeam_jax._tree import PyTree
 from kbeam_jax.tasks._classifiers import cross_entropy as cross_entropy
 
-PyTree = Any
 LogitsFn = Callable[[jax.Array], jax.Array]
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10

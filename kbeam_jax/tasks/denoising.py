@@ -178,7 +178,7 @@ def retrained_accuracy(
   """Test accuracy of ``model`` trained on the kept training points plus the validation set.
 
   ``keep`` is a boolean mask over the training points (e.g. ``w > 0.9``); ``fit_options``
-  go to ``fit`` (``steps``, ``learning_rate``, ``l2``, ``key``).
+  go to ``fit`` (``num_steps``, ``lr``, ``l2``, ``key``).
   """
   keep = np.asarray(keep, bool)
   if keep.shape != data.y_train.shape:

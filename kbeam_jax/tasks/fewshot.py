@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from kbeam_jax._tree import PyTree
+
 KINDS = ("classification", "regression")
 
 

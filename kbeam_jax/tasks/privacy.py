@@ -21,16 +21,14 @@ JMLR 18(129), 2017.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kbeam_jax._tree import PyTree
 from kbeam_jax.tasks._classifiers import cross_entropy as cross_entropy
-
-PyTree = Any
 
 
 class LinearFilter(nnx.Module):
