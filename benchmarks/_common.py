@@ -157,6 +157,17 @@ def save_figure(fig: Any, path: Path) -> None:
   plt.close(fig)
 
 
+def chunk_length(total: int, target: int) -> int:
+  """A chunk length near ``target`` that divides ``total`` steps exactly (one compiled chunk
+  serves the whole run): ``total / n`` for the largest ``n <= round(total / target)`` that
+  divides ``total``. ``chunk_length(8000, 2000) == 2000``, ``chunk_length(701, 500) == 701``.
+  """
+  n = max(1, round(total / target))
+  while total % n:
+    n -= 1
+  return total // n
+
+
 def kbeam_rules(epsilon: float) -> dict[str, Any]:
   """Every K-beam rule value under the name the reports print, the ε-rules at ``epsilon``."""
   from kbeam_jax import minimax

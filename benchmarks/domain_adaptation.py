@@ -288,7 +288,7 @@ def main(args) -> None:
   run_suite(
     args.out,
     num_iters=iters,
-    eval_every=min(iters, 10 if args.quick else 500),
+    eval_every=_common.chunk_length(iters, 10 if args.quick else 500),
     seed=args.seed,
     test_size=500 if args.quick else 10_000,
     resume=args.resume,

@@ -37,6 +37,10 @@ from kbeam_jax.tasks import gan_mog
 BATCH, EVAL_SAMPLES = 128, 10_000
 G_LR, D_LR, BETA1 = 1e-3, 1e-4, 0.5
 METHODS = ("gd_simultaneous", "gd_alternating", "kbeam_1", "kbeam_2", "kbeam_5", "kbeam_10")
+# --quick: the shortest run in which K-beam's effect shows (measured, 3 trials, seeds 0 and
+# 1: final JSD 0.132 / 0.085 for K = 5 against 0.221 / 0.383 for K = 1 at 8,000 iterations;
+# at 1,000 iterations no method has left its start and K = 5 was not better than K = 1).
+QUICK_METHODS = ("gd_alternating", "kbeam_1", "kbeam_5")
 
 
 def make_solver(method: str) -> tuple[kbeam_jax.Solver, int]:
@@ -272,15 +276,18 @@ def devices_suite(out_dir: Path, counts: tuple[int, ...], *, K: int = 10, steps:
 
 
 def main(args) -> None:
-  """``python -m benchmarks gan_mog``; ``--quick``: 2 trials, 1,000 iterations."""
+  """``python -m benchmarks gan_mog``; ``--quick``: Alt-GDA, K = 1 and K = 5, 3 trials,
+  8,000 iterations."""
   if getattr(args, "devices", None):
     devices_suite(args.out, args.devices, steps=5 if args.quick else 20)
     return
+  iters = args.iters or (8_000 if args.quick else 50_000)
   run_suite(
     args.out,
-    trials=args.trials or (2 if args.quick else 10),
-    num_iters=args.iters or (1_000 if args.quick else 50_000),
-    eval_every=250 if args.quick else 1_000,
+    trials=args.trials or (3 if args.quick else 10),
+    num_iters=iters,
+    eval_every=_common.chunk_length(iters, 2_000 if args.quick else 1_000),
     seed=args.seed,
+    methods=QUICK_METHODS if args.quick else METHODS,
     resume=args.resume,
   )

@@ -14,7 +14,8 @@ the rules in turns (``repeats`` rounds) and reports the median time per step, it
 difference from rule ``best`` and the ratio to it. The ε-rules solve their simplex
 problems exactly (``simplex_qp``); ``kiwiel`` adds its Armijo line search.
 
-Writes ``kbeam_rules.json`` and ``kbeam_rules.md``.
+A second table times the same K-beam step taken from linen and from the NNX patterns
+(``benchmarks/_flax_paths.py``). Writes ``kbeam_rules.json``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from benchmarks import _common
+from benchmarks import _common, _flax_paths
 from kbeam_jax import data, minimax, nn
 from kbeam_jax.tasks import gan_mog, surfaces
 
@@ -141,6 +142,7 @@ def run_suite(out_dir: Path, *, quick: bool = False) -> list[dict[str, Any]]:
           **({"mean_step_scale": row["mean_step_scale"]} if "mean_step_scale" in row else {}),
         )
       )
+  records += _flax_paths.measure(20 if quick else 100, repeats)
   meta = {"epsilon": EPSILON, "K": K, "quick": quick, "environment": _common.environment()}
   _common.write_json(out_dir / "kbeam_rules.json", records, meta)
   (out_dir / "kbeam_rules.md").write_text(markdown(records, meta))
@@ -155,6 +157,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  records = [r for r in records if "rule" in r]
   settings = list(dict.fromkeys((r["problem"], r["setting"]) for r in records))
   fig, ax = plt.subplots(figsize=(7, 3.5))
   width = 0.8 / len(RULES)
@@ -176,6 +179,12 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+  flax_rows = [
+    [r["path"], f"{r['ms_per_step']:.3f}", f"{r['ratio_to_linen']:.2f}x"]
+    for r in records
+    if "path" in r
+  ]
+  records = [r for r in records if "rule" in r]
   rows = [
     [
       r["problem"],
@@ -202,6 +211,12 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Targets: `min_norm` on the scalar 2D problem within 20 µs of `best` (before the "
         f"exact QP: {BEFORE['scalar_2d min_norm']}), `kiwiel` at most 1.5x `best` on the GAN "
         f"step (before: {BEFORE['gan kiwiel']}).",
+        f"## The same K-beam step from linen and NNX (GAN generator, K = "
+        f"{_flax_paths.NUM_CRITICS} discriminators, rule best)",
+        _common.markdown_table(["path", "ms / step", "vs linen"], flax_rows),
+        "One call from Python per step, timed in turns, median. `nnx functional` splits the "
+        "module once and jits plain arrays; `nnx.jit` walks the "
+        "module and optimizer graph on every call, `nnx.cached_partial` once.",
         f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}.",
       ]
     )

@@ -112,9 +112,7 @@ def train_filter(
     raise KeyError(f"unknown solver {solver_name!r}; known: {', '.join(SOLVERS)}.")
   state = solver.init(jax.random.key(seed + 3), u, beams, num_beams)
   args = (d["x_train"], d["expression_train"], d["gender_train"])
-  block = min(BLOCK, num_iters)
-  if num_iters % block:
-    raise ValueError(f"num_iters={num_iters} must be a multiple of {block}.")
+  block = _common.chunk_length(num_iters, BLOCK)
 
   @jax.jit
   def chunk(state):

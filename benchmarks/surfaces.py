@@ -644,6 +644,10 @@ def main(args) -> None:
   spread = getattr(args, "spread", None)
   if spread is None:
     spread = 0 if paper else (20 * trials if args.quick else 10_000)
+  if spread % trials:  # whole calls of the trials-sized program
+    rounded = -(-spread // trials) * trials
+    print(f"surfaces: --spread {spread} rounded up to {rounded}, a multiple of --trials {trials}")
+    spread = rounded
   run_study(
     args.out,
     trials=trials,
