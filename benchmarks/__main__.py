@@ -197,8 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     prog="python -m benchmarks",
     description="Run a benchmark suite: it prints a table and writes SUITE.json, SUITE.md "
     "and SUITE.png to --out. `python -m benchmarks SUITE --help` shows one suite's options, "
-    "run times and data. Data files are read from $KBEAM_JAX_DATA (for this repository: "
-    "KBEAM_JAX_DATA=../shared/data); nothing is downloaded.",
+    "run times and data. Data files are read from the folder $KBEAM_JAX_DATA names (e.g. "
+    "KBEAM_JAX_DATA=/path/to/data); nothing is downloaded.",
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   sub = parser.add_subparsers(
@@ -382,7 +382,11 @@ def _check_data(parser: argparse.ArgumentParser, suites: list[str]) -> None:
       try:
         data.find_file([file + ".gz", file] if subdir == "mnist" else file, subdir)
       except FileNotFoundError as e:
-        parser.error(f"{name} reads {SUITES[name].data}: {e}")
+        message = str(e).replace(" (or pass data_dir=... to the loader)", "")
+        parser.error(
+          f"{name} reads {SUITES[name].data}: {message} For example: "
+          f"KBEAM_JAX_DATA=/path/to/data python -m benchmarks {name}"
+        )
 
 
 def suite_module(name: str):

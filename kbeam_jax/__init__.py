@@ -21,6 +21,7 @@ from kbeam_jax import games as games
 from kbeam_jax import minimax as minimax
 from kbeam_jax import parallel as parallel
 from kbeam_jax._solver import Solver as Solver
+from kbeam_jax._solver import SolverWarning as SolverWarning
 from kbeam_jax._solver import run as run
 from kbeam_jax.minimax import kbeam as kbeam
 from kbeam_jax.minimax import kbeam_sgd as kbeam_sgd
@@ -45,6 +46,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
   "Solver",
+  "SolverWarning",
   "bilevel",
   "data",
   "derivatives",

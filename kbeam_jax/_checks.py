@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def check_num_beams(K: Any) -> int:
@@ -83,7 +84,16 @@ def scalar_output(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
   """Wraps ``fn`` so that a non-scalar return value raises a clear error."""
 
   def wrapped(*args, **kwargs):
-    out = fn(*args, **kwargs)
+    try:
+      out = fn(*args, **kwargs)
+    except TypeError as e:
+      given = ", ".join(_describe(a) for a in args)
+      extra = f" and keywords {sorted(kwargs)}" if kwargs else ""
+      e.add_note(
+        f"kbeam_jax called {name} with {len(args)} positional arguments ({given}){extra}: "
+        "the two variables first, then the *args given to step/argmin (a batch, say)."
+      )
+      raise
     shape = jnp.shape(out)
     if shape != ():
       raise ValueError(
@@ -93,6 +103,14 @@ def scalar_output(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return out
 
   return wrapped
+
+
+def _describe(x: Any) -> str:
+  """``float32[3]`` for an array, ``dict of 2 leaves`` for a pytree."""
+  leaves = jax.tree.leaves(x)
+  if len(leaves) == 1 and leaves[0] is x and hasattr(x, "dtype"):
+    return f"{x.dtype}{list(jnp.shape(x))}"
+  return f"{type(x).__name__} of {len(leaves)} leaves"
 
 
 def check_float_leaves(tree: Any, what: str) -> None:
@@ -122,3 +140,16 @@ def checked_projection(project: Callable[[Any], Any] | None, what: str) -> Calla
     return y
 
   return checked
+
+
+def check_optimizer(name: str, opt: Any) -> optax.GradientTransformationExtraArgs:
+  """``opt`` if it is an optax optimizer (built, not the factory), with extra-args support."""
+  if isinstance(opt, optax.GradientTransformation):
+    return optax.with_extra_args_support(opt)
+  hint = ""
+  if callable(opt):
+    hint = (
+      f" It is a function: call it to build the optimizer, e.g. {name}=optax.sgd(0.1), "
+      f"not {name}=optax.sgd."
+    )
+  raise TypeError(f"{name} must be an optax.GradientTransformation, got {opt!r}.{hint}")

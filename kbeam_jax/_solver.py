@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -67,12 +68,79 @@ def run(
     if num_steps.shape or not jnp.issubdtype(num_steps.dtype, jnp.integer):
       what = f"{num_steps.dtype}{list(num_steps.shape)}"
       raise TypeError(f"num_steps must be a scalar integer, got an array of {what}.")
-    final = jax.lax.fori_loop(0, num_steps, lambda _, s: step(s, *args)[0], state)
+
+    def loop_body(_, carry):
+      state, counts = carry
+      new_state, info = _checked_step(step, state, args)
+      return new_state, counts + _flags(info)
+
+    final, counts = jax.lax.fori_loop(0, num_steps, loop_body, (state, _no_flags()))
+    jax.debug.callback(_warn, counts, num_steps)
     return final, None
   num_steps = check_steps("num_steps", num_steps)
 
   def body(carry, _):
-    new_state, info = step(carry, *args)
-    return new_state, (info if trace is None else trace(new_state, info))
+    state, counts = carry
+    new_state, info = _checked_step(step, state, args)
+    record = info if trace is None else trace(new_state, info)
+    return (new_state, counts + _flags(info)), record
 
-  return jax.lax.scan(body, state, length=num_steps)
+  (final, counts), trajectory = jax.lax.scan(body, (state, _no_flags()), length=num_steps)
+  if num_steps:
+    jax.debug.callback(_warn, counts, num_steps)
+  return final, trajectory
+
+
+class SolverWarning(RuntimeWarning):
+  """A run skipped steps, or its solver flagged divergence or non-finite values."""
+
+
+# What a step's info may say about the step, as (field, value that flags it, message).
+_HEALTH = (
+  ("update_finite", False, "were skipped: the leader's update was not finite (u and its "
+   "optimizer state kept their values; info.num_nonfinite counts the beams left out)"),
+  ("diverging", True, "flagged divergence (info.diverging): lower the inner step size, or "
+   "pass inner_lr='auto' for one set by the lower problem's curvature"),
+  ("finite", False, "gave a non-finite hypergradient (info.finite is False)"),
+)  # fmt: skip
+
+
+def _no_flags() -> jax.Array:
+  return jnp.zeros((len(_HEALTH),), jnp.int32)
+
+
+def _flags(info: Any) -> jax.Array:
+  """Per-field counts of this step's flags (0 where the info has no such field)."""
+  out = []
+  for field, bad, _ in _HEALTH:
+    value = getattr(info, field, None)
+    if value is None:
+      out.append(jnp.zeros([], jnp.int32))
+    else:
+      flagged = jnp.asarray(value) if bad else ~jnp.asarray(value, bool)
+      out.append(jnp.any(flagged).astype(jnp.int32))
+  return jnp.stack(out)
+
+
+def _warn(counts: Any, num_steps: Any) -> None:
+  """One ``SolverWarning`` per run, from the host, naming every kind of flagged step."""
+  import numpy as np
+
+  counts = np.asarray(counts).reshape(-1, len(_HEALTH)).sum(0)
+  parts = [f"{n} of {int(num_steps)} steps {msg}" for n, (_, _, msg) in zip(counts, _HEALTH,
+           strict=True) if n]  # fmt: skip
+  if parts:
+    warnings.warn("kbeam_jax.run: " + "; ".join(parts) + ".", SolverWarning, stacklevel=2)
+
+
+def _checked_step(step: Callable[..., Any], state: Any, args: tuple[Any, ...]) -> Any:
+  out = step(state, *args)
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise TypeError(
+      f"run: step must return a pair (state, info), but {getattr(step, '__name__', step)!r} "
+      f"returned {type(out).__name__}"
+      + (f" of length {len(out)}" if isinstance(out, tuple) else "")
+      + ". A solver's step does; a function of your own returns (new_state, info) with any "
+      "info (None will do)."
+    )
+  return out

@@ -126,9 +126,15 @@ def _check_fits(path: tuple[Any, ...], leaf: Any, axes: tuple[str, ...], mesh: M
   by that mesh axis's device count."""
   shape = np.shape(leaf)
   if len(axes) > len(shape):
+    hint = (
+      " With trials=True every leaf needs a leading trial axis: build the state with "
+      "jax.vmap(solver.init) over the trials' keys."
+      if "trials" in axes
+      else ""
+    )
     raise ValueError(
       f"the leaf {jax.tree_util.keystr(path) or 'x'} has shape {shape}, too few axes for "
-      f"{P(*axes)}."
+      f"{P(*axes)}.{hint}"
     )
   for axis, size in zip(axes, shape, strict=False):
     if size % mesh.shape[axis]:

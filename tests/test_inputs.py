@@ -159,3 +159,104 @@ def test_transform_projection_that_changes_shapes_is_named():
   state = tx.init(u0())
   with pytest.raises(ValueError, match=r"project_v must return v with the same"):
     tx.update(u0(), state, u0(), minimax_fn=game)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: minimax.kbeam(game, optax.sgd, sgd),
+    lambda: minimax.alternating_gda(game, sgd, optax.adam),
+    lambda: minimax.scale_by_kbeam(optax.sgd, stacked_beams()),
+    lambda: kbeam_jax.games.gradient_play([game, game], optax.sgd),
+  ],
+)
+def test_an_optimizer_factory_is_refused_at_construction(make):
+  with pytest.raises(TypeError, match=r"It is a function: call it to build the optimizer"):
+    make()
+
+
+def test_a_float_is_not_an_optimizer():
+  with pytest.raises(TypeError, match="follower must be an optax.GradientTransformation, got 0.1"):
+    minimax.kbeam(game, sgd, 0.1)
+
+
+def test_the_transform_without_its_objective_names_the_fix():
+  tx = minimax.scale_by_kbeam(sgd, stacked_beams())
+  state = tx.init(u0())
+  with pytest.raises(TypeError, match=r"kbeam_jax.nn.TrainState.*update_without_grads"):
+    tx.update(None, state, u0())
+  with pytest.raises(TypeError, match="minimax_fn must be the objective, a function"):
+    tx.update(None, state, u0(), minimax_fn=jnp.ones(3))
+
+
+def test_a_wrong_objective_signature_names_the_call():
+  solver = minimax.kbeam(lambda u, v: game(u, v), sgd, sgd)
+  state = solver.init(jax.random.key(0), u0(), stacked_beams(), K)
+  with pytest.raises(TypeError) as e:
+    solver.step(state, jnp.ones(4))  # an extra batch the objective does not take
+  note = " ".join(getattr(e.value, "__notes__", []))
+  assert "called the objective f(u, v) with 3 positional arguments" in note
+  assert "float32[4]" in note
+
+
+def test_run_needs_a_step_that_returns_state_and_info():
+  with pytest.raises(TypeError, match=r"step must return a pair \(state, info\)"):
+    kbeam_jax.run(lambda s: s + 1.0, jnp.zeros(()), 3)
+
+
+def test_run_warns_once_when_steps_were_skipped():
+  f = lambda u, v, x: jnp.sum(u * v * x)
+  solver = minimax.kbeam(f, sgd, sgd)
+  state = solver.init(jax.random.key(0), jnp.ones(2), jnp.zeros((3, 2)), 3)
+  run = jax.jit(lambda s, x: kbeam_jax.run(solver.step, s, 5, x))
+  with pytest.warns(kbeam_jax.SolverWarning, match="5 of 5 steps were skipped") as record:
+    jax.block_until_ready(run(state, jnp.array([jnp.nan, 1.0])))
+  assert len(record) == 1
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", kbeam_jax.SolverWarning)
+    jax.block_until_ready(run(state, jnp.array([1.0, 1.0])))  # a clean run says nothing
+
+
+def test_run_warns_when_the_bilevel_solver_diverges():
+  from kbeam_jax import bilevel
+
+  f = lambda u, v: jnp.sum((v - 1.0) ** 2)
+  g = lambda u, v: 0.5 * jnp.sum((v - u) ** 2)
+  s = bilevel.solver(f, g, optax.sgd(0.1), bilevel.CG(5), inner_steps=50, inner_lr=2.5)
+  with pytest.warns(kbeam_jax.SolverWarning, match="flagged divergence"):
+    kbeam_jax.run(s.step, s.init(jax.random.key(0), jnp.array([3.0, 2.0]), jnp.zeros(2)), 2)
+
+
+def test_stack_modules_wants_a_module_builder():
+  from kbeam_jax import nn
+
+  with pytest.raises(TypeError, match="make must be rngs -> module"):
+    nn.stack_modules(jnp.ones(3), jax.random.key(0), 2)
+  with pytest.raises(TypeError, match=r"make\(rngs\) must return an nnx.Module, got ShapeDtypeStruct"):
+    nn.stack_modules(lambda rngs: jnp.ones(3), jax.random.key(0), 2)
+
+
+def test_checkpoint_meta_names_the_key_it_cannot_store(tmp_path):
+  from kbeam_jax import nn
+
+  with pytest.raises(TypeError, match=r"meta\['note'\] is not"):
+    nn.save_checkpoint(tmp_path / "c", {"a": jnp.ones(2)}, step_count=3, note=object())
+
+
+def test_shard_with_trials_says_the_state_needs_a_trial_axis():
+  from kbeam_jax import parallel
+
+  state = minimax.kbeam(game, sgd, sgd).init(jax.random.key(0), u0(), stacked_beams(), K)
+  with pytest.raises(ValueError, match=r"trials=True every leaf needs a leading trial axis"):
+    parallel.shard(state, parallel.make_mesh(beams=1), trials=True)
+
+
+def test_checkpoint_load_is_quiet(tmp_path, caplog):
+  from kbeam_jax import nn
+
+  nn.save_checkpoint(tmp_path / "c", {"a": jnp.ones(2)}, step_count=3)
+  with caplog.at_level("WARNING"):
+    state, meta = nn.load_checkpoint(tmp_path / "c", like={"a": jnp.zeros(2)})
+  assert meta == {"step_count": 3} and not [r for r in caplog.records if r.name == "absl"]

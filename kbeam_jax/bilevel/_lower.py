@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from kbeam_jax import derivatives
-from kbeam_jax._checks import check_same_structure, check_steps, scalar_output
+from kbeam_jax._checks import check_optimizer, check_same_structure, check_steps, scalar_output
 from kbeam_jax._tree import PyTree, tree_all_finite, tree_norm, tree_scaled_norm
 
 DEFAULT_TOL = 1e-3  # the bar for ``converged`` when no ``tol`` is given
@@ -184,19 +184,6 @@ def check_schedule(schedule, steps):
     _check_schedule.__wrapped__(schedule, steps)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
     pass
-
-
-def check_optimizer(name: str, opt: Any) -> optax.GradientTransformationExtraArgs:
-  """``opt`` if it is an optax optimizer (built, not the factory), with extra-args support."""
-  if isinstance(opt, optax.GradientTransformation):
-    return optax.with_extra_args_support(opt)
-  hint = ""
-  if callable(opt):
-    hint = (
-      f" It is a function: call it to build the optimizer, e.g. {name}=optax.sgd(0.1), "
-      f"not {name}=optax.sgd."
-    )
-  raise TypeError(f"{name} must be an optax.GradientTransformation, got {opt!r}.{hint}")
 
 
 def make_loop(

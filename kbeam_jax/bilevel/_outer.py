@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kbeam_jax._checks import check_float_leaves, checked_projection
+from kbeam_jax._checks import check_float_leaves, check_optimizer, checked_projection
 from kbeam_jax._solver import Solver
 from kbeam_jax._tree import PyTree
-from kbeam_jax.bilevel import _argmin, _lower, _methods
+from kbeam_jax.bilevel import _argmin, _methods
 from kbeam_jax.bilevel._argmin import HypergradientInfo
 
 Projection = Callable[[PyTree], PyTree]
@@ -134,7 +134,7 @@ def solver(
     >>> jnp.round(state.u, 2), bool(info.diverging.any())
     (Array([0.5, 0.5], dtype=float32), False)
   """
-  upper = _lower.check_optimizer("upper", upper)
+  upper = check_optimizer("upper", upper)
   core = hypergradient_core(
     method,
     solve=solve,

@@ -31,7 +31,13 @@ import jax.numpy as jnp
 import optax
 
 from kbeam_jax import derivatives
-from kbeam_jax._checks import check_float_leaves, check_steps, checked_projection, scalar_output
+from kbeam_jax._checks import (
+  check_float_leaves,
+  check_optimizer,
+  check_steps,
+  checked_projection,
+  scalar_output,
+)
 from kbeam_jax._solver import Solver
 from kbeam_jax._tree import (
   PyTree,
@@ -185,7 +191,7 @@ def penalty_core(
       "and inner= (an optax optimizer for v), got " + ("neither." if inner_lr is None else "both.")
     )
   if inner is not None:
-    opt, step_size = _lower.check_optimizer("inner", inner), None
+    opt, step_size = check_optimizer("inner", inner), None
   else:
     inner_lr = _lower.check_step_size("inner_lr", inner_lr, auto=False)
     if callable(inner_lr):
@@ -353,7 +359,7 @@ def penalty(
   References:
     Mehra & Hamm, Penalty Method for Inversion-Free Deep Bilevel Optimization, ACML 2021.
   """
-  upper = _lower.check_optimizer("upper", upper)
+  upper = check_optimizer("upper", upper)
   core = penalty_core(
     PenaltySchedule(**options),
     inner_steps=inner_steps,

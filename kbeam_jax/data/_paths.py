@@ -38,7 +38,6 @@ def find_file(
         if (folder / name).is_file():
           return folder / name
   raise FileNotFoundError(
-    f"{' or '.join(names)} not found; looked in: {', '.join(tried)}. Pass data_dir=... or "
-    f"set {ENV_VAR} to the folder that holds {subdir}/ (for this repository's benchmarks: "
-    f"{ENV_VAR}=../shared/data)."
+    f"{' or '.join(names)} not found; looked in: {', '.join(tried)}. Set {ENV_VAR} to the "
+    f"folder that holds {subdir}/ (or pass data_dir=... to the loader)."
   )

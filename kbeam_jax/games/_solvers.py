@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kbeam_jax._checks import check_nonnegative, check_steps
+from kbeam_jax._checks import check_nonnegative, check_optimizer, check_steps
 from kbeam_jax._solver import Solver
 from kbeam_jax._tree import tree_norm, tree_sq_norm, tree_vdot
 from kbeam_jax.games._core import (
@@ -48,12 +48,10 @@ def _optimizers(optimizer: Any, n: int) -> tuple[optax.GradientTransformation, .
     return (optimizer,) * n
   if isinstance(optimizer, Sequence) and len(optimizer) == n:
     for i, o in enumerate(optimizer):
-      if not isinstance(o, optax.GradientTransformation):
-        raise TypeError(
-          f"optimizer[{i}] must be an optax.GradientTransformation (built, e.g. "
-          f"optax.sgd(0.1)), got {o!r}."
-        )
+      check_optimizer(f"optimizer[{i}]", o)
     return tuple(optimizer)
+  if callable(optimizer):
+    check_optimizer("optimizer", optimizer)  # the factory, not the optimizer: says so
   raise TypeError(
     f"optimizer must be one optax optimizer (each player gets its own state) or a sequence "
     f"of {n}, one per player; got {optimizer!r}."

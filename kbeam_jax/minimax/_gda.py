@@ -18,7 +18,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kbeam_jax._checks import check_float_leaves, checked_projection, scalar_output
+from kbeam_jax._checks import (
+  check_float_leaves,
+  check_optimizer,
+  checked_projection,
+  scalar_output,
+)
 from kbeam_jax._solver import Solver
 from kbeam_jax._tree import PyTree, tree_all_finite, tree_norm
 from kbeam_jax.minimax import _common
@@ -55,6 +60,8 @@ def _gda(
 ) -> Solver:
   """The GDA solvers; ``mode`` is ``simultaneous``, ``alternating`` (min step first),
   ``alternating_max_first`` or ``extragradient``."""
+  check_optimizer("leader", leader)
+  check_optimizer("follower", follower)
   f = scalar_output(f, "the objective f(u, v)")
   project_u = checked_projection(project_u, "u")
   project_v = checked_projection(project_v, "v")

@@ -14,6 +14,7 @@ from kbeam_jax._checks import (
   check_leading_axis,
   check_nonnegative,
   check_num_beams,
+  check_optimizer,
   check_steps,
   checked_projection,
   scalar_output,
@@ -171,6 +172,8 @@ def kbeam(
     ICML 2018. Kiwiel, Methods of Descent for Nondifferentiable Optimization, 1985/87.
   """
   _common.reject_old_keywords("minimax.kbeam", old_keywords)
+  check_optimizer("leader", leader)
+  check_optimizer("follower", follower)
   rule = _rules.check_rule(rule)
   ascent_steps = _common.check_ascent_steps(ascent_steps)
   qp_steps = None if qp_steps is None else check_steps("qp_steps", qp_steps)

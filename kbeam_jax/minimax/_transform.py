@@ -12,6 +12,7 @@ import optax
 from kbeam_jax._checks import (
   check_nonnegative,
   check_num_beams,
+  check_optimizer,
   check_same_structure,
   check_steps,
   checked_projection,
@@ -138,6 +139,7 @@ def scale_by_kbeam(
     ICML 2018.
   """
   _common.reject_old_keywords("minimax.scale_by_kbeam", old_keywords)
+  check_optimizer("follower", follower)
   rule = _rules.check_rule(rule)
   if certificate_epsilon is not None:
     check_nonnegative("certificate_epsilon", certificate_epsilon)
@@ -179,8 +181,20 @@ def scale_by_kbeam(
       total_notfinite=jnp.zeros([], jnp.int32),
     )
 
-  def update_fn(updates, state, params=None, *, minimax_fn, **extra_args):
+  def update_fn(updates, state, params=None, *, minimax_fn=None, **extra_args):
     del extra_args
+    if minimax_fn is None:
+      raise TypeError(
+        "scale_by_kbeam's update needs the objective: tx.update(grads, state, params, "
+        "minimax_fn=f). Flax's own train_state.TrainState.apply_gradients does not pass it "
+        "on: use kbeam_jax.nn.TrainState (linen), or nn.update_without_grads(optimizer, "
+        "model, minimax_fn=f) with an nnx.Optimizer."
+      )
+    if not callable(minimax_fn):
+      raise TypeError(
+        f"minimax_fn must be the objective, a function (u, v) -> scalar; got "
+        f"{type(minimax_fn).__name__}. Close over the batch: minimax_fn=lambda u, v: f(u, v, x)."
+      )
     if params is None:
       raise ValueError("scale_by_kbeam needs params: call tx.update(grads, state, params, ...).")
     if updates is not None:

@@ -44,7 +44,18 @@ def stack_modules(
     (5, 3, 1)
   """
   K = check_num_beams(num_beams)
-  graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))), nnx.Param, ...)
+  if not callable(make):
+    raise TypeError(
+      f"stack_modules builds the beams itself: make must be rngs -> module (a Module class such "
+      f"as MyCritic, or lambda rngs: MyCritic(..., rngs=rngs)), got {type(make).__name__}. "
+      "Beams that are already stacked arrays go to the solver's init directly."
+    )
+  module = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+  if not isinstance(module, nnx.Module):
+    raise TypeError(
+      f"stack_modules: make(rngs) must return an nnx.Module, got {type(module).__name__}."
+    )
+  graphdef, _, rest = nnx.split(module, nnx.Param, ...)
   if jax.tree.leaves(rest):
     kinds = sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=_is_var)})
     raise ValueError(

@@ -12,6 +12,7 @@ path.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -90,13 +91,14 @@ def _json_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return x
 
   meta = convert(meta)
-  try:
-    json.dumps(meta)
-  except (TypeError, ValueError) as e:
-    raise TypeError(
-      f"save_checkpoint stores meta as JSON: numbers, strings, booleans, None, lists, dicts "
-      f"and arrays; got {e}. Convert that value before saving."
-    ) from e
+  for key, value in meta.items():
+    try:
+      json.dumps(value)
+    except (TypeError, ValueError) as e:
+      raise TypeError(
+        f"save_checkpoint stores meta as JSON: numbers, strings, booleans, None, lists, dicts "
+        f"and arrays; meta[{key!r}] is not ({e}). Convert that value before saving."
+      ) from e
   return meta
 
 
@@ -104,14 +106,21 @@ def _manager(path: Path, write: bool):
   import orbax.checkpoint as ocp
 
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=1,
+    max_to_keep=1 if write else None,
+    save_interval_steps=1 if write else 0,  # read-only managers want these (else orbax warns)
     enable_async_checkpointing=False,
     create=write,
     read_only=not write,
     cleanup_tmp_directories=write,  # what a run killed while saving left behind
   )
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.ERROR)  # "Given directory is read only": orbax's note, not ours
+  try:
+    return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
+  finally:
+    absl.setLevel(level)
 
 
 def _check_directory(path: Path, action: str) -> None:
