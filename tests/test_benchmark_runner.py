@@ -164,22 +164,30 @@ def test_train_in_chunks_writes_nothing_without_resume(tmp_path):
   assert int(state) == 3 and len(history) == 3 and not any(tmp_path.iterdir())
 
 
-def test_devices_flag_starts_jax_with_that_many_devices(tmp_path):
-  """``--devices 1,2`` from a plain shell (no XLA_FLAGS): the runner asks XLA for two
-  virtual devices before anything imports JAX, and the sharded step matches one device."""
+def run_devices(suite: str, out: Path, timeout: int = 900) -> list[dict]:
+  """``python -m benchmarks SUITE --devices 1,2 --quick`` from a plain shell (no XLA_FLAGS),
+  in a fresh process; the records of ``SUITE_devices.json``."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   root = Path(__file__).parent.parent
   env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-  argv = ["gan_mog", "--devices", "1,2", "--quick", "--no-compile-cache", "--out", str(tmp_path)]
-  out = subprocess.run(
+  argv = [suite, "--devices", "1,2", "--quick", "--no-compile-cache", "--out", str(out)]
+  done = subprocess.run(
     [sys.executable, "-m", "benchmarks", *argv],
     env=env,
     cwd=root,
     capture_output=True,
     text=True,
-    timeout=600,
+    timeout=timeout,
   )
-  assert out.returncode == 0, out.stderr[-3000:]
-  rows = json.loads((tmp_path / "gan_mog_devices.json").read_text())["records"]
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = json.loads((out / f"{suite}_devices.json").read_text())["records"]
+  assert [r["devices"] for r in rows] == [1, 2]
+  return rows
+
+
+def test_devices_flag_starts_jax_with_that_many_devices(tmp_path):
+  """The runner asks XLA for two virtual devices before anything imports JAX, and the
+  sharded step matches one device."""
+  rows = run_devices("gan_mog", tmp_path)
   assert [r["devices"] for r in rows] == [1, 2]
   assert rows[1]["max_abs_diff_u"] < 1e-5

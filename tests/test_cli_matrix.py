@@ -9,11 +9,10 @@ suite promises; ``--resume`` cases run twice and must end with the same numbers.
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_benchmark_runner import run_devices
 
 from benchmarks import __main__ as cli
 
@@ -96,18 +95,4 @@ def test_photos_folder(tmp_path):
 @needs_data
 def test_devices_flag(tmp_path):
   """(gan_mog's ``--devices`` is in tests/test_benchmark_runner.py.)"""
-  suite = "domain_adaptation"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-  argv = [suite, "--devices", "1,2", "--quick", "--no-compile-cache", "--out", str(tmp_path)]
-  out = subprocess.run(
-    [sys.executable, "-m", "benchmarks", *argv],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  rows = json.loads((tmp_path / f"{suite}_devices.json").read_text())["records"]
-  assert [r["devices"] for r in rows] == [1, 2]
+  run_devices("domain_adaptation", tmp_path)

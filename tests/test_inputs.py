@@ -234,7 +234,7 @@ def test_stack_modules_wants_a_module_builder():
 
   with pytest.raises(TypeError, match="make must be rngs -> module"):
     nn.stack_modules(jnp.ones(3), jax.random.key(0), 2)
-  with pytest.raises(TypeError, match=r"make\(rngs\) must return an nnx.Module, got ShapeDtypeStruct"):
+  with pytest.raises(TypeError, match=r"must return an nnx.Module, got ShapeDtypeStruct"):
     nn.stack_modules(lambda rngs: jnp.ones(3), jax.random.key(0), 2)
 
 

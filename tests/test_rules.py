@@ -206,5 +206,5 @@ def test_simplex_qp_bad_input_is_named():
     _rules.simplex_qp(G, jnp.zeros(2), mask)
   with pytest.raises(TypeError, match="mask must be boolean"):
     _rules.simplex_qp(G, b, jnp.ones(3))
-  with pytest.raises(ValueError, match="num_iters must be >= 0"):
+  with pytest.raises(ValueError, match="max_steps must be >= 0"):
     _rules.simplex_qp(G, b, mask, max_steps=-1)

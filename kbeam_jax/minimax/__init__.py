@@ -26,6 +26,7 @@ from kbeam_jax.minimax._kbeam import KBeamInfo as KBeamInfo
 from kbeam_jax.minimax._kbeam import KBeamState as KBeamState
 from kbeam_jax.minimax._kbeam import kbeam as kbeam
 from kbeam_jax.minimax._rules import Best as Best
+from kbeam_jax.minimax._rules import EpsilonRule as EpsilonRule
 from kbeam_jax.minimax._rules import Kiwiel as Kiwiel
 from kbeam_jax.minimax._rules import MinNorm as MinNorm
 from kbeam_jax.minimax._rules import Random as Random
@@ -38,6 +39,7 @@ from kbeam_jax.minimax._transform import scale_by_kbeam as scale_by_kbeam
 
 __all__ = [
   "Best",
+  "EpsilonRule",
   "Kiwiel",
   "MinNorm",
   "Random",

@@ -292,7 +292,18 @@ BEST = Best()  # the default rule (a frozen value: safe to share)
 
 
 @dataclasses.dataclass(frozen=True)
-class Random(Rule):
+class EpsilonRule(Rule):
+  """A rule over the ε-set ``R = {k : f_max - f_k <= ε}``: ``epsilon`` is ε >= 0, or a
+  schedule ``count -> ε``, checked when the rule is made."""
+
+  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0
+
+  def __post_init__(self):
+    _check_epsilon(type(self).__name__, self.epsilon)
+
+
+@dataclasses.dataclass(frozen=True)
+class Random(EpsilonRule):
   """A random convex combination of the ε-set's gradients (the paper's Algorithm 2):
   ``λ ~ Dirichlet(1, ..., 1)`` on ``R = {k : f_max - f_k <= ε}``.
 
@@ -305,18 +316,13 @@ class Random(Rule):
     Random(epsilon=0.1)
   """
 
-  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0
-
-  def __post_init__(self):
-    _check_epsilon("Random", self.epsilon)
-
   def weights(self, values, gram, mask, key, min_norm, qp_steps, solve):
     del gram, min_norm, qp_steps, solve
     return random_weights(key, mask, values.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class MinNorm(Rule):
+class MinNorm(EpsilonRule):
   """The minimum-norm element of the ε-set's gradient hull: Demyanov's steepest
   ε-descent; its norm is the stationarity certificate.
 
@@ -329,18 +335,13 @@ class MinNorm(Rule):
     MinNorm(epsilon=0.01)
   """
 
-  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0
-
-  def __post_init__(self):
-    _check_epsilon("MinNorm", self.epsilon)
-
   def weights(self, values, gram, mask, key, min_norm, qp_steps, solve):
     del values, gram, mask, key, qp_steps, solve
     return min_norm
 
 
 @dataclasses.dataclass(frozen=True)
-class Kiwiel(Rule):
+class Kiwiel(EpsilonRule):
   """Kiwiel's linearization step over the ε-set (the minimax filter's rule), then an
   Armijo backtracking line search on ``F(u) = max_k f(u, v_k)`` over the scale of the
   leader's proposed step; if no scale passes, the step is null (``u`` stays). The line
@@ -360,13 +361,12 @@ class Kiwiel(Rule):
     Kiwiel(epsilon=0.1, armijo=0.0001, backtrack=0.5, max_backtracks=10)
   """
 
-  epsilon: float | Callable[[jax.Array], jax.Array] = 0.0
   armijo: float = 1e-4
   backtrack: float = 0.5
   max_backtracks: int = 10
 
   def __post_init__(self):
-    _check_epsilon("Kiwiel", self.epsilon)
+    super().__post_init__()
     for name in ("armijo", "backtrack"):
       value = getattr(self, name)
       ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
