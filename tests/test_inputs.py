@@ -260,3 +260,37 @@ def test_checkpoint_load_is_quiet(tmp_path, caplog):
   with caplog.at_level("WARNING"):
     state, meta = nn.load_checkpoint(tmp_path / "c", like={"a": jnp.zeros(2)})
   assert meta == {"step_count": 3} and not [r for r in caplog.records if r.name == "absl"]
+
+
+def test_a_traced_num_active_above_k_fails_when_it_runs():
+  solver = minimax.kbeam(game, sgd, sgd)
+  init = jax.jit(lambda n: solver.init(jax.random.key(0), u0(), stacked_beams(), K, num_active=n))
+  assert int(jnp.sum(init(2).active)) == 2
+  with pytest.raises(Exception, match=r"num_active \(the beams in use\) must be from 1 to K=3"):
+    jax.block_until_ready(init(8))
+
+
+def test_checkpoint_with_an_abstract_key_template_and_a_string_leaf(tmp_path):
+  from kbeam_jax import nn
+
+  tree = {"k": jax.random.key(3), "a": jnp.ones(2)}
+  nn.save_checkpoint(tmp_path / "c", tree)
+  restored, _ = nn.load_checkpoint(tmp_path / "c", like=jax.eval_shape(lambda: tree))
+  assert (jax.random.key_data(restored["k"]) == jax.random.key_data(tree["k"])).all()
+  with pytest.raises(TypeError, match="checkpoints hold arrays .* Put strings .* in the metadata"):
+    nn.save_checkpoint(tmp_path / "s", {"a": "abc"})
+
+
+def test_multisteps_around_kbeam_names_the_fix():
+  from flax import nnx
+
+  from kbeam_jax import nn
+
+  model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  graphdef, _ = nnx.split(model, nnx.Param)
+  tx = optax.MultiSteps(minimax.kbeam_sgd(0.1, sgd, jnp.zeros((3, 2))), 2)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  f = lambda p, v: jnp.sum(nnx.merge(graphdef, p)(jnp.ones((1, 2))) @ v)
+  with pytest.raises(ValueError) as e:
+    nn.update_without_grads(optimizer, model, minimax_fn=f)
+  assert "optax.MultiSteps around K-beam) needs arrays" in " ".join(e.value.__notes__)

@@ -3,6 +3,7 @@ vmapped ascent of the beams."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -110,13 +111,24 @@ def active_mask(K: int, num_active: Any = None) -> jax.Array:
   """
   if num_active is None:
     return jnp.ones((K,), bool)
-  if not isinstance(num_active, jax.core.Tracer):
+  if isinstance(num_active, jax.core.Tracer):  # checked when the program runs
+    jax.debug.callback(functools.partial(_check_num_active, K), num_active)
+  else:
     n = np.asarray(num_active)
     if isinstance(num_active, bool) or n.ndim or n.dtype.kind not in "iu" or not 1 <= n <= K:
       raise ValueError(
         f"num_active (the beams in use) must be an int from 1 to K={K}, got {num_active!r}."
       )
   return jnp.arange(K) < num_active
+
+
+def _check_num_active(K: int, num_active: Any) -> None:
+  n = np.asarray(num_active)
+  if np.any((n < 1) | (n > K)):
+    raise ValueError(
+      f"num_active (the beams in use) must be from 1 to K={K}, got {n.tolist()} at run "
+      "time; pass a smaller num_active, or stack more beams."
+    )
 
 
 def keep_inactive(active: jax.Array, new: PyTree, old: PyTree) -> PyTree:

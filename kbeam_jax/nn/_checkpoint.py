@@ -29,7 +29,16 @@ _STEP_NAME = re.compile(r"^\d+($|\.)")  # orbax step folders and their temporary
 
 
 def _is_key(x: Any) -> bool:
-  return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+  """A typed PRNG key: an array, or an abstract ``ShapeDtypeStruct`` of one."""
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(x: Any) -> str:
+  """The key's implementation name (``threefry2x32``), for an array or an abstract key."""
+  if isinstance(x, jax.Array):
+    return str(jax.random.key_impl(x))
+  return str(x.dtype._impl.name)  # an abstract key: its dtype knows the implementation
 
 
 def _name(entry: Any) -> str:
@@ -75,7 +84,14 @@ def _readable(names: tuple[str, ...]) -> str:
 
 
 def _dtype_of(x: Any) -> np.dtype:
-  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.dtype(jnp.result_type(x))
+  try:
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.dtype(jnp.result_type(x))
+  except TypeError as e:
+    raise TypeError(
+      f"checkpoints hold arrays (and jax.random keys); got a leaf of type {type(x).__name__} "
+      f"({x!r:.60}). Put strings and other values in the metadata: "
+      "save_checkpoint(path, tree, note='...')."
+    ) from e
 
 
 def _json_meta(meta: dict[str, Any]) -> dict[str, Any]:
@@ -197,7 +213,7 @@ def save_checkpoint(path: str | os.PathLike, tree: PyTree, **meta: Any) -> None:
       )
     where[names] = readable
     if _is_key(x):
-      keys["/".join(names)] = str(jax.random.key_impl(x))
+      keys["/".join(names)] = _key_impl(x)
       x = jax.random.key_data(x)
     flat[names] = np.asarray(x, _dtype_of(x))
   info = {"format": _FORMAT, "prng_keys": keys, "paths": ["/".join(n) for n in flat]}
@@ -284,14 +300,14 @@ def load_checkpoint(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, dict
     x = np.asarray(arrays[names])
     stored_key = keys.get("/".join(names))
     if _is_key(t):
-      impl = str(jax.random.key_impl(t))
+      impl = _key_impl(t)
       if stored_key != impl:
         got = f"a {stored_key} key" if stored_key else f"a {x.dtype} array, not a key"
         raise ValueError(
           f"checkpoint {path}, leaf {readable}: `like` holds a {impl} PRNG key, the "
           f"checkpoint {got}. Build `like` with the same jax.random.key implementation."
         )
-      want_shape = jax.random.key_data(t).shape
+      want_shape = jax.eval_shape(jax.random.key_data, t).shape
       if x.shape != want_shape:
         raise ValueError(
           f"checkpoint {path}, leaf {readable}: key data of shape {x.shape}, `like` has "

@@ -71,7 +71,10 @@ def update_without_grads(optimizer: nnx.Optimizer, model: nnx.Module, /, **extra
     e.add_note(
       "kbeam_jax.nn.update_without_grads passes grads=None: its transform must compute its "
       "own direction (scale_by_kbeam, kbeam_sgd). For other transforms call "
-      "optimizer.update(model, grads, ...)."
+      "optimizer.update(model, grads, ...); a wrapper that accumulates gradients "
+      "(optax.MultiSteps around K-beam) needs arrays: optimizer.update(model, "
+      "jax.tree.map(jnp.zeros_like, grads_like_params), minimax_fn=...) (K-beam ignores "
+      "them)."
     )
     raise
   if jax.tree.structure(updates) != jax.tree.structure(params):
