@@ -21,8 +21,9 @@ Writes ``gan_mog.json``, ``gan_mog.md`` and ``gan_mog.png``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -36,39 +37,52 @@ from kbeam_jax.tasks import gan_mog
 
 BATCH, EVAL_SAMPLES = 128, 10_000
 G_LR, D_LR, BETA1 = 1e-3, 1e-4, 0.5
-METHODS = ("gd_simultaneous", "gd_alternating", "kbeam_1", "kbeam_2", "kbeam_5", "kbeam_10")
+
+
+class Method(NamedTuple):
+  """A method of the study: how to build its solver and how many discriminators it keeps
+  (GDA keeps one, unstacked; K-beam K stacked)."""
+
+  build: Callable[..., kbeam_jax.Solver]  # (f, leader, follower) -> solver
+  num_discriminators: int
+  stacked: bool
+
+
+METHODS = {
+  "gd_simultaneous": Method(minimax.simultaneous_gda, 1, False),
+  "gd_alternating": Method(minimax.alternating_gda, 1, False),
+  **{f"kbeam_{K}": Method(minimax.kbeam, K, True) for K in (1, 2, 5, 10)},
+}
 # --quick: the shortest run in which K-beam's effect shows (measured, 3 trials, seeds 0 and
 # 1: final JSD 0.132 / 0.085 for K = 5 against 0.221 / 0.383 for K = 1 at 8,000 iterations;
 # at 1,000 iterations no method has left its start and K = 5 was not better than K = 1).
 QUICK_METHODS = ("gd_alternating", "kbeam_1", "kbeam_5")
 
 
-def make_solver(method: str) -> tuple[kbeam_jax.Solver, int]:
-  """The solver of ``method`` and its number of discriminators."""
+def method_of(name: str) -> Method:
+  if name not in METHODS:
+    raise KeyError(f"unknown method {name!r}; known: {', '.join(METHODS)}.")
+  return METHODS[name]
+
+
+def make_solver(name: str) -> kbeam_jax.Solver:
+  """The solver of the method ``name`` on the GAN's objective and optimizers."""
   g_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Generator(nnx.Rngs(0))), nnx.Param)
   d_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Discriminator(nnx.Rngs(0))), nnx.Param)
   f = gan_mog.objective(g_def, d_def)
-  leader, follower = optax.adam(G_LR, b1=BETA1), optax.adam(D_LR, b1=BETA1)
-  if method == "gd_simultaneous":
-    return minimax.simultaneous_gda(f, leader, follower), 1
-  if method == "gd_alternating":
-    return minimax.alternating_gda(f, leader, follower), 1
-  if method.startswith("kbeam_"):
-    K = int(method.split("_")[1])
-    return minimax.kbeam(f, leader, follower), K
-  raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
+  return method_of(name).build(f, optax.adam(G_LR, b1=BETA1), optax.adam(D_LR, b1=BETA1))
 
 
 def init_trial(method: str, key: jax.Array) -> tuple[Any, jax.Array]:
   """``(solver_state, data_key)`` of one trial; the same networks for every method."""
-  solver, K = make_solver(method)
+  m, solver = method_of(method), make_solver(method)
   k_gen, k_disc, k_solver, k_data = jax.random.split(key, 4)
   _, u = nnx.split(gan_mog.Generator(nnx.Rngs(k_gen)), nnx.Param)
-  _, beams = nn.stack_modules(gan_mog.Discriminator, k_disc, max(K, 1))
+  _, beams = nn.stack_modules(gan_mog.Discriminator, k_disc, m.num_discriminators)
   u = nnx.as_pure(u)
-  if method.startswith("gd_"):
+  if not m.stacked:
     return solver.init(k_solver, u, nn.unstack(beams, 0)), k_data
-  return solver.init(k_solver, u, beams, K), k_data
+  return solver.init(k_solver, u, beams, m.num_discriminators), k_data
 
 
 def evaluate(u: Any, key: jax.Array) -> dict[str, jax.Array]:
@@ -83,7 +97,7 @@ def evaluate(u: Any, key: jax.Array) -> dict[str, jax.Array]:
 
 def chunk_fn(method: str, num_iters: int):
   """``states -> (states, metrics)``: ``num_iters`` steps of every trial, then an evaluation."""
-  solver, _ = make_solver(method)
+  solver = make_solver(method)
 
   def one_trial(carry):
     state, key = carry
@@ -216,7 +230,7 @@ def run_suite(
   num_iters: int = 50_000,
   eval_every: int = 1_000,
   seed: int = 0,
-  methods: tuple[str, ...] = METHODS,
+  methods: tuple[str, ...] = tuple(METHODS),
   resume: bool = False,
 ) -> list[dict[str, Any]]:
   records = []
@@ -288,6 +302,6 @@ def main(args) -> None:
     num_iters=iters,
     eval_every=_common.chunk_length(iters, 2_000 if args.quick else 1_000),
     seed=args.seed,
-    methods=QUICK_METHODS if args.quick else METHODS,
+    methods=QUICK_METHODS if args.quick else tuple(METHODS),
     resume=args.resume,
   )

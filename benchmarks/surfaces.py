@@ -58,14 +58,17 @@ from kbeam_jax.tasks import surfaces
 INIT_RANGE = 0.45
 EPSILON = 0.01
 MAX_K = 10
-RULES = _common.kbeam_rules(EPSILON)  # name -> rule value; Method.rule names one
+RULES = _common.kbeam_rules(EPSILON)  # name -> rule value; Contender.rule names one
 GDA_BRANCHES = ("gd", "alt_gd", "alt_gd_max_first", "extragradient")
 PAPER_SURFACES = tuple(surfaces.PUBLISHED)
 # The authors' NumPy code, 100 trials, measured on this machine (not here).
 AUTHORS_SECONDS_PER_SURFACE = 118.0
 
 
-class Method(NamedTuple):
+class Contender(NamedTuple):
+  """One column of the study: a solver family (a branch of one compiled program), its beam
+  count and its K-beam rule."""
+
   name: str
   family: str  # "gd", "alt_gd", "ogda", "extragradient" or "kbeam"
   K: int
@@ -85,15 +88,15 @@ PROTOCOLS = {
 }
 
 
-def methods(paper: bool = False) -> list[Method]:
+def methods(paper: bool = False) -> list[Contender]:
   """The study's methods: the paper's six, then optimistic GDA, extragradient, the ε-rules."""
-  out = [Method("gd", "gd", 1), Method("alt_gd", "alt_gd", 1)]
-  out += [Method(f"kbeam_{K}", "kbeam", K) for K in (1, 2, 5, 10)]
+  out = [Contender("gd", "gd", 1), Contender("alt_gd", "alt_gd", 1)]
+  out += [Contender(f"kbeam_{K}", "kbeam", K) for K in (1, 2, 5, 10)]
   if paper:
     return out
-  out[2:2] = [Method("ogda", "ogda", 1), Method("extragradient", "extragradient", 1)]
+  out[2:2] = [Contender("ogda", "ogda", 1), Contender("extragradient", "extragradient", 1)]
   for rule in ("random", "min_norm", "kiwiel"):
-    out += [Method(f"kbeam_{K}_{rule}", "kbeam", K, rule) for K in (2, 5, 10)]
+    out += [Contender(f"kbeam_{K}_{rule}", "kbeam", K, rule) for K in (2, 5, 10)]
   return out
 
 
@@ -143,7 +146,7 @@ def kbeam_trial(f, rules: tuple[str, ...]):
   return one_trial
 
 
-def under(method: Method, protocol: Protocol) -> Method:
+def under(method: Contender, protocol: Protocol) -> Contender:
   """``method`` as ``protocol`` runs it (Alt-GD in the protocol's order)."""
   if method.family == "alt_gd":
     return method._replace(family=protocol.alt_gd_branch)
@@ -153,7 +156,7 @@ def under(method: Method, protocol: Protocol) -> Method:
 class Programs:
   """The compiled programs of one study: one per family, for all its surfaces and methods."""
 
-  def __init__(self, names: list[str], method_list: list[Method], protocols: list[Protocol]):
+  def __init__(self, names: list[str], method_list: list[Contender], protocols: list[Protocol]):
     self.names = names
     f = surfaces.select(names)
     families = {m.family for m in method_list}
@@ -208,7 +211,7 @@ class Programs:
           self.compiled[family] = compiled
         self.compile_seconds[family] = seconds
 
-  def call(self, surface: str, method: Method, num_iters: int, keys, u0, beams0):
+  def call(self, surface: str, method: Contender, num_iters: int, keys, u0, beams0):
     """Final ``(u, followers)`` of every trial of ``method`` on ``surface``."""
     s = np.int32(self.names.index(surface))
     n = np.int32(num_iters)

@@ -73,9 +73,10 @@ def test_gan_benchmark_resumes_to_the_same_numbers(tmp_path):
 
 
 def test_gan_benchmark_methods_and_errors():
-  for method in gan_bench.METHODS:
-    solver, K = gan_bench.make_solver(method)
-    assert K == (int(method.split("_")[1]) if method.startswith("kbeam") else 1)
+  for name, method in gan_bench.METHODS.items():
+    assert isinstance(gan_bench.make_solver(name), kbeam_jax.Solver)
+    assert method.stacked == name.startswith("kbeam")
+  assert [gan_bench.METHODS[f"kbeam_{K}"].num_discriminators for K in (1, 5)] == [1, 5]
   with pytest.raises(KeyError, match="unknown method"):
     gan_bench.make_solver("kbeam")
   with pytest.raises(ValueError, match="multiple of"):
