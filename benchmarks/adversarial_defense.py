@@ -68,9 +68,8 @@ class Config(NamedTuple):
   lr: float = 1e-3  # the classifier, in every defense
   beam_lr: float = 1e-2  # the minimax defense's attacker beams (the follower)
   penalty: float = 0.1  # the beams' tanh-saturation penalty (adversarial.objective)
-  num_ascent: int = 1  # ascent steps per beam per K-beam step
-  rule: str = "best"  # K-beam's descent rule over the beams (minimax.kbeam)
-  epsilon: float = 0.0  # its ε (rules other than "best")
+  ascent_steps: int = 1  # ascent steps per beam per K-beam step
+  rule: minimax.Rule = minimax.Best()  # K-beam's descent rule over the beams (a value)
   attacker_lr: float = 1e-3  # the re-adapted and the cat-and-mouse attackers
   pgd_steps: int = 40
   clean_steps: int = 3000
@@ -127,7 +126,7 @@ def check_config(cfg: Config) -> None:
       f"pgd_test={cfg.pgd_test} must be at most test_size={cfg.test_size} (PGD-40 runs on "
       "the first pgd_test of the test digits loaded)."
     )
-  minimax_solver(cfg)  # rule, epsilon, num_ascent and the step sizes, checked now
+  minimax_solver(cfg)  # the rule, ascent_steps and the step sizes, checked now
   if cfg.test_size % cfg.eval_batch or cfg.pgd_test % cfg.eval_batch:
     raise ValueError(
       f"test_size={cfg.test_size} and pgd_test={cfg.pgd_test} must be multiples of "
@@ -160,9 +159,7 @@ def minimax_solver(cfg: Config):
   classifier, attacker = adversarial.graphdefs()
   f = adversarial.objective(classifier, attacker, penalty=cfg.penalty)
   leader, follower = optax.adam(cfg.lr), optax.adam(cfg.beam_lr)
-  return minimax.kbeam(
-    f, leader, follower, num_ascent=cfg.num_ascent, rule=cfg.rule, epsilon=cfg.epsilon
-  )
+  return minimax.kbeam(f, leader, follower, ascent_steps=cfg.ascent_steps, rule=cfg.rule)
 
 
 def optimizer(kind: str, cfg: Config) -> optax.GradientTransformation:
@@ -512,7 +509,7 @@ def run_suite(
     records += cat
     runs += cat_runs
   meta = {
-    "config": cfg._asdict(),
+    "config": {**cfg._asdict(), "rule": repr(cfg.rule)},
     "seed": seed,
     "wall_s": time.perf_counter() - start,
     "train_images": int(d["x_train"].shape[0]),
@@ -560,7 +557,7 @@ def report(records: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -
     f"{meta['wall_s'] / 60:.1f} min on {meta['environment']['device']})",
     f"Every defense fine-tunes the clean classifier ({cfg['clean_steps']} steps) for "
     f"{cfg['defense_steps']} steps at its η (batch {cfg['batch']}, Adam {cfg['lr']}; the "
-    f"K-beam beams Adam {cfg['beam_lr']}, {cfg['num_ascent']} ascent step(s), rule "
+    f"K-beam beams Adam {cfg['beam_lr']}, {cfg['ascent_steps']} ascent step(s), rule "
     f"{cfg['rule']}, saturation penalty {cfg['penalty']}). "
     f"Clean, FGSM and re-adapted: {cfg['test_size']} test digits; PGD-40 (random start, "
     f"step 2.5η/40): the first {cfg['pgd_test']}. Re-adapted attacker: a fresh attacker "

@@ -11,7 +11,7 @@ SGD with momentum 0.9, lr 1e-2, batch 128 from each domain, for both players.
 * source: MNIST training images 0-8,999 (labels used), tiled to 3 channels;
 * target: MNIST-M built from training images 9,000-17,999 (labels unused, except by the
   upper bound), patches from ``kbeam_jax.data.load_photos`` (scikit-learn's sample
-  photographs; ``--photos DIR`` is not wired: call ``data.mnist_m`` with your own);
+  photographs, or the folder ``--photos DIR``);
 * test: the 10,000 MNIST test digits (source) and their MNIST-M version (target).
 
 Methods: ``source_only`` (lower bound: label loss on the source only), ``target_only``
@@ -25,20 +25,21 @@ Writes ``domain_adaptation.json``, ``.md`` and ``.png``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import kbeam_jax
 from benchmarks import _common
-from kbeam_jax import data, minimax, nn, parallel
+from kbeam_jax import data, games, minimax, nn, parallel
 from kbeam_jax.tasks import domain_adaptation as da
 
 BATCH, LR, MOMENTUM = 128, 1e-2, 0.9
-METHODS = ("source_only", "target_only", "kbeam_1", "kbeam_2", "kbeam_5")
 # Ganin & Lempitsky, ICML 2015, Table 1 (MNIST → MNIST-M, target test accuracy).
 PUBLISHED = {"source_only": 0.5225, "kbeam_1": 0.7666, "target_only": 0.9596}
 
@@ -61,53 +62,70 @@ def load(
   }
 
 
-def init_state(method: str, key: jax.Array) -> tuple[Any, Any]:
-  """``(state, solver)``; the same extractor and label classifier for every method."""
-  k_leader, k_beams, k_solver = jax.random.split(key, 3)
-  u = da.init_leader(k_leader)
-  opt = optax.sgd(LR, momentum=MOMENTUM)
-  if method in ("source_only", "target_only"):
-    return (u, opt.init(u)), opt
-  if method.startswith("kbeam_"):
-    K = int(method.split("_")[1])
-    solver = minimax.kbeam(da.objective(), opt, opt)
-    _, beams = nn.stack_modules(da.DomainClassifier, k_beams, K)
-    return solver.init(k_solver, u, beams, K), solver
-  raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
+class Method(NamedTuple):
+  """A method of the study: ``start(key, u) -> (solver, state)``, every solver stepping on
+  ``(x_source, y_source, x_target, y_target)``, and where its state keeps the leader."""
+
+  start: Callable[[jax.Array, Any], tuple[kbeam_jax.Solver, Any]]
+  leader: Callable[[Any], Any]
 
 
-def chunk_fn(method: str, solver: Any, d: dict[str, jax.Array], num_iters: int):
-  """``(state, key) -> ((state, key), leader params)`` after ``num_iters`` steps."""
+def _supervised(domain: int) -> Method:
+  """Plain training on one domain's labels (0: source, 1: target), a one-player game."""
   loss = da.classification_loss()
+  f = lambda players, *batch: loss(players[0], *batch[2 * domain : 2 * domain + 2])
+  solver = games.gradient_play([f], optax.sgd(LR, momentum=MOMENTUM))
+  return Method(lambda key, u: (solver, solver.init((u,))), lambda state: state.players[0])
+
+
+def _kbeam(K: int) -> Method:
+  opt = optax.sgd(LR, momentum=MOMENTUM)
+  kb = minimax.kbeam(da.objective(), opt, opt)
+  solver = kbeam_jax.Solver(kb.init, lambda state, xs, ys, xt, yt: kb.step(state, xs, ys, xt))
+
+  def start(key, u):
+    k_beams, k_solver = jax.random.split(key)
+    _, beams = nn.stack_modules(da.DomainClassifier, k_beams, K)
+    return solver, kb.init(k_solver, u, beams, K)
+
+  return Method(start, lambda state: state.u)
+
+
+METHODS = {
+  "source_only": _supervised(0),
+  "target_only": _supervised(1),
+  **{f"kbeam_{K}": _kbeam(K) for K in (1, 2, 5)},
+}
+
+
+def init_state(method: str, key: jax.Array) -> tuple[Any, kbeam_jax.Solver]:
+  """``(state, solver)``; the same extractor and label classifier for every method."""
+  if method not in METHODS:
+    raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
+  k_leader, k_rest = jax.random.split(key)
+  solver, state = METHODS[method].start(k_rest, da.init_leader(k_leader))
+  return state, solver
+
+
+def chunk_fn(solver: kbeam_jax.Solver, d: dict[str, jax.Array], num_iters: int):
+  """``(state, key) -> ((state, key), None)`` after ``num_iters`` steps."""
   n_s, n_t = d["x_source"].shape[0], d["x_target"].shape[0]
 
-  def body(state, key):
+  def batch(key):
     k_s, k_t = jax.random.split(key)
     i = jax.random.randint(k_s, (BATCH,), 0, n_s)
     j = jax.random.randint(k_t, (BATCH,), 0, n_t)
-    if method == "source_only" or method == "target_only":
-      u, opt_state = state
-      x, y = (
-        (d["x_source"][i], d["y_source"][i])
-        if method == "source_only"
-        else (d["x_target"][j], d["y_target"][j])
-      )
-      updates, opt_state = solver.update(jax.grad(loss)(u, x, y), opt_state, u)
-      return (optax.apply_updates(u, updates), opt_state), None
-    return solver.step(state, d["x_source"][i], d["y_source"][i], d["x_target"][j])[0], None
+    return d["x_source"][i], d["y_source"][i], d["x_target"][j], d["y_target"][j]
 
   @jax.jit
   def chunk(carry):
     state, key = carry
     key, k = jax.random.split(key)
+    body = lambda state, k: (solver.step(state, *batch(k))[0], None)
     state, _ = jax.lax.scan(body, state, jax.random.split(k, num_iters))
     return (state, key), None
 
   return chunk
-
-
-def leader(method: str, state: Any) -> Any:
-  return state[0] if method in ("source_only", "target_only") else state.u
 
 
 def run_method(
@@ -123,11 +141,11 @@ def run_method(
 ) -> dict[str, Any]:
   state, solver = init_state(method, jax.random.key(seed))
   carry = (state, jax.random.key(seed + 1))
-  chunk = chunk_fn(method, solver, {k: jnp.asarray(v) for k, v in d.items()}, eval_every)
+  chunk = chunk_fn(solver, {k: jnp.asarray(v) for k, v in d.items()}, eval_every)
 
   def chunk_with_eval(carry):
     carry, _ = chunk(carry)
-    u = leader(method, carry[0])
+    u = METHODS[method].leader(carry[0])
     return carry, {
       "target": da.accuracy(u, d["x_target_test"][:test_size], d["y_test"][:test_size]),
       "source": da.accuracy(u, d["x_source_test"][:test_size], d["y_test"][:test_size]),
@@ -210,7 +228,7 @@ def run_suite(
   eval_every: int = 1_000,
   seed: int = 0,
   test_size: int = 10_000,
-  methods: tuple[str, ...] = METHODS,
+  methods: tuple[str, ...] = tuple(METHODS),
   resume: bool = False,
   data_dir: str | None = None,
   photos_dir: str | Path | None = None,

@@ -165,10 +165,10 @@ def test_bad_inputs_raise_clear_errors():
     bench.check_config(bench.Config(defense_steps=150, chunk=100))
   with pytest.raises(ValueError, match="pgd_test=2000 must be at most test_size=1000"):
     bench.check_config(bench.Config(pgd_test=2000, test_size=1000))
-  with pytest.raises(ValueError, match="epsilon"):  # before the clean classifier trains
-    bench.check_config(bench.Config(rule="best", epsilon=0.1))
-  with pytest.raises(ValueError, match="num_ascent"):
-    bench.check_config(bench.Config(num_ascent=0))
+  with pytest.raises(TypeError, match="rule"):  # before the clean classifier trains
+    bench.check_config(bench.Config(rule="best"))
+  with pytest.raises(ValueError, match="ascent_steps"):
+    bench.check_config(bench.Config(ascent_steps=0))
 
 
 # --- The minimax defense --------------------------------------------------------------------

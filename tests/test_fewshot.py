@@ -299,6 +299,8 @@ def test_run_one_record(tmp_path):
   s = tiny_setting(iterations=4, eval_tasks=10)
   dummy = jnp.zeros((1, 1, 1, 1), jnp.uint8)
   record, curve = bench.run_one(s, "gd", 0, dummy, dummy, tmp_path, chunk=2)
+  assert not (tmp_path / "fewshot_checkpoints").exists()  # checkpoints only with resume
+  record, curve = bench.run_one(s, "gd", 0, dummy, dummy, tmp_path, chunk=2, resume=True)
   assert record["iterations"] == 4 and len(curve) == 2
   # the test curve: before training, then after each chunk; MSEs
   assert [i for i, _ in record["test_curve"]] == [0, 2, 4]
