@@ -37,6 +37,7 @@ Writes ``adversarial_defense.json``, ``.md`` and ``.png``.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -83,11 +84,49 @@ class Config(NamedTuple):
   cat_rounds: int = 4
   cat_steps: int = 300
   train_size: int | None = None  # None: every training image
+  attacker_layers: int = 1  # hidden layers (300 units) of every attacker network
+  curve_etas: tuple[float, ...] = ()  # η at which the defenses are evaluated along training
+  curve_every: int = 500  # ... every this many steps
+  protocol: str = "default"  # names the outputs: adversarial_defense[_paper].json
 
 
-def config(quick: bool = False, iters: int | None = None) -> Config:
-  """The default run, or ``quick``: a smoke check (tiny steps; not a result)."""
-  cfg = Config()
+# Hamm & Mehra 2017, Table 5 (MNIST): test error at η = 0.3, 0.4, 0.5, 0.6 under FGSM
+# against the current classifier (FGSM-curr) and under an attacker network trained against
+# the current classifier (AttNet-curr). Only the cells quoted in our notes; the others are
+# left blank rather than guessed.
+PAPER_ETAS = (0.3, 0.4, 0.5, 0.6)
+PAPER_TABLE5 = {
+  ("minimax_k5", "fgsm"): (0.218, 0.238, 0.342, 0.299),
+  ("minimax_k5", "readapted"): (0.020, 0.552, 1.000, 1.000),
+  ("minimax_k1", "readapted"): (0.104, None, None, None),
+  ("fgsm", "readapted"): (0.965, None, None, None),
+}
+
+
+def paper_config() -> Config:
+  """The paper's protocol (``--protocol paper``): η in {0.3, 0.4, 0.5, 0.6}; defenses FGSM
+  adversarial training, alternating descent-ascent (K = 1) and the minimax defense (K =
+  5); every attacker the paper's AttNet, a fully connected 784-300-300-784 network
+  (``attacker_layers=2``: "three layers" read as three layers of weights); 2,500 defense
+  steps, where our η = 0.3 curve (README) saw the re-adapted attacker's accuracy level off;
+  the defenses evaluated along training at η = 0.3."""
+  return Config(
+    etas=PAPER_ETAS,
+    defenses=("none", "fgsm", "minimax_k1", "minimax_k5"),
+    attacker_layers=2,
+    defense_steps=2500,
+    cat_etas=(),
+    curve_etas=(0.3,),
+    protocol="paper",
+  )
+
+
+def config(quick: bool = False, iters: int | None = None, protocol: str = "default") -> Config:
+  """The default run (or ``protocol="paper"``), or ``quick``: a smoke check (tiny steps;
+  not a result)."""
+  if protocol not in ("default", "paper"):
+    raise ValueError(f"protocol must be 'default' or 'paper', got {protocol!r}.")
+  cfg = paper_config() if protocol == "paper" else Config()
   if quick:
     cfg = cfg._replace(
       clean_steps=100,
@@ -100,8 +139,13 @@ def config(quick: bool = False, iters: int | None = None) -> Config:
       cat_rounds=2,
       cat_steps=10,
     )
-  if iters is not None:
-    cfg = cfg._replace(defense_steps=iters, chunk=min(cfg.chunk, iters))
+  if quick and protocol == "paper":
+    cfg = cfg._replace(defense_steps=20, curve_every=10)  # one point along the curve
+  if iters is not None:  # segments and chunks that divide any iters (and the other counts)
+    curve_every = math.gcd(cfg.curve_every, iters)
+    cfg = cfg._replace(
+      defense_steps=iters, curve_every=curve_every, chunk=math.gcd(cfg.chunk, curve_every)
+    )
   return cfg
 
 
@@ -121,6 +165,14 @@ def check_config(cfg: Config) -> None:
     steps = getattr(cfg, name)
     if steps < cfg.chunk or steps % cfg.chunk:
       raise ValueError(f"{name}={steps} must be a positive multiple of chunk={cfg.chunk}.")
+  if cfg.curve_etas and cfg.defense_steps % cfg.curve_every:
+    raise ValueError(
+      f"defense_steps={cfg.defense_steps} must be a multiple of curve_every={cfg.curve_every}."
+    )
+  if cfg.curve_etas and cfg.curve_every % cfg.chunk:
+    raise ValueError(f"curve_every={cfg.curve_every} must be a multiple of chunk={cfg.chunk}.")
+  if cfg.attacker_layers < 1:
+    raise ValueError(f"attacker_layers must be >= 1, got {cfg.attacker_layers}.")
   if cfg.pgd_test > cfg.test_size:
     raise ValueError(
       f"pgd_test={cfg.pgd_test} must be at most test_size={cfg.test_size} (PGD-40 runs on "
@@ -156,7 +208,7 @@ def load(data_dir: str | None, cfg: Config) -> dict[str, np.ndarray]:
 def minimax_solver(cfg: Config):
   """``minimax.kbeam`` on ``adversarial.objective``: Adam for the classifier and for
   every beam; rule ``best`` steps the classifier against the strongest attacker."""
-  classifier, attacker = adversarial.graphdefs()
+  classifier, attacker = adversarial.graphdefs(attacker_layers=cfg.attacker_layers)
   f = adversarial.objective(classifier, attacker, penalty=cfg.penalty)
   leader, follower = optax.adam(cfg.lr), optax.adam(cfg.beam_lr)
   return minimax.kbeam(f, leader, follower, ascent_steps=cfg.ascent_steps, rule=cfg.rule)
@@ -186,10 +238,11 @@ def init_state(kind: str, key: jax.Array, cfg: Config, u: Any = None, v: Any = N
   if kind.startswith("minimax_k"):
     K = _num_beams(kind)
     k_beams, k_solver = jax.random.split(key)
-    _, beams = nn.stack_modules(adversarial.Attacker, k_beams, K)
+    make = functools.partial(adversarial.Attacker, layers=cfg.attacker_layers)
+    _, beams = nn.stack_modules(make, k_beams, K)
     return minimax_solver(cfg).init(k_solver, u, beams, K)
   if kind == "attacker":
-    v = adversarial.init_attacker(key) if v is None else v
+    v = adversarial.init_attacker(key, layers=cfg.attacker_layers) if v is None else v
     return v, optimizer(kind, cfg).init(v)
   if kind in ("clean", "fgsm", "pgd", "versus"):
     return u, optimizer(kind, cfg).init(u)
@@ -201,7 +254,7 @@ def chunk_fn(kind: str, cfg: Config):
   """``(carry, x, y, eta, other) -> (carry, mean value)``, ``cfg.chunk`` steps of ``kind``
   in one jitted ``lax.scan``; ``carry = (state, key)``, ``other`` the frozen opponent
   (the classifier for ``attacker``, the attacker for ``versus``, else unused)."""
-  classifier, attacker = adversarial.graphdefs()
+  classifier, attacker = adversarial.graphdefs(attacker_layers=cfg.attacker_layers)
   loss = adversarial.classification_loss(classifier)
   game = adversarial.objective(classifier, attacker)
   solver = minimax_solver(cfg) if kind.startswith("minimax_k") else None
@@ -286,9 +339,9 @@ def classifier_params(state: Any) -> Any:
 
 
 @functools.cache
-def _counters(pgd_steps: int):
+def _counters(pgd_steps: int, attacker_layers: int):
   """Jitted ``correct(u, x, y, eta, key, v)`` counts for every attack (compiled once)."""
-  classifier, attacker = adversarial.graphdefs()
+  classifier, attacker = adversarial.graphdefs(attacker_layers=attacker_layers)
 
   def count(u, x_adv, y):
     return jnp.sum(jnp.argmax(adversarial.logits_fn(classifier, u)(x_adv), -1) == y)
@@ -322,7 +375,7 @@ def accuracy(
 ) -> float:
   """Accuracy of the classifier ``u`` on ``(x, y)`` under ``attack`` at ``eta``
   (``clean``, ``fgsm``, ``pgd40`` or ``network`` with the attacker ``v``)."""
-  fn = _counters(cfg.pgd_steps)[attack]
+  fn = _counters(cfg.pgd_steps, cfg.attacker_layers)[attack]
   key = jax.random.key(0) if key is None else key
   v = jnp.zeros(()) if v is None else v
   b, correct = cfg.eval_batch, 0
@@ -387,6 +440,47 @@ def evaluate(
 
 
 # --- The study --------------------------------------------------------------------------
+
+
+def train_defense(
+  defense: str,
+  name: str,
+  u0: Any,
+  key: jax.Array,
+  d: dict[str, Any],
+  eta: float,
+  cfg: Config,
+  seed: int,
+  **kw: Any,
+) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+  """``cfg.defense_steps`` of ``defense`` from the classifier ``u0``: ``(state, runs,
+  curve)``. At an η of ``cfg.curve_etas`` it trains in segments of ``cfg.curve_every``
+  steps and evaluates the classifier after each but the last (``evaluate``; the last is
+  the caller's final evaluation): the curve's points ``{"defense", "eta", "steps", ...
+  accuracies}``."""
+  state = init_state(defense, key, cfg, u=u0)
+  if eta not in cfg.curve_etas:
+    state, run = train(defense, name, state, key, d, eta, cfg.defense_steps, cfg, **kw)
+    return state, [run], []
+  runs, curve = [], []
+  for i in range(cfg.defense_steps // cfg.curve_every):
+    steps = (i + 1) * cfg.curve_every
+    state, run = train(
+      defense, f"{name}_to{steps}", state, jax.random.fold_in(key, i), d, eta,
+      cfg.curve_every, cfg, **kw,
+    )  # fmt: skip
+    runs.append(run)
+    if steps < cfg.defense_steps:
+      acc, run = evaluate(
+        classifier_params(state), eta, d, cfg, f"{name}_at{steps}", seed,
+        beams=getattr(state, "beams", None), **kw,
+      )  # fmt: skip
+      runs.append(run)
+      curve.append({"defense": defense, "eta": eta, "steps": steps, **acc})
+      print(f"[adversarial_defense] {defense} η={eta} after {steps} steps: " + ", ".join(
+        f"{a} {v:.4f}" for a, v in acc.items()
+      ))  # fmt: skip
+  return state, runs, curve
 
 
 def cat_and_mouse(
@@ -472,7 +566,7 @@ def run_suite(
   state = init_state("clean", k_init, cfg, u=adversarial.init_classifier(k_init))
   eta = cfg.etas[0]  # unused by clean training
   state, run = train("clean", "adv_none", state, k_clean, dev, eta, cfg.clean_steps, cfg, **kw)
-  u0, runs, records = state[0], [run], []
+  u0, runs, records, curves = state[0], [run], [], []
 
   def add(defense, train_eta, eta, acc):
     for attack, value in acc.items():
@@ -493,14 +587,17 @@ def run_suite(
       if defense == "none":
         u, beams = u0, None
       else:
-        state = init_state(defense, k_defense, cfg, u=u0)
-        state, run = train(defense, name, state, k_defense, dev, eta, cfg.defense_steps, cfg, **kw)
-        runs.append(run)
+        state, defense_runs, curve = train_defense(
+          defense, name, u0, k_defense, dev, eta, cfg, seed, **kw
+        )
+        runs += defense_runs
         u = classifier_params(state)
         beams = state.beams if isinstance(state, minimax.KBeamState) else None
       acc, run = evaluate(u, eta, dev, cfg, name, seed, beams=beams, **kw)
       runs.append(run)
       add(defense, None if defense == "none" else eta, eta, acc)
+      if defense != "none" and eta in cfg.curve_etas:
+        curves += curve + [{"defense": defense, "eta": eta, "steps": cfg.defense_steps, **acc}]
       print(f"[adversarial_defense] {defense} η={eta}: " + ", ".join(
         f"{a} {v:.4f}" for a, v in acc.items()
       ))  # fmt: skip
@@ -514,11 +611,17 @@ def run_suite(
     "wall_s": time.perf_counter() - start,
     "train_images": int(d["x_train"].shape[0]),
     "runs": [{k: r[k] for k in ("name", "steps", "train_s")} for r in runs],
+    "curves": curves,
     "environment": _common.environment(),
   }
-  _common.write_json(out_dir / "adversarial_defense.json", records, meta)
-  report(records, out_dir, meta)
-  plot(records, out_dir, cfg)
+  stem = "adversarial_defense" + ("_paper" if cfg.protocol == "paper" else "")
+  _common.write_json(out_dir / f"{stem}.json", records, meta)
+  if cfg.protocol == "paper":
+    report_paper(records, out_dir / f"{stem}.md", meta)
+    plot_paper(records, curves, out_dir / f"{stem}.png", cfg)
+  else:
+    report(records, out_dir, meta)
+    plot(records, out_dir, cfg)
   return records
 
 
@@ -622,6 +725,121 @@ def report(records: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -
   return text
 
 
+def report_paper(records: list[dict[str, Any]], path: Path, meta: dict[str, Any]) -> str:
+  """Our test errors beside the paper's Table 5, cell for cell; the beams against the
+  evaluation attacker; the η = 0.3 curve; the goal at η = 0.3."""
+  cfg, etas = meta["config"], tuple(meta["config"]["etas"])
+  err = lambda a: "-" if a is None else f"{1 - a:.3f}"
+  names = {"fgsm": "FGSM adv. training", "minimax_k1": "alt. descent-ascent (K = 1)",
+           "minimax_k5": "minimax (K-beam, K = 5)", "none": "no defense"}  # fmt: skip
+  defenses = [d for d in cfg["defenses"] if any(r["defense"] == d for r in records)]
+  rows = []
+  for defense in defenses:
+    for attack, label in (("fgsm", "FGSM-curr"), ("readapted", "AttNet-curr")):
+      paper = PAPER_TABLE5.get((defense, attack), (None,) * len(PAPER_ETAS))
+      cells = []
+      for eta in etas:
+        pub = paper[PAPER_ETAS.index(eta)] if eta in PAPER_ETAS else None
+        ours = err(lookup(records, defense, eta, attack))
+        cells.append(f"{ours} ({'-' if pub is None else f'{pub:.3f}'})")
+      rows.append([names.get(defense, defense), label, *cells])
+  beams = [
+    [names.get(d, d)]
+    + [
+      f"{lookup(records, d, eta, 'own_beams'):.4f} / {lookup(records, d, eta, 'readapted'):.4f}"
+      for eta in etas
+    ]
+    for d in defenses
+    if d.startswith("minimax_k") and lookup(records, d, etas[0], "own_beams") is not None
+  ]
+  sections = [
+    f"# The minimax defense at the paper's protocol (MNIST, seed {meta['seed']}, "
+    f"{meta['wall_s'] / 60:.1f} min on {meta['environment']['device']})",
+    f"Every defense fine-tunes the clean classifier ({cfg['clean_steps']} steps) for "
+    f"{cfg['defense_steps']} steps at its η (batch {cfg['batch']}, Adam {cfg['lr']}; K-beam's "
+    f"beams Adam {cfg['beam_lr']}, {cfg['ascent_steps']} ascent step(s), rule {cfg['rule']}). "
+    f"Attackers: AttNet, fully connected 784-300-300-784 ({cfg['attacker_layers']} hidden "
+    f"layers). AttNet-curr: a fresh AttNet trained {cfg['attacker_steps']} steps (Adam "
+    f"{cfg['attacker_lr']}) against the final classifier; FGSM-curr: FGSM against it. "
+    f"{cfg['test_size']} test digits.",
+    "## Test error, ours (Hamm & Mehra 2017, Table 5)",
+    _common.markdown_table(["defense", "attack", *[f"η = {e}" for e in etas]], rows),
+    "Blank published cells: not quoted in our notes.",
+  ]
+  if beams:
+    sections += [
+      "## The beams against the evaluation attacker (accuracy: worst own beam / AttNet-curr)",
+      _common.markdown_table(["defense", *[f"η = {e}" for e in etas]], beams),
+    ]
+  for eta in cfg["curve_etas"]:
+    points = [c for c in meta["curves"] if c["eta"] == eta]
+    if points:
+      sections += [
+        f"## Along training at η = {eta} (accuracy)",
+        _common.markdown_table(
+          ["defense", "steps", "clean", "FGSM-curr", "AttNet-curr", "own beams"],
+          [
+            [
+              names.get(c["defense"], c["defense"]),
+              c["steps"],
+              f"{c['clean']:.4f}",
+              f"{c['fgsm']:.4f}",
+              f"{c['readapted']:.4f}",
+              "-" if "own_beams" not in c else f"{c['own_beams']:.4f}",
+            ]
+            for c in points
+          ],  # fmt: skip
+        ),
+      ]
+  if "minimax_k5" in defenses and 0.3 in etas:
+    readapted = lookup(records, "minimax_k5", 0.3, "readapted")
+    clean = lookup(records, "minimax_k5", 0.3, "clean")
+    met = readapted >= 0.95 and clean >= 0.98
+    sections.append(
+      f"Goal at η = 0.3 (K = 5 at or above 95% against AttNet-curr, clean at or above 98%): "
+      f"**{'met' if met else 'not met'}** (AttNet-curr {readapted:.4f}, clean {clean:.4f})."
+    )
+  text = "\n\n".join(sections)
+  path.write_text(text + "\n")
+  return text
+
+
+def plot_paper(
+  records: list[dict[str, Any]], curves: list[dict[str, Any]], path: Path, cfg: Config
+) -> None:
+  """Test error against η under FGSM-curr and AttNet-curr (the paper's cells as crosses),
+  and accuracy along training at the curve's η."""
+  import matplotlib.pyplot as plt
+
+  defenses = [d for d in cfg.defenses if any(r["defense"] == d for r in records)]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+  for ax, (attack, title) in zip(
+    axes[:2], (("fgsm", "FGSM-curr"), ("readapted", "AttNet-curr")), strict=True
+  ):
+    for i, defense in enumerate(defenses):
+      acc = [lookup(records, defense, eta, attack) for eta in cfg.etas]
+      ax.plot(cfg.etas, [1 - a for a in acc], marker="o", color=f"C{i}", label=defense)
+      paper = PAPER_TABLE5.get((defense, attack))
+      if paper:
+        pts = [(e, p) for e, p in zip(PAPER_ETAS, paper, strict=True) if p is not None]
+        ax.plot(*zip(*pts, strict=True), "x", ms=9, color=f"C{i}", label=f"{defense} (paper)")
+    ax.set(xlabel="η", ylabel="test error", title=f"under {title}", ylim=(0, 1.02))
+    ax.legend(fontsize=7)
+  for i, defense in enumerate(defenses):
+    pts = [c for c in curves if c["defense"] == defense]
+    if pts:
+      axes[2].plot([c["steps"] for c in pts], [c["readapted"] for c in pts], marker="o",
+                   color=f"C{i}", label=f"{defense} vs AttNet-curr")  # fmt: skip
+      if "own_beams" in pts[0]:
+        axes[2].plot([c["steps"] for c in pts], [c["own_beams"] for c in pts], ls="--",
+                     color=f"C{i}", label=f"{defense} vs own beams")  # fmt: skip
+  eta = cfg.curve_etas[0] if cfg.curve_etas else None
+  axes[2].set(xlabel="defense steps", ylabel="test accuracy", title=f"along training, η = {eta}",
+              ylim=(0, 1))  # fmt: skip
+  axes[2].legend(fontsize=7)
+  _common.save_figure(fig, path)
+
+
 def plot(records: list[dict[str, Any]], out_dir: Path, cfg: Config) -> None:
   import matplotlib.pyplot as plt
 
@@ -669,5 +887,5 @@ def plot_cat_and_mouse(
 
 def main(args) -> None:
   """``--quick``: a smoke check of every step (tiny training; not a result)."""
-  cfg = config(args.quick, args.iters)
+  cfg = config(args.quick, args.iters, args.protocol)
   run_suite(args.out, cfg, seed=args.seed, resume=args.resume)

@@ -272,3 +272,37 @@ def test_benchmark_quick_path_runs_end_to_end_and_resumes(tmp_path):
   # Every training is checkpointed: a resumed run reloads them and ends with the same numbers.
   again = bench.run_suite(out, cfg, data_dir=str(tmp_path / "data"), resume=True)
   assert again == records
+
+
+def test_paper_protocol_config_and_its_table(tmp_path):
+  cfg = bench.config(protocol="paper")
+  assert cfg.etas == bench.PAPER_ETAS == (0.3, 0.4, 0.5, 0.6) and cfg.attacker_layers == 2
+  assert set(cfg.defenses) >= {"fgsm", "minimax_k1", "minimax_k5"} and cfg.curve_etas == (0.3,)
+  bench.check_config(cfg)
+  assert bench.config(protocol="paper", iters=150).curve_every == 50  # any --iters divides
+  bench.check_config(bench.config(protocol="paper", iters=150))
+  with pytest.raises(ValueError, match="protocol"):
+    bench.config(protocol="papers")
+  # a tiny run: the paper's attacker (two hidden layers), the curve at η = 0.3, Table 5
+  fake_mnist(tmp_path / "data")
+  cfg = cfg._replace(
+    etas=(0.3, 0.4), defenses=("fgsm", "minimax_k5"), clean_steps=4, defense_steps=4,
+    curve_every=2, attacker_steps=2, chunk=2, test_size=40, pgd_test=20, eval_batch=20,
+    pgd_steps=3,
+  )  # fmt: skip
+  out = tmp_path / "out"
+  records = bench.run_suite(out, cfg, data_dir=str(tmp_path / "data"))
+  meta = json.loads((out / "adversarial_defense_paper.json").read_text())["meta"]
+  assert [(c["defense"], c["steps"]) for c in meta["curves"]] == [
+    ("fgsm", 2), ("fgsm", 4), ("minimax_k5", 2), ("minimax_k5", 4)
+  ]  # fmt: skip
+  final = meta["curves"][-1]
+  assert final["readapted"] == bench.lookup(records, "minimax_k5", 0.3, "readapted")
+  state = bench.init_state(
+    "minimax_k5", jax.random.key(0), cfg, u=adv.init_classifier(jax.random.key(0))
+  )
+  assert len(state.beams["more"]) == 1  # AttNet: 784-300-300-784
+  text = (out / "adversarial_defense_paper.md").read_text()
+  ours = 1 - bench.lookup(records, "minimax_k5", 0.4, "fgsm")
+  assert "| minimax (K-beam, K = 5) | FGSM-curr | " in text and f"{ours:.3f} (0.238)" in text
+  assert "Goal at η = 0.3" in text and (out / "adversarial_defense_paper.png").stat().st_size

@@ -44,16 +44,20 @@ CASES = [
   pytest.param("poisoning", ["--quick", "--trials", "1", "--resume"], marks=needs_data),
   pytest.param("fewshot", ["--quick", "--trials", "1", "--resume"], marks=needs_data),
   pytest.param("adversarial_defense", ["--quick", "--iters", "5", "--resume"], marks=needs_data),
+  pytest.param(
+    "adversarial_defense", ["--quick", "--protocol", "paper", "--iters", "4"], marks=needs_data
+  ),
 ]
 
 
 def run(suite: str, flags: list[str], out: Path) -> dict:
   assert cli.main([suite, *flags, "--out", str(out), "--no-compile-cache"]) == 0
+  stem = f"{suite}_paper" if "paper" in flags else suite  # --protocol paper's own files
   for ext in ("json", "md"):
-    assert (out / f"{suite}.{ext}").exists(), f"{suite}.{ext} missing"
-  report = (out / f"{suite}.md").read_text()
+    assert (out / f"{stem}.{ext}").exists(), f"{stem}.{ext} missing"
+  report = (out / f"{stem}.md").read_text()
   assert " nan " not in report.lower() and "issue" not in report.lower(), report
-  return json.loads((out / f"{suite}.json").read_text())
+  return json.loads((out / f"{stem}.json").read_text())
 
 
 def numbers(records):
