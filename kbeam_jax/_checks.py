@@ -28,7 +28,7 @@ def _concrete(value: Any) -> bool:
 def check_nonnegative(name: str, value: Any) -> None:
   """Raises if a concrete ``value`` is negative or NaN; traced values and schedules pass.
 
-  Example:
+  Examples:
     >>> check_nonnegative("epsilon", float("nan"))
     Traceback (most recent call last):
     ...

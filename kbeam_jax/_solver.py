@@ -49,7 +49,7 @@ def run(
     ``num_steps``. Wrap the call in ``jax.jit`` (with ``step`` and ``num_steps`` static,
     or closed over) to compile the whole loop once.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import minimax

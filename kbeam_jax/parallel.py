@@ -30,7 +30,7 @@ spans them all. Each host feeds its own slice of the batch, e.g.
 ``jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)``; the rest of
 the code is unchanged.
 
-Example:
+Examples:
   >>> import jax, jax.numpy as jnp, optax
   >>> from kbeam_jax import parallel
   >>> mesh = parallel.make_mesh(beams=1)  # one device here; beams=8 splits K over eight
@@ -85,7 +85,7 @@ def make_mesh(
   Returns:
     A ``jax.sharding.Mesh``.
 
-  Example:
+  Examples:
     >>> from kbeam_jax import parallel
     >>> parallel.make_mesh(beams=1).shape  # beams=8 on eight devices
     OrderedDict([('trials', 1), ('beams', 1), ('data', 1)])
@@ -198,7 +198,7 @@ def state_sharding(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
 def shard(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
   """Places a K-beam state on ``mesh`` (see ``state_sharding``).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from kbeam_jax import minimax, parallel
     >>> mesh = parallel.make_mesh(beams=1)
@@ -225,7 +225,7 @@ def batch_sharding(mesh: Mesh, *, trials: bool = False) -> NamedSharding:
 def shard_batch(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
   """Places every leaf of a batch on ``mesh``, split along its leading axis on ``data``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax import parallel
     >>> x = parallel.shard_batch(jnp.ones((64, 2)), parallel.make_mesh(data=1))

@@ -203,7 +203,7 @@ def argmin(
   Returns:
     ``v``, a pytree like ``v0``, or ``(v, SolveInfo)``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax import bilevel
     >>> g = lambda u, v: jnp.sum((v - u) ** 2) / 2  # v*(u) = u
@@ -267,7 +267,7 @@ def root(
   Returns:
     ``v`` (or ``(v, SolveInfo)``).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax import bilevel
     >>> F = lambda u, v: jnp.array([[2.0, 1.0], [0.0, 1.0]]) @ v - u  # v* = A⁻¹u
@@ -324,7 +324,7 @@ def fixed_point(
   Returns:
     ``v`` (or ``(v, SolveInfo)``).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax import bilevel
     >>> T = lambda u, v: 0.5 * v + u  # v* = 2u
@@ -448,7 +448,7 @@ def hypergradient(
     ``Hypergradient(grad, v, info)``: the derivative (like ``u``), the inner answer and a
     ``HypergradientInfo``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax import bilevel
     >>> f = lambda u, v: jnp.sum((v - 1.0) ** 2)
@@ -500,7 +500,7 @@ def max_curvature(
   Returns:
     A scalar array (float32 at least).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax import bilevel
     >>> g = lambda u, v: 0.5 * jnp.sum(jnp.array([1.0, 4.0, 9.0]) * v**2)

@@ -117,7 +117,7 @@ class Naive(Method):
   The baseline that ignores how ``v*`` moves with ``u`` (the implicit term
   ``-∇²_uv g (∇²_vv g)⁻¹ ∇_v f`` is dropped).
 
-  Example:
+  Examples:
     >>> from kbeam_jax import bilevel
     >>> bilevel.Naive()
     Naive()
@@ -141,7 +141,7 @@ class RMD(Method):
   Attributes:
     checkpoint: store ``⌈√T⌉`` checkpoints instead of every iterate.
 
-  Example:
+  Examples:
     >>> from kbeam_jax import bilevel
     >>> bilevel.RMD(checkpoint=True)
     RMD(checkpoint=True)
@@ -176,7 +176,7 @@ class FMD(Method):
   As a ``custom_jvp`` rule whose tangent is linear in the input tangents, it serves
   ``jvp``/``jacfwd`` and, transposed, ``grad``/``vjp`` without storing the trajectory.
 
-  Example:
+  Examples:
     >>> from kbeam_jax import bilevel
     >>> bilevel.FMD()
     FMD()
@@ -351,7 +351,7 @@ class ApproxGrad(Implicit):
     solve_lr: their step size, > 0, or ``"auto"``.
     damping: σ >= 0, Tikhonov damping.
 
-  Example:
+  Examples:
     >>> from kbeam_jax import bilevel
     >>> bilevel.ApproxGrad(solve_steps=50, solve_lr=0.5)
     ApproxGrad(solve_steps=50, solve_lr=0.5, damping=0.0)
@@ -412,7 +412,7 @@ class Neumann(Implicit):
     solve_steps: J, terms of the series after the first, >= 1.
     solve_lr: α > 0, or ``"auto"``.
 
-  Example:
+  Examples:
     >>> from kbeam_jax import bilevel
     >>> bilevel.Neumann(solve_steps=40, solve_lr=0.5)
     Neumann(solve_steps=40, solve_lr=0.5)
@@ -481,7 +481,7 @@ class CG(Implicit):
       (wrong on a singular or indefinite ``A``; where the fallback does not trigger both
       cost the same, ``benchmarks/bilevel_scaling.py``).
 
-  Example:
+  Examples:
     >>> from kbeam_jax import bilevel
     >>> bilevel.CG(20)
     CG(solve_steps=20, tol=1e-06, damping=0.0, fallback=True)

@@ -121,7 +121,7 @@ def solver(
     methods are deterministic) and ``step(state, *args) -> (BilevelState,
     HypergradientInfo)``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import bilevel

@@ -343,7 +343,7 @@ def penalty(
     ``Solver(init, step)``: ``init(key, u, v) -> PenaltyState``, ``step(state, *args) ->
     (PenaltyState, PenaltyInfo)``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import bilevel

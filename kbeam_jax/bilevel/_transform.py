@@ -101,7 +101,7 @@ def scale_by_hypergradient(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from kbeam_jax import bilevel
     >>> f = lambda u, v: jnp.sum((v - 1.0) ** 2) + 0.1 * jnp.sum(u ** 2)
@@ -162,7 +162,7 @@ def scale_by_penalty(
   """The penalty method's direction for ``u`` as an optax transform (``bilevel.penalty``'s
   core; ``options`` as there).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from kbeam_jax import bilevel
     >>> f = lambda u, v: jnp.sum(u ** 2) + jnp.sum(v ** 2)

@@ -44,7 +44,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
       truncated or damaged gzip file, or when the header's dimensions disagree with the
       bytes that follow.
 
-  Example:
+  Examples:
     >>> import numpy as np, tempfile, os
     >>> from kbeam_jax import data
     >>> header = bytes([0, 0, 8, 2]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big")

@@ -67,7 +67,7 @@ def mnist_m(
   Returns:
     ``(N, size, size, 3)`` uint8.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from kbeam_jax import data
     >>> photo = np.full((40, 40, 3), 200, np.uint8)

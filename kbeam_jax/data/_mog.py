@@ -31,7 +31,7 @@ def mog_centers(num_modes: int = 7) -> jax.Array:
 def sample_mog(key: jax.Array, n: int, num_modes: int = 7, std: float = 0.01) -> jax.Array:
   """``n`` samples of ``1/M Σ_i N(c_i, std² I)`` with the centers of ``mog_centers``.
 
-  Example:
+  Examples:
     >>> import jax
     >>> from kbeam_jax import data
     >>> x = data.sample_mog(jax.random.key(0), 1000)

@@ -82,7 +82,7 @@ def load_omniglot(
       differ in size and no ``image_size`` was given. Hidden folders (``.name``) are
       skipped.
 
-  Example:
+  Examples:
     >>> import os, tempfile, numpy as np
     >>> from PIL import Image
     >>> from kbeam_jax import data

@@ -39,7 +39,7 @@ def max_eigenvalue(
   Returns:
     The estimate of the largest ``|λ|``, a scalar array.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.derivatives import max_eigenvalue
     >>> A = jnp.diag(jnp.array([1.0, 3.0, -10.0]))

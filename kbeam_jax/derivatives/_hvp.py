@@ -42,7 +42,7 @@ def hvp(f: Callable[..., jax.Array], x: PyTree, q: PyTree, *args: Any) -> PyTree
   Returns:
     ``∇²f(x) · q``, a pytree like ``x``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.derivatives import hvp
     >>> hvp(lambda x: (x ** 3).sum(), jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
@@ -65,7 +65,7 @@ def hvp_vv(g: Callable[..., jax.Array], u: PyTree, v: PyTree, q: PyTree, *args: 
   Returns:
     A pytree like ``v``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.derivatives import hvp_vv
     >>> g = lambda u, v: (u * v ** 2).sum()
@@ -92,7 +92,7 @@ def hvp_uv(g: Callable[..., jax.Array], u: PyTree, v: PyTree, q: PyTree, *args: 
   Returns:
     A pytree like ``u``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.derivatives import hvp_uv
     >>> g = lambda u, v: (u * v ** 2).sum()
@@ -123,7 +123,7 @@ def jvp_grad_v(
   Returns:
     ``(∇_v g(u, v), ∇²_vu g · du + ∇²_vv g · dv)``, both pytrees like ``v``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.derivatives import jvp_grad_v
     >>> g = lambda u, v: (u * v ** 2).sum()
@@ -153,7 +153,7 @@ def hvp_joint(
   Returns:
     A pair of pytrees, like ``u`` and like ``v``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.derivatives import hvp_joint
     >>> g = lambda u, v: (u * v ** 2).sum()
@@ -185,7 +185,7 @@ def grad_and_hvp_vv(
   Returns:
     ``(∇_v g, hvp)``, ``hvp`` a function of a pytree like ``v`` returning one like ``v``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.derivatives import grad_and_hvp_vv
     >>> g = lambda u, v: (u * v ** 2).sum()
@@ -203,7 +203,7 @@ def linearize_hvp_vv(
 ) -> Callable[[PyTree], PyTree]:
   """The linear map ``q ↦ ∇²_vv g(u, v) · q``, linearized once (see ``grad_and_hvp_vv``).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.derivatives import linearize_hvp_vv
     >>> g = lambda u, v: (u * v ** 2).sum()
@@ -231,7 +231,7 @@ def vjp_grad_v(
   Returns:
     ``(like u, tuple like args)``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.derivatives import vjp_grad_v
     >>> g = lambda u, v, c: (u * c * v ** 2).sum()

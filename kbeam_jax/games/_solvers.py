@@ -76,7 +76,7 @@ def gradient_play(losses: Losses, optimizer: Any, alternating: bool = False) -> 
     ``Solver(init, step)``: ``init(players) -> GameState``, ``step(state, *args) ->
     (GameState, GameInfo)``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import games
@@ -119,7 +119,7 @@ def consensus(losses: Losses, lr: Any, gamma: float) -> Solver:
     lr: the step size (a number or an optax schedule).
     gamma: γ >= 0, the weight of the Hamiltonian ``½|ξ|²``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import kbeam_jax
     >>> from kbeam_jax import games
@@ -155,7 +155,7 @@ def sga(losses: Losses, lr: Any, lam: float = 1.0, align: bool = True) -> Solver
     lam: λ >= 0, the adjustment's magnitude.
     align: choose λ's sign by the alignment rule (else λ as given).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import kbeam_jax
     >>> from kbeam_jax import games
@@ -291,7 +291,7 @@ def cgd(losses: Losses, lr: float, *, solve_steps: int = 50, tol: float = 1e-6) 
     solve_steps: the most GMRES iterations, >= 1.
     tol: relative residual of the solve, > 0.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import kbeam_jax
     >>> from kbeam_jax import games

@@ -43,7 +43,7 @@ def stackelberg(
     GameInfo)``; ``state.players`` is ``(u, v)``, ``info.status`` the leader's
     ``bilevel.HypergradientInfo``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import bilevel, games

@@ -149,7 +149,7 @@ def simultaneous_gda(
     ``Solver(init, step)``: ``init(key, u, v) -> GDAState`` (the key is unused;
     it keeps the signature of ``kbeam``), ``step(state, *args) -> (GDAState, GDAInfo)``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import minimax
@@ -184,7 +184,7 @@ def alternating_gda(
   arguments and the return value as in ``simultaneous_gda``; ``info`` is measured at the
   step's starting point in both orders.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import minimax
@@ -216,7 +216,7 @@ def optimistic_gda(
   Built from ``optax.scale_by_optimistic_gradient(alpha, beta)`` chained before each
   player's optimizer. Other arguments and the return value as in ``simultaneous_gda``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import minimax
@@ -249,7 +249,7 @@ def extragradient(
   state is discarded; the real step updates it. Arguments and return value as in
   ``simultaneous_gda``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import minimax

@@ -153,7 +153,7 @@ def kbeam(
       already stacked on a leading axis of size K; ``num_active`` (default K) take part.
     * ``step(state, *args) -> (KBeamState, KBeamInfo)``; ``args`` go to ``f``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import minimax

@@ -36,7 +36,7 @@ def epsilon_set(values: jax.Array, epsilon: jax.Array, valid: jax.Array | None =
   """Boolean mask of the valid beams whose value is within ``epsilon`` of the largest valid
   value; ``valid`` defaults to the finite values (NaN and ±inf never enter the set).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> epsilon_set(jnp.array([1.0, 0.95, 0.5]), 0.1)
     Array([ True,  True, False], dtype=bool)
@@ -55,7 +55,7 @@ def project_simplex(y: jax.Array, mask: jax.Array) -> jax.Array:
   sorted in decreasing order ``s``, ``θ = (Σ_{i<=r} s_i - 1) / r`` for the largest ``r``
   with ``s_r > θ_r``, and ``λ = max(y - θ, 0)``. ``mask`` must have a True entry.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> project_simplex(jnp.array([0.5, 0.5, 3.0]), jnp.array([True, True, False]))
     Array([0.5, 0.5, 0. ], dtype=float32)
@@ -123,7 +123,7 @@ def simplex_qp(
   Returns:
     The ``(K,)`` weights, in ``promote_types(gram.dtype, float32)``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> G = jnp.array([[1.0, -1.0], [-1.0, 1.0]])  # z_1 = 1, z_2 = -1
     >>> simplex_qp(G, jnp.zeros(2), jnp.array([True, True]))
@@ -279,7 +279,7 @@ def _check_epsilon(owner: str, epsilon: Any) -> None:
 class Best(Rule):
   """The basic K-beam step: the gradient at the best beam only (ε = 0).
 
-  Example:
+  Examples:
     >>> from kbeam_jax import minimax
     >>> minimax.Best()
     Best()
@@ -310,7 +310,7 @@ class Random(EpsilonRule):
   Attributes:
     epsilon: ε >= 0, or a schedule ``count -> ε``.
 
-  Example:
+  Examples:
     >>> from kbeam_jax import minimax
     >>> minimax.Random(0.1)
     Random(epsilon=0.1)
@@ -329,7 +329,7 @@ class MinNorm(EpsilonRule):
   Attributes:
     epsilon: ε >= 0, or a schedule ``count -> ε``.
 
-  Example:
+  Examples:
     >>> from kbeam_jax import minimax
     >>> minimax.MinNorm(0.01)
     MinNorm(epsilon=0.01)
@@ -355,7 +355,7 @@ class Kiwiel(EpsilonRule):
     backtrack: the factor by which a scale shrinks, in (0, 1).
     max_backtracks: the most scales tried before the null step, >= 1.
 
-  Example:
+  Examples:
     >>> from kbeam_jax import minimax
     >>> minimax.Kiwiel(0.1)
     Kiwiel(epsilon=0.1, armijo=0.0001, backtrack=0.5, max_backtracks=10)

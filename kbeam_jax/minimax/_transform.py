@@ -114,7 +114,7 @@ def scale_by_kbeam(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from kbeam_jax import minimax
     >>> f = lambda u, v: jnp.sum(-u ** 2 + v ** 2 + 2 * u * v)  # anti-saddle, u* = 0
@@ -264,7 +264,7 @@ def kbeam_sgd(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``minimax_fn=``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax
     >>> from kbeam_jax import minimax
     >>> tx = minimax.kbeam_sgd(0.1, optax.sgd(0.1), jnp.zeros((3, 2)))

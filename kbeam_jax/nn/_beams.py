@@ -32,7 +32,7 @@ def stack_modules(
     ``(graphdef, params)``: the module's graph definition and its parameters as plain
     arrays with a leading axis of size K.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from kbeam_jax import nn

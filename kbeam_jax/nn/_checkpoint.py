@@ -189,7 +189,7 @@ def save_checkpoint(path: str | os.PathLike, tree: PyTree, **meta: Any) -> None:
     tree: any pytree of arrays, NumPy arrays or Python scalars.
     **meta: JSON-able values (numbers, strings, lists, dicts; arrays become lists).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tempfile, os
     >>> from kbeam_jax import nn
     >>> path = os.path.join(tempfile.mkdtemp(), "state")

@@ -17,7 +17,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, st
 
   Pad ``x`` first for ``SAME``-style output sizes.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax import nn
     >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
@@ -57,7 +57,7 @@ class Conv(nnx.Module):
   """``nnx.Conv`` with ``VALID`` padding (same parameters and initialization), computed
   by ``conv2d``: the drop-in to use inside ``lax.scan`` on the CPU.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from kbeam_jax import nn

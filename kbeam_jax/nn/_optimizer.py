@@ -48,7 +48,7 @@ def update_without_grads(optimizer: nnx.Optimizer, model: nnx.Module, /, **extra
     TypeError: the transform returned no updates for the parameters (it needs gradients:
       use ``optimizer.update(model, grads, ...)``).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from flax import nnx
     >>> from kbeam_jax import minimax, nn

@@ -18,7 +18,7 @@ class TrainState(train_state.TrainState):
   ``lower_fn`` cannot reach the transform. Here keywords that name a field of the state
   still replace it, and all others go to ``tx.update`` as keyword arguments.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import flax.linen as linen
     >>> from kbeam_jax import minimax, nn

@@ -33,7 +33,7 @@ class Classifier(NamedTuple):
 def flatten_images(images: Any) -> np.ndarray:
   """uint8 images ``(N, 28, 28)`` (or already-flat ``(N, 784)``) to float32 ``(N, 784)`` in [0, 1].
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from kbeam_jax.tasks import denoising
     >>> x = denoising.flatten_images(np.full((2, 28, 28), 255, np.uint8))
@@ -88,7 +88,7 @@ def split_pool(
 def softmax_regression(dtype: Any = jnp.float32) -> Classifier:
   """Multinomial logistic regression ``logits = x W + b``, parameters initialised to zero.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import denoising
     >>> model = denoising.softmax_regression()
@@ -110,7 +110,7 @@ def softmax_regression(dtype: Any = jnp.float32) -> Classifier:
 def small_cnn(channels: tuple[int, int] = (8, 16), dtype: Any = jnp.float32) -> Classifier:
   """Two 3×3 stride-2 convolutions with ReLU (28→14→7) and a linear read-out.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import denoising
     >>> model = denoising.small_cnn()
@@ -196,7 +196,7 @@ def fit(
   ``weights`` (default all ones) selects or weights samples without changing shapes, so
   one compiled program serves every subset of the same arrays.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import denoising
     >>> x = jax.random.uniform(jax.random.key(0), (40, 784))

@@ -54,7 +54,7 @@ class Classifier(nnx.Module):
   """``(N, 28, 28, 1) → (N, 10)`` logits: two valid 5×5 convolutions with ReLU and 2×2
   max-pool, then ``512 → hidden → 10`` with ReLU.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from kbeam_jax.tasks import adversarial
@@ -84,7 +84,7 @@ class Attacker(nnx.Module):
   "a three-layer fully-connected network with 300 hidden units per layer" read as three
   layers of weights.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from kbeam_jax.tasks import adversarial
@@ -119,7 +119,7 @@ def graphdefs(
   """Graph definitions of ``Classifier(channels, hidden)`` and ``Attacker(attacker_hidden,
   attacker_layers)`` (default: the default sizes).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import adversarial
     >>> classifier, attacker = adversarial.graphdefs()
@@ -144,7 +144,7 @@ def init_classifier(
 def init_attacker(key: jax.Array, *, hidden: int = 300, layers: int = 1) -> PyTree:
   """Parameters of a freshly initialized ``Attacker`` as a pure pytree.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import adversarial
     >>> _, attacker = adversarial.graphdefs()
@@ -160,7 +160,7 @@ def to_images(images: Any) -> np.ndarray:
   """uint8 digits ``(N, 28, 28)`` (as ``load_mnist`` returns them) to float32
   ``(N, 28, 28, 1)`` in [0, 1].
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from kbeam_jax.tasks import adversarial
     >>> x = adversarial.to_images(np.full((2, 28, 28), 255, np.uint8))
@@ -178,7 +178,7 @@ def to_images(images: Any) -> np.ndarray:
 def check_eta(eta: Any) -> None:
   """Raises unless a concrete η lies in (0, 1] (the pixels' range); traced values pass.
 
-  Example:
+  Examples:
     >>> from kbeam_jax.tasks import adversarial
     >>> adversarial.check_eta(1.5)
     Traceback (most recent call last):
@@ -199,7 +199,7 @@ def perturb(x: jax.Array, a: jax.Array, eta: Any) -> jax.Array:
 
   Every pixel moves by at most η and stays in [0, 1], whatever ``a`` is.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import adversarial
     >>> adversarial.perturb(jnp.array([0.0, 0.5, 1.0]), jnp.array([-9.0, 9.0, 9.0]), 0.1)
@@ -212,7 +212,7 @@ def perturb(x: jax.Array, a: jax.Array, eta: Any) -> jax.Array:
 def attack(attacker: nnx.GraphDef, v: PyTree, x: jax.Array, eta: Any) -> jax.Array:
   """The network attacker ``x' = clip(x + η tanh(a_v(x)), 0, 1)`` with parameters ``v``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import adversarial
     >>> _, attacker = adversarial.graphdefs()
@@ -242,7 +242,7 @@ def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, eta: Any) -> jax.Array
   Returns:
     The adversarial images, ``x``'s shape, at most η from ``x`` and in [0, 1].
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import adversarial
     >>> w = jax.random.normal(jax.random.key(0), (784, 10))
@@ -291,7 +291,7 @@ def pgd(
   Returns:
     The adversarial images, at most η from ``x`` and in [0, 1].
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import adversarial
     >>> w = jax.random.normal(jax.random.key(0), (784, 10))
@@ -334,7 +334,7 @@ def saturation(a: jax.Array, limit: float = 2.0) -> jax.Array:
   """``mean(max(|a| - limit, 0)²)``: how far the attacker's pre-activations sit in the flat
   tails of ``tanh`` (``tanh'(2) = 0.07``), where its gradient vanishes.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import adversarial
     >>> adversarial.saturation(jnp.array([0.5, -1.9, 3.0, -4.0]))
@@ -356,7 +356,7 @@ def objective(
   that once saturated stops following the classifier (its gradient is ``tanh' ≈ 0``).
   Perturbations up to ``tanh(limit) η`` cost nothing.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import kbeam_jax
     >>> from kbeam_jax import minimax, nn
@@ -389,7 +389,7 @@ def objective(
 def classification_loss(classifier: nnx.GraphDef) -> Callable[..., jax.Array]:
   """``loss(u, x, y)``: cross-entropy of the classifier on the images as given.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import adversarial
     >>> classifier, _ = adversarial.graphdefs()
@@ -404,7 +404,7 @@ def classification_loss(classifier: nnx.GraphDef) -> Callable[..., jax.Array]:
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Fraction of rows of ``logits`` whose arg-max is the label.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import adversarial
     >>> float(adversarial.accuracy(jnp.array([[2.0, 1.0], [0.0, 3.0]]), jnp.array([0, 0])))

@@ -12,7 +12,7 @@ classifier trained on everything (noisy, the lower bound) and on the clean point
 (the oracle, the upper bound); precision and recall say how well ``w <= 0.9`` finds the
 corrupted points.
 
-Example:
+Examples:
   >>> import numpy as np, jax.numpy as jnp
   >>> from kbeam_jax.tasks import denoising
   >>> rng = np.random.default_rng(0)
@@ -154,7 +154,7 @@ def objectives(model: Classifier, *, l2: float = 0.0):
 def detection(weights: Any, corrupted: Any, threshold: float = THRESHOLD) -> dict[str, float]:
   """Precision and recall of ``w <= threshold`` as a detector of the corrupted points.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from kbeam_jax.tasks import denoising
     >>> denoising.detection(np.array([0.1, 0.95, 0.2, 0.99]), np.array([1, 0, 0, 1], bool))

@@ -90,7 +90,7 @@ def init_leader(key: jax.Array, channels: int = 3) -> dict[str, Any]:
 def objective(channels: int = 3) -> Callable[..., jax.Array]:
   """``f(u, v, x_s, y_s, x_t)``: the DANN game value (see the module docstring).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from flax import nnx
 

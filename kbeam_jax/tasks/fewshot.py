@@ -107,7 +107,7 @@ def class_pool(
   Returns:
     ``ClassPool(images (C, M, H, W) uint8, names)``, ``C = len(classes)·rotations``.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from kbeam_jax.tasks import fewshot
     >>> images = np.arange(6 * 4, dtype=np.uint8).reshape(6, 2, 2)
@@ -155,7 +155,7 @@ def sample_classification(
     ``Episodes``: ``support_x (B, N·K, H·W)``, ``support_y (B, N·K)`` int32 (class-major),
     ``query_x (B, N·Q, H·W)``, ``query_y (B, N·Q)``.
 
-  Example:
+  Examples:
     >>> import jax, numpy as np
     >>> from kbeam_jax.tasks import fewshot
     >>> pool = np.zeros((6, 10, 4, 4), np.uint8)
@@ -213,7 +213,7 @@ def sample_sinusoid(
     ``Episodes``: ``support_x (B, K, 1)``, ``support_y (B, K)``, ``query_x (B, Q, 1)``,
     ``query_y (B, Q)``, float32.
 
-  Example:
+  Examples:
     >>> import jax
     >>> from kbeam_jax.tasks import fewshot
     >>> ep = fewshot.sample_sinusoid(jax.random.key(0), num_tasks=4, k_shot=5, num_query=10)
@@ -235,7 +235,7 @@ def sample_sinusoid(
 def init_mlp(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32) -> list[dict[str, jax.Array]]:
   """He-initialized layers ``[{"w": (m, n), "b": (n,)}, ...]`` for ``sizes = [in, ..., out]``.
 
-  Example:
+  Examples:
     >>> import jax
     >>> from kbeam_jax.tasks import fewshot
     >>> [p["w"].shape for p in fewshot.init_mlp(jax.random.key(0), [784, 64, 32])]
@@ -257,7 +257,7 @@ def features(u: PyTree, x: jax.Array, feature_scale: float | None = 1.0) -> jax.
   """The representation ``T(x; u)``: a ReLU MLP (ReLU after every layer) on the last axis
   of ``x``, rescaled to norm ``feature_scale`` (``None``: not rescaled).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import fewshot
     >>> u = fewshot.init_mlp(jax.random.key(0), [3, 8, 4])
@@ -315,7 +315,7 @@ def objectives(
     l2: λ > 0, the ridge weight that makes every lower problem strongly convex.
     feature_scale: the norm of the features (see ``features``).
 
-  Example:
+  Examples:
     >>> import jax
     >>> from kbeam_jax import bilevel
     >>> from kbeam_jax.tasks import fewshot
@@ -357,7 +357,7 @@ def fit_heads(
   steps of gradient descent from zero heads (``bilevel.argmin``; the lower problem is
   strongly convex), not differentiated.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import fewshot
     >>> z = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])  # one task, two points
@@ -401,7 +401,7 @@ def evaluate(
   """Per-task query metric ``(B,)`` after fitting each head on its support set:
   accuracy for classification, mean squared error for regression.
 
-  Example:
+  Examples:
     >>> import jax
     >>> from kbeam_jax.tasks import fewshot
     >>> ep = fewshot.sample_sinusoid(jax.random.key(0), num_tasks=3, k_shot=5, num_query=5)
@@ -432,7 +432,7 @@ def nearest_centroid_accuracy(
   """Per-task query accuracy ``(B,)`` of the nearest class mean of the support features
   (Euclidean), a non-bilevel classifier on the same representation.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import fewshot
     >>> x = jnp.array([[[0.0], [4.0]]])  # one task: class 0 at 0, class 1 at 4
@@ -452,7 +452,7 @@ def nearest_centroid_accuracy(
 def mean_ci95(values: Any) -> tuple[float, float]:
   """Mean and the half-width of its normal 95% interval, ``1.96·std/√n``.
 
-  Example:
+  Examples:
     >>> from kbeam_jax.tasks import fewshot
     >>> fewshot.mean_ci95([1.0, 3.0, 1.0, 3.0])
     (2.0, 0.98)

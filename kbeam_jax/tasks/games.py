@@ -24,7 +24,7 @@ PAYOFFS = jnp.array([1.0, 3.0, 0.0, 2.0])  # the PD's losses for (CC, CD, DC, DD
 def matching_pennies() -> list[Any]:
   """Player i plays heads with probability ``σ(θ_i)``; player 1 wins on a match.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import games
     >>> L = games.matching_pennies()
@@ -44,7 +44,7 @@ def matching_pennies() -> list[Any]:
 def bilinear() -> list[Any]:
   """``L_1 = xᵀy``, ``L_2 = -xᵀy``: the Nash point is 0; naive play rotates around it.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import games
     >>> float(games.bilinear()[0]((jnp.ones(2), jnp.ones(2))))
@@ -57,7 +57,7 @@ def bilinear() -> list[Any]:
 def tandem() -> list[Any]:
   """``L_1 = (x + y)² - 2x``, ``L_2 = (x + y)² - 2y``; fixed points ``x + y = 1``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import games
     >>> [float(l((jnp.array(0.5), jnp.array(0.5)))) for l in games.tandem()]
@@ -76,7 +76,7 @@ def ipd(gamma: float = 0.96) -> list[Any]:
   ``L_i = p_0 (I - γP)⁻¹ r_i``; ``(1 - γ) L_i`` is the average loss per step (1 when both
   always cooperate, 2 when both always defect).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import games
     >>> L = games.ipd()
@@ -102,7 +102,7 @@ def leader_follower() -> tuple[list[Any], dict[str, float]]:
   ``v = u/2``. Nash: ``(2/3, 1/3)``, leader's loss ``5/18``; Stackelberg (the leader
   accounts for the response): ``(1/2, 1/4)``, leader's loss ``1/4``.
 
-  Example:
+  Examples:
     >>> from kbeam_jax.tasks import games
     >>> losses, points = games.leader_follower()
     >>> points["stackelberg_u"], points["nash_u"]

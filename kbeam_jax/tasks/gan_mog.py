@@ -62,7 +62,7 @@ def objective(
   data, ``z`` a batch of noise. ``log D = -softplus(-logit)`` and ``log(1 - D) =
   -softplus(logit)``, so the value is finite for any logit.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from kbeam_jax.tasks import gan_mog
@@ -102,7 +102,7 @@ def jsd(x: jax.Array, y: jax.Array, bins: int = 20, lim: float = 2.0) -> jax.Arr
   to every bin, normalized; ``JSD = ½ KL(P, M) + ½ KL(Q, M)`` with ``M = (P + Q) / 2``.
   It lies in ``[0, log 2]``.
 
-  Example:
+  Examples:
     >>> import jax
     >>> from kbeam_jax import data
     >>> from kbeam_jax.tasks import gan_mog

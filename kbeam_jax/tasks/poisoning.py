@@ -12,7 +12,7 @@ and the attacker minimizes the loss of labelling the source-class validation ima
 test images classified as ``target``). The poisons start as training images with wrong
 labels, which is itself the random-label-flip attack of the same size.
 
-Example:
+Examples:
   >>> import numpy as np, jax.numpy as jnp
   >>> from kbeam_jax.tasks import poisoning
   >>> rng = np.random.default_rng(0)
@@ -146,7 +146,7 @@ def init_poisons(
 def project_images(x: jax.Array) -> jax.Array:
   """The poisons' constraint: pixels in [0, 1] (``project_u`` of the bilevel solver).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import poisoning
     >>> poisoning.project_images(jnp.array([-0.5, 0.3, 1.2]))
@@ -230,7 +230,7 @@ def target_misclassification(
 ) -> float:
   """Fraction of the ``source``-class test images that ``params`` classifies as ``target``.
 
-  Example:
+  Examples:
     >>> import numpy as np, jax.numpy as jnp
     >>> from kbeam_jax.tasks import poisoning
     >>> model = poisoning.softmax_regression()

@@ -78,7 +78,7 @@ def objective(
   ``v`` the adversary's parameters; ``f_priv`` and ``f_util`` are cross-entropies with
   ``l2/2·|·|²`` on the classifier that owns them.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from kbeam_jax.tasks import privacy
@@ -124,7 +124,7 @@ def retrain_accuracy(
   full-batch L-BFGS on cross-entropy + ``l2/2·|W|²``, which is convex, so the result
   does not depend on an initialization.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> from kbeam_jax.tasks import privacy
     >>> z = jax.random.normal(jax.random.key(0), (200, 3))

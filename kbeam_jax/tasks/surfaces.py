@@ -104,7 +104,7 @@ PUBLISHED_METHODS = ("gd", "alt_gd", "kbeam_1", "kbeam_2", "kbeam_5", "kbeam_10"
 def get(name: str) -> Surface:
   """The surface called ``name``; raises a ``KeyError`` that lists the known names.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import surfaces
     >>> s = surfaces.get("anti_saddle")
@@ -124,7 +124,7 @@ def project(x: jax.Array) -> jax.Array:
 def max_value(surface: Surface, u: jax.Array, num_grid: int = 2001) -> jax.Array:
   """``max_{|v| <= BOUND} f(u, v)`` by a dense grid over ``v`` (for plots and checks).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import surfaces
     >>> round(float(surfaces.max_value(surfaces.get("seesaw"), jnp.array(0.5))), 4)
@@ -140,7 +140,7 @@ def select(names: Sequence[str]) -> Callable[[jax.Array, jax.Array, jax.Array], 
 
   A study over surfaces then compiles one program and picks the surface at run time.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from kbeam_jax.tasks import surfaces
     >>> f = surfaces.select(["saddle", "anti_saddle"])
