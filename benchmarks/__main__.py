@@ -203,7 +203,9 @@ def _epilog(names: list[str]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    prog="python -m benchmarks",
+    prog="kbeam-benchmarks"
+    if Path(sys.argv[0]).name == "kbeam-benchmarks"
+    else "python -m benchmarks",
     description="Run a benchmark suite: it prints a table and writes SUITE.json, SUITE.md "
     "and SUITE.png to --out. `python -m benchmarks SUITE --help` shows one suite's options, "
     "run times and data. Data files are read from the folder $KBEAM_JAX_DATA names (e.g. "

@@ -191,3 +191,20 @@ def test_devices_flag_starts_jax_with_that_many_devices(tmp_path):
   rows = run_devices("gan_mog", tmp_path)
   assert [r["devices"] for r in rows] == [1, 2]
   assert rows[1]["max_abs_diff_u"] < 1e-5
+
+
+def test_kbeam_benchmarks_runs_from_any_folder(tmp_path, monkeypatch):
+  import subprocess
+  import sys
+
+  from kbeam_jax import _benchmarks_entry
+
+  code = "import sys; from kbeam_jax._benchmarks_entry import main; sys.exit(main())"
+  done = subprocess.run(
+    [sys.executable, "-c", code, "games", "--help"], cwd=tmp_path, capture_output=True, text=True
+  )
+  assert done.returncode == 0 and "--quick" in done.stdout, done.stderr
+  # an install without the repository beside it says how to get the suites
+  monkeypatch.setattr(_benchmarks_entry, "__file__", str(tmp_path / "kbeam_jax" / "x.py"))
+  with pytest.raises(SystemExit, match="clone it and install it editable"):
+    _benchmarks_entry.main(["games"])
