@@ -162,7 +162,7 @@ SUITES = {
     "adversarial training, or the minimax game against K = 1 and K = 5 network attackers "
     "(K-beam); evaluated clean, under FGSM, PGD-40 and a re-adapted attacker network at "
     "eta = 0.1, 0.2, 0.3, and the cat-and-mouse sequence",
-    "full 16 min; --protocol paper about 45 min per seed; --quick under 2 min",
+    "full 16 min; --protocol paper 45 min per seed (one core each); --quick under 2 min",
     MNIST,
     iters="300 defense steps per eta, 2500 with --protocol paper (--quick: 10)",
     resume=True,
