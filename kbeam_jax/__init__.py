@@ -27,7 +27,7 @@ from kbeam_jax.minimax import kbeam as kbeam
 from kbeam_jax.minimax import kbeam_sgd as kbeam_sgd
 from kbeam_jax.minimax import scale_by_kbeam as scale_by_kbeam
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = ("data", "nn", "tasks")
 
