@@ -442,6 +442,11 @@ def evaluate(
 # --- The study --------------------------------------------------------------------------
 
 
+def show(what: str, acc: dict[str, float]) -> None:
+  """One progress line: ``what`` and its accuracies."""
+  print(f"[adversarial_defense] {what}: " + ", ".join(f"{a} {v:.4f}" for a, v in acc.items()))
+
+
 def train_defense(
   defense: str,
   name: str,
@@ -477,9 +482,7 @@ def train_defense(
       )  # fmt: skip
       runs.append(run)
       curve.append({"defense": defense, "eta": eta, "steps": steps, **acc})
-      print(f"[adversarial_defense] {defense} η={eta} after {steps} steps: " + ", ".join(
-        f"{a} {v:.4f}" for a, v in acc.items()
-      ))  # fmt: skip
+      show(f"{defense} η={eta} after {steps} steps", acc)
   return state, runs, curve
 
 
@@ -598,9 +601,7 @@ def run_suite(
       add(defense, None if defense == "none" else eta, eta, acc)
       if defense != "none" and eta in cfg.curve_etas:
         curves += curve + [{"defense": defense, "eta": eta, "steps": cfg.defense_steps, **acc}]
-      print(f"[adversarial_defense] {defense} η={eta}: " + ", ".join(
-        f"{a} {v:.4f}" for a, v in acc.items()
-      ))  # fmt: skip
+      show(f"{defense} η={eta}", acc)
   for eta in cfg.cat_etas:
     cat, cat_runs = cat_and_mouse(u0, eta, dev, cfg, seed, **kw)
     records += cat

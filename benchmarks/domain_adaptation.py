@@ -107,15 +107,19 @@ def init_state(method: str, key: jax.Array) -> tuple[Any, kbeam_jax.Solver]:
   return state, solver
 
 
+def sample_batch(d: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, ...]:
+  """``BATCH`` random examples of each domain: ``(x_source, y_source, x_target,
+  y_target)`` (``y_target`` only where ``d`` has it)."""
+  k_s, k_t = jax.random.split(key)
+  i = jax.random.randint(k_s, (BATCH,), 0, d["x_source"].shape[0])
+  j = jax.random.randint(k_t, (BATCH,), 0, d["x_target"].shape[0])
+  labels = (d["y_target"][j],) if "y_target" in d else ()
+  return d["x_source"][i], d["y_source"][i], d["x_target"][j], *labels
+
+
 def chunk_fn(solver: kbeam_jax.Solver, d: dict[str, jax.Array], num_iters: int):
   """``(state, key) -> ((state, key), None)`` after ``num_iters`` steps."""
-  n_s, n_t = d["x_source"].shape[0], d["x_target"].shape[0]
-
-  def batch(key):
-    k_s, k_t = jax.random.split(key)
-    i = jax.random.randint(k_s, (BATCH,), 0, n_s)
-    j = jax.random.randint(k_t, (BATCH,), 0, n_t)
-    return d["x_source"][i], d["y_source"][i], d["x_target"][j], d["y_target"][j]
+  batch = lambda key: sample_batch(d, key)
 
   @jax.jit
   def chunk(carry):
@@ -277,19 +281,13 @@ def devices_suite(
   opt = optax.sgd(LR, momentum=MOMENTUM)
   state, _ = init_state(f"kbeam_{K}", jax.random.key(seed))
 
-  def batch(key):
-    k_s, k_t = jax.random.split(key)
-    i = jax.random.randint(k_s, (BATCH,), 0, d["x_source"].shape[0])
-    j = jax.random.randint(k_t, (BATCH,), 0, d["x_target"].shape[0])
-    return d["x_source"][i], d["y_source"][i], d["x_target"][j]
-
   counts = (1,) + tuple(c for c in counts if c != 1)
   rows = _common.device_scaling(
     counts,
     K,
     lambda mesh: parallel.kbeam(da.objective(), opt, opt, mesh=mesh),
     state,
-    batch,
+    lambda key: sample_batch(d, key),
     steps=steps,
   )
   return _common.device_report(
