@@ -1,6 +1,8 @@
 """K-beam solver: K = 1 is alternating GDA, vmapped beams equal a loop, the transform
 equals the solver, and it runs inside ``nnx.Optimizer``."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,11 +180,42 @@ def test_transform_matches_the_solver(name):
     state, info = solver.step(state, 1.0)
     if name == "kiwiel":
       assert float(info.step_scale) == 1.0  # so the solver took the plain step
-    updates, opt_state = update(u, opt_state, u)
+    updates, opt_state = update(None, opt_state, u)
     u = optax.apply_updates(u, updates)
     for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(state.u), strict=True):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(optax.tree.get(opt_state, "values"), info.values, rtol=1e-5)
+
+
+def test_transform_warns_when_a_transform_before_it_is_dropped():
+  """Weight decay chained before K-beam would vanish with the ignored grads: a warning says so,
+  under jit and vmap too; None, zeros, and decay chained after stay silent."""
+  f = lambda u, v: jnp.sum(u * v + u**2)
+  beams = jnp.zeros((3, 2))
+
+  def step(tx, grads, u):
+    return tx.update(grads, tx.init(u), u, minimax_fn=f)[0]
+
+  before = optax.chain(
+    optax.add_decayed_weights(0.1), minimax.scale_by_kbeam(optax.sgd(0.1), beams), optax.sgd(0.1)
+  )
+  after = optax.chain(
+    minimax.scale_by_kbeam(optax.sgd(0.1), beams), optax.add_decayed_weights(0.1), optax.sgd(0.1)
+  )
+  u = jnp.ones(2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.block_until_ready(jax.jit(lambda u: step(after, jnp.zeros_like(u), u))(u))
+    jax.block_until_ready(step(before, None, u))  # nothing upstream to drop
+    jax.block_until_ready(jax.vmap(lambda u: step(after, jnp.zeros_like(u), u))(jnp.ones((2, 2))))
+  for run in (
+    lambda: step(before, jnp.zeros_like(u), u),
+    lambda: jax.jit(lambda u: step(before, jnp.zeros_like(u), u))(u),
+    lambda: jax.vmap(lambda u: step(before, jnp.zeros_like(u), u))(jnp.ones((2, 2))),
+  ):
+    with pytest.warns(UserWarning, match="add_decayed_weights"):
+      jax.block_until_ready(run())
+      jax.effects_barrier()
 
 
 class Leader(nnx.Module):
@@ -206,7 +239,7 @@ def test_transform_inside_nnx_optimizer():
   beams = jax.random.normal(jax.random.key(3), (4, 2))
   tx = minimax.kbeam_sgd(0.1, optax.sgd(0.1), beams)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  grads = nnx.grad(lambda m: jnp.mean(m(x)))(model)  # ignored by the transform
+  grads = nnx.grad(lambda m: 0.0 * jnp.mean(m(x)))(model)  # zeros: ignored by the transform
   for _ in range(5):
     optimizer.update(model, grads, minimax_fn=minimax_fn)
 

@@ -187,17 +187,17 @@ def test_linen_train_state_forwards_extra_arguments():
   # the same steps by hand
   opt_state, p = tx.init(params), params
   for _ in range(3):
-    state = state.apply_gradients(grads=params, minimax_fn=f)
-    updates, opt_state = tx.update(params, opt_state, p, minimax_fn=f)
+    state = state.apply_gradients(grads=None, minimax_fn=f)
+    updates, opt_state = tx.update(None, opt_state, p, minimax_fn=f)
     p = optax.apply_updates(p, updates)
   assert int(state.step) == 3
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state.params, p)
   # a dataclass field is still replaced, as in flax's TrainState
   other = lambda *a: None
-  state = state.apply_gradients(grads=params, minimax_fn=f, apply_fn=other)
+  state = state.apply_gradients(grads=None, minimax_fn=f, apply_fn=other)
   assert state.apply_fn is other and int(state.step) == 4
   with pytest.raises(TypeError, match="minimax_fn"):  # the transform's own error
-    state.apply_gradients(grads=params)
+    state.apply_gradients(grads=None)
 
 
 def test_checkpoint_round_trip_with_keys_and_mismatch(tmp_path):

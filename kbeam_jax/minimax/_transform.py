@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kbeam_jax._checks import (
@@ -78,7 +80,10 @@ def scale_by_kbeam(
 
   The incoming ``grads`` are ignored (only their structure is checked against
   ``params``): they are a gradient at some follower the caller chose, while K-beam
-  needs the gradient at the best beams, which only the transform knows. Chain a
+  needs the gradient at the best beams, which only the transform knows. Pass ``None``
+  (or zeros): incoming updates that are not zero draw a ``UserWarning`` (once), since
+  whatever a transform chained *before* this one added is dropped with them (weight
+  decay: chain ``optax.add_decayed_weights`` or ``optax.adamw`` *after* it). Chain a
   learning rate or any optimizer after it: ``optax.chain(scale_by_kbeam(...),
   optax.adam(1e-3))`` runs the K-beam step with Adam on ``z``; a sequence of updates is
   then the same as the ``kbeam`` solver's steps with that leader and the same ``key``
@@ -199,6 +204,7 @@ def scale_by_kbeam(
       raise ValueError("scale_by_kbeam needs params: call tx.update(grads, state, params, ...).")
     if updates is not None:
       check_same_structure(updates, params, "grads", "params")
+      _warn_if_dropped(updates)
     f = scalar_output(minimax_fn, "minimax_fn(u, v)")
 
     def max_step(carry):
@@ -245,6 +251,30 @@ def scale_by_kbeam(
     return z, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_DROPPED = (
+  "scale_by_kbeam ignores its incoming updates, and they were not zero, so whatever a "
+  "transform chained before it added was dropped (weight decay: put optax.add_decayed_weights "
+  "or optax.adamw after scale_by_kbeam in the chain). Pass grads=None, or zeros, to the "
+  "update if nothing comes before it."
+)
+
+
+def _warn_if_dropped(updates: PyTree) -> None:
+  """A ``UserWarning`` from the host when the ignored incoming updates are not all zero.
+
+  The host call happens only when some update is non-zero, so a correct chain pays one
+  reduction per update and no host round trip (under ``vmap``, where ``cond`` runs both
+  branches, the host is called every update and checks the batched flag itself).
+  """
+  nonzero = jnp.any(jnp.stack([jnp.any(x != 0) for x in jax.tree.leaves(updates)] or [False]))
+
+  def warn(flag: Any) -> None:
+    if np.any(flag):
+      warnings.warn(_DROPPED, UserWarning, stacklevel=2)
+
+  jax.lax.cond(nonzero, lambda: jax.debug.callback(warn, nonzero), lambda: None)
 
 
 def kbeam_sgd(

@@ -28,7 +28,7 @@ class TrainState(train_state.TrainState):
     >>> state = nn.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     >>> x = jnp.ones((4, 2))
     >>> f = lambda p, v: jnp.mean((state.apply_fn(p, x) - v) ** 2)
-    >>> state = state.apply_gradients(grads=params, minimax_fn=f)
+    >>> state = state.apply_gradients(grads=None, minimax_fn=f)
     >>> int(state.step)
     1
   """
