@@ -1,6 +1,7 @@
-"""The documentation site's sources stay complete: every public module has an API page, and
-every README section a guide page includes exists (the site itself is built by .ci/run:
-``mkdocs build --strict -f docs/mkdocs.yml``)."""
+"""The documentation site's sources stay complete: every public module has an API page, every
+page is in the nav and every nav entry is a page, and every file a page includes exists (the
+site itself is built by .ci/run: ``mkdocs build --strict -f docs/mkdocs.yml``; the pages'
+python blocks run in tests/test_readme.py)."""
 
 import re
 import types
@@ -30,12 +31,32 @@ def test_every_public_module_has_an_api_page():
       assert f"::: kbeam_jax.{name}" in top, f"kbeam_jax.{name} missing from the API page"
 
 
-def test_included_readme_sections_exist_and_pages_are_in_the_nav():
-  readme = (ROOT / "README.md").read_text()
-  nav = (ROOT / "docs" / "mkdocs.yml").read_text()
+def nav_pages() -> list[str]:
+  """The pages the nav of docs/mkdocs.yml names, as paths under docs/pages."""
+  nav = (ROOT / "docs" / "mkdocs.yml").read_text().split("\nnav:\n", 1)[1]
+  nav = nav[: re.search(r"^\S", nav, flags=re.M).start()]  # up to the next top-level key
+  return re.findall(r"^\s+- (?:[^\n]*: )?(\S+\.md)$", nav, flags=re.M)
+
+
+def test_nav_and_pages_agree():
+  nav = nav_pages()
+  assert "index.md" in nav and "guide/bilevel.md" in nav and "benchmarks/index.md" in nav, nav
+  assert len(nav) == len(set(nav)), "a page is in the nav twice"
+  for page in nav:
+    assert (PAGES / page).is_file(), f"the nav names docs/pages/{page}, which does not exist"
   for page in PAGES.rglob("*.md"):
     assert str(page.relative_to(PAGES)) in nav, f"{page} is not in the nav"
-    for file, section in re.findall(r'--8<-- "([^":]+):([^"]+)"', page.read_text()):
-      assert file == "README.md"
-      for edge in ("start", "end"):
-        assert f"<!-- --8<-- [{edge}:{section}] -->" in readme, f"README lacks {edge}:{section}"
+
+
+def test_included_files_exist():
+  """A page may include a file (the changelog does) with pymdownx.snippets; the file, and the
+  section when one is named, must exist. The guide no longer includes README sections: the
+  pages hold their own text."""
+  for page in PAGES.rglob("*.md"):
+    for file, section in re.findall(r'--8<-- "([^":]+)(?::([^"]+))?"', page.read_text()):
+      assert file != "README.md", f"{page} includes the README; move the text into the page"
+      assert (ROOT / file).is_file(), f"{page} includes {file}, which does not exist"
+      if section:
+        text = (ROOT / file).read_text()
+        for edge in ("start", "end"):
+          assert f"--8<-- [{edge}:{section}]" in text, f"{file} lacks {edge}:{section}"

@@ -1,9 +1,12 @@
-"""Every ```python block of the README runs on its own, as a standalone script in a fresh
-process, and the quickstart blocks do what their comments say.
+"""Every ```python block of the README and of the documentation pages (docs/pages/**/*.md)
+runs on its own, as a standalone script in a fresh process, and the examples do what their
+comments say.
 
-A block whose first line is ``# needs data: ...`` is skipped when ``KBEAM_JAX_DATA`` is
-unset; a block whose first line is ``# readme-test: skip, <reason>`` is skipped with that
-reason (for a block waiting on an API change).
+A block that appears word for word in several files (the quickstart: README.md and the
+site's home page) runs once, under its first place. A block whose first line is
+``# needs data: ...`` is skipped when ``KBEAM_JAX_DATA`` is unset; a block whose first line
+is ``# readme-test: skip, <reason>`` is skipped with that reason (for a block waiting on an
+API change).
 """
 
 import os
@@ -17,15 +20,32 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
+PAGES = ROOT / "docs" / "pages"
 
 
-def python_blocks() -> list[tuple[int, str]]:
-  """``(line number, code)`` of every ```python block."""
-  text = README.read_text()
+def markdown_files() -> list[Path]:
+  """README.md, then every documentation page in path order."""
+  return [README] + sorted(PAGES.rglob("*.md"))
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+  """``(line number, code)`` of every ```python block of one file."""
+  text = path.read_text()
   return [
     (text[: m.start()].count("\n") + 2, m.group(1))
     for m in re.finditer(r"```python\n(.*?)```", text, flags=re.S)
   ]
+
+
+def all_blocks() -> list[tuple[str, int, str]]:
+  """``(file, line, code)`` of every distinct block, under the first place it appears."""
+  seen, blocks = set(), []
+  for path in markdown_files():
+    for line, code in python_blocks(path):
+      if code not in seen:
+        seen.add(code)
+        blocks.append((str(path.relative_to(ROOT)), line, code))
+  return blocks
 
 
 # Checks appended to a block (found by a string it contains): what its comments promise.
@@ -104,21 +124,33 @@ CHECKS = {
 
 
 def test_every_block_is_found_and_checks_match_blocks():
-  blocks = python_blocks()
-  assert len(blocks) >= 6, "the README has fewer python blocks than expected"
+  blocks = [code for _, _, code in all_blocks()]
+  assert len(blocks) >= 15, "the README and the pages have fewer python blocks than expected"
+  assert python_blocks(README), "the README has no quickstart block"
   for key in CHECKS:
-    assert sum(key in code for _, code in blocks) == 1, key
+    assert sum(key in code for code in blocks) == 1, key
+
+
+def test_readme_blocks_are_on_the_site_too():
+  """The README is the short front page: every example it shows is also on a page."""
+  pages = [code for path in markdown_files()[1:] for _, code in python_blocks(path)]
+  for line, code in python_blocks(README):
+    assert code in pages, f"README.md line {line}: the block is on no page of docs/pages/"
 
 
 @pytest.mark.parametrize(
-  "line, code", [pytest.param(line, code, id=f"line{line}") for line, code in python_blocks()]
+  "file, line, code",
+  [
+    pytest.param(file, line, code, id=f"{file.removeprefix('docs/pages/')}:{line}")
+    for file, line, code in all_blocks()
+  ],
 )
-def test_block_runs_standalone(line, code, tmp_path):
+def test_block_runs_standalone(file, line, code, tmp_path):
   first = code.splitlines()[0]
   if first.startswith("# readme-test: skip"):
-    pytest.skip(f"README.md line {line}: {first.split('skip', 1)[1].strip(' ,:')}")
+    pytest.skip(f"{file} line {line}: {first.split('skip', 1)[1].strip(' ,:')}")
   if first.startswith("# needs data") and not os.environ.get("KBEAM_JAX_DATA"):
-    pytest.skip(f"README.md line {line} reads data files: set KBEAM_JAX_DATA to run it")
+    pytest.skip(f"{file} line {line} reads data files: set KBEAM_JAX_DATA to run it")
   script = code + "".join(textwrap.dedent(c) for k, c in CHECKS.items() if k in code)
   (tmp_path / "block.py").write_text(script)
   path = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
@@ -133,7 +165,7 @@ def test_block_runs_standalone(line, code, tmp_path):
     text=True,
     timeout=600,
   )
-  assert result.returncode == 0, f"README.md block at line {line} failed:\n{result.stderr[-3000:]}"
+  assert result.returncode == 0, f"{file} block at line {line} failed:\n{result.stderr[-3000:]}"
 
 
 def test_readme_opens_with_the_two_commands():
@@ -143,3 +175,14 @@ def test_readme_opens_with_the_two_commands():
   assert commands[1].startswith('pip install -e ".[test]" && python -m pytest')
   ci = (README.parent / ".ci" / "run").read_text()
   assert 'pip install -e ".[test]" && python -m pytest' in ci
+
+
+def test_readme_stays_short_and_says_how_to_build_the_docs():
+  text = README.read_text()
+  assert len(text.splitlines()) <= 250, "the README is the front page: the long text is in docs/"
+  assert "mkdocs serve -f docs/mkdocs.yml" in text and "mkdocs build --strict" in text
+  home = (PAGES / "index.md").read_text()
+  assert (
+    re.findall(r"```bash\n(.*?)```", home, flags=re.S)[0]
+    == re.findall(r"```bash\n(.*?)```", text, flags=re.S)[0]
+  ), "the site's home page shows the README's two commands"
