@@ -31,8 +31,9 @@ class Suite:
 
   title: str  # one line for the listing in the main --help
   description: str
-  # wall time on 2 CPU cores: full runs as measured for the README (idle machine); --quick
-  # as upper bounds, measured while other jobs loaded the machine (load average about 7)
+  # wall time on 2 CPU cores: full runs as measured for the reports in docs/pages/benchmarks/
+  # (idle machine); --quick as upper bounds, measured while other jobs loaded the machine
+  # (load average about 7)
   time: str
   data: str  # files read from KBEAM_JAX_DATA ("" for none)
   trials: str | None = None  # default trial count (None: the suite has no --trials)

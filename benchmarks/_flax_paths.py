@@ -9,8 +9,8 @@ loop, timed in turns with the other paths (median per step):
   plain arrays, ``nnx.update(model, params)`` when the module is wanted back;
 * ``nnx.Optimizer, nnx.jit``: ``nnx.Optimizer`` with ``nn.update_without_grads`` inside
   ``nnx.jit`` (which walks the module graph on every call);
-* ``nnx.Optimizer, cached_partial``: the same, through ``nnx.cached_partial`` (the README's
-  NNX example).
+* ``nnx.Optimizer, cached_partial``: the same, through ``nnx.cached_partial`` (the NNX
+  example on the documentation's home page).
 """
 
 from __future__ import annotations

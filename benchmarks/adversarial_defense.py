@@ -108,8 +108,8 @@ def paper_config() -> Config:
   adversarial training, alternating descent-ascent (K = 1) and the minimax defense (K =
   5); every attacker the paper's AttNet, a fully connected 784-300-300-784 network
   (``attacker_layers=2``: "three layers" read as three layers of weights); 2,500 defense
-  steps, where our η = 0.3 curve (README) saw the re-adapted attacker's accuracy level off;
-  the defenses evaluated along training at η = 0.3."""
+  steps, where our η = 0.3 curve (docs/pages/benchmarks/adversarial_defense.md) saw the
+  re-adapted attacker's accuracy level off; the defenses evaluated along training at η = 0.3."""
   return Config(
     etas=PAPER_ETAS,
     defenses=("none", "fgsm", "minimax_k1", "minimax_k5"),

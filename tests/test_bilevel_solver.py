@@ -151,7 +151,7 @@ def test_penalty_reports_divergence_when_the_penalized_objective_is_unbounded():
   assert bool(info.diverging[-1]) and float(jnp.abs(state.v).max()) > 100.0
   assert float(state.lower.gamma) < 2.0  # the schedule never got past the threshold
   assert not bool(info.diverging[: bilevel.PenaltySchedule().divergence_steps - 1].any())
-  state, info = run(4.0)  # γ_0 above the threshold: the README's advice
+  state, info = run(4.0)  # γ_0 above the threshold: the bilevel guide's advice
   assert not bool(info.diverging.any()) and float(jnp.abs(state.v).max()) < 10.0
 
 

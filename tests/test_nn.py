@@ -145,7 +145,8 @@ def test_update_without_grads_refuses_transforms_that_need_grads():
 
 def test_batchnorm_leader_pattern():
   """A leader with BatchNorm: split its statistics out, merge them back in the objective,
-  advance them by one forward pass after each update (the README's pattern)."""
+  advance them by one forward pass after each update (the pattern on the documentation's home
+  page)."""
   beams = jax.random.normal(jax.random.key(3), (4, 2))
   tx = minimax.kbeam_sgd(0.1, optax.sgd(0.1), beams)
   model = Leader(nnx.Rngs(0), norm=True)

@@ -120,8 +120,8 @@ def test_upper_objective_decreases_in_the_box(tiny, method, targeted):
   # λ = 1, 300 warm-up steps) is single-loop: v must sit near the minimizer of L_γ, whose
   # curvature in v is γ(∇²_vv g)² (condition ≈ 10⁵ here), before u moves and track it
   # after, so u takes 100 steps of 0.002 instead of 8 of 0.02. Measured here (targeted f
-  # from 1.03): this setting 0.006; with 8 steps of 0.02 instead, 3.57. The README's
-  # poisoning section has the ablation.
+  # from 1.03): this setting 0.006; with 8 steps of 0.02 instead, 3.57. The poisoning
+  # benchmark page (docs/pages/benchmarks/poisoning.md) has the ablation.
   upper_lr, outer_steps = (0.002, 100) if method == "penalty" else (0.02, 8)
   inner = dict(inner=optax.adam(1e-3)) if method == "penalty" else dict(inner_lr=0.3)
   solver = METHODS[method](

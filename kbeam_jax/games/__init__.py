@@ -9,7 +9,7 @@ by ``kbeam_jax.run``, and uses only Jacobian-vector and vector-Jacobian products
   ``lookahead``, ``lola``, ``sos``, ``cgd``: general-sum Nash learning;
 * ``stackelberg``: a leader descending its total derivative through the follower's best
   response (``bilevel.argmin`` with any method); nested ``argmin`` gives multilevel
-  programs (README, "Games").
+  programs (the guide's "Games" page, docs/pages/guide/games.md).
 
 Two-player zero-sum games are the minimax family's special case: ``gradient_play`` on
 ``(f, -f)`` steps exactly like ``minimax.simultaneous_gda`` / ``alternating_gda``.

@@ -24,7 +24,8 @@ def update_without_grads(optimizer: nnx.Optimizer, model: nnx.Module, /, **extra
   the gradient. Use it inside ``nnx.jit`` like ``optimizer.update``, and call the jitted
   step through ``nnx.cached_partial(step, model, optimizer)``: a plain ``nnx.jit`` call
   walks the module and optimizer graphs every time (1.7x linen's time per K-beam step of
-  a small GAN, against 1.1x cached; see the README's "Speed" paragraph).
+  a small GAN, against 1.1x cached; see "Speed" on the documentation's home page,
+  docs/pages/index.md).
 
   Models with state outside ``wrt`` (``nnx.BatchNorm``'s running statistics): split it
   out as plain arrays and merge it back in the objective, ``graphdef, _, rest =
@@ -32,8 +33,8 @@ def update_without_grads(optimizer: nnx.Optimizer, model: nnx.Module, /, **extra
   ``nnx.merge(graphdef, params, rest)`` (the Variables themselves cannot be written from
   inside the transform's ``vmap`` / ``grad``). In training mode BatchNorm then normalizes
   by the batch, but the K-beam evaluations do not advance the running statistics: call
-  ``model(x)`` once after the update to do that (tested; see the README's "Flax NNX"
-  section). Beams cannot hold such state (``stack_modules`` says so).
+  ``model(x)`` once after the update to do that (tested; see "With Flax NNX" on the
+  documentation's home page). Beams cannot hold such state (``stack_modules`` says so).
 
   Args:
     optimizer: an ``nnx.Optimizer`` whose ``tx`` computes its own direction
