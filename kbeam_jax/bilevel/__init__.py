@@ -15,22 +15,19 @@
 * ``max_curvature(g, u, v)``: ``λ_max(∇²_vv g)`` by power iteration (stable steps).
 """
 
-from kbeam_jax.bilevel._argmin import Hypergradient as Hypergradient
-from kbeam_jax.bilevel._argmin import HypergradientInfo as HypergradientInfo
 from kbeam_jax.bilevel._argmin import argmin as argmin
 from kbeam_jax.bilevel._argmin import fixed_point as fixed_point
-from kbeam_jax.bilevel._argmin import hypergradient as hypergradient
 from kbeam_jax.bilevel._argmin import max_curvature as max_curvature
 from kbeam_jax.bilevel._argmin import root as root
-from kbeam_jax.bilevel._lower import SolveInfo as SolveInfo
-from kbeam_jax.bilevel._methods import CG as CG
-from kbeam_jax.bilevel._methods import FMD as FMD
-from kbeam_jax.bilevel._methods import RMD as RMD
-from kbeam_jax.bilevel._methods import ApproxGrad as ApproxGrad
+from kbeam_jax.bilevel._hypergradient import Hypergradient as Hypergradient
+from kbeam_jax.bilevel._hypergradient import HypergradientInfo as HypergradientInfo
+from kbeam_jax.bilevel._hypergradient import hypergradient as hypergradient
+from kbeam_jax.bilevel._linear_solvers import CG as CG
+from kbeam_jax.bilevel._linear_solvers import ApproxGrad as ApproxGrad
+from kbeam_jax.bilevel._linear_solvers import Neumann as Neumann
 from kbeam_jax.bilevel._methods import Implicit as Implicit
 from kbeam_jax.bilevel._methods import Method as Method
 from kbeam_jax.bilevel._methods import Naive as Naive
-from kbeam_jax.bilevel._methods import Neumann as Neumann
 from kbeam_jax.bilevel._outer import BilevelState as BilevelState
 from kbeam_jax.bilevel._outer import solver as solver
 from kbeam_jax.bilevel._penalty import PenaltyInfo as PenaltyInfo
@@ -38,10 +35,13 @@ from kbeam_jax.bilevel._penalty import PenaltyLower as PenaltyLower
 from kbeam_jax.bilevel._penalty import PenaltySchedule as PenaltySchedule
 from kbeam_jax.bilevel._penalty import PenaltyState as PenaltyState
 from kbeam_jax.bilevel._penalty import penalty as penalty
+from kbeam_jax.bilevel._status import SolveInfo as SolveInfo
 from kbeam_jax.bilevel._transform import ScaleByHypergradientState as ScaleByHypergradientState
 from kbeam_jax.bilevel._transform import ScaleByPenaltyState as ScaleByPenaltyState
 from kbeam_jax.bilevel._transform import scale_by_hypergradient as scale_by_hypergradient
 from kbeam_jax.bilevel._transform import scale_by_penalty as scale_by_penalty
+from kbeam_jax.bilevel._unrolled import FMD as FMD
+from kbeam_jax.bilevel._unrolled import RMD as RMD
 
 __all__ = [
   "CG",

@@ -1,7 +1,8 @@
-r"""Hypergradient methods as values, each owning how it differentiates a lower solve.
+r"""The method protocol: base classes ``Method`` and ``Implicit``, ``Naive``, ``check_method``.
 
-The protocol (what ``argmin``, ``root``, ``fixed_point``, ``hypergradient`` and the outer
-solver call; no module switches on a method's type):
+A hypergradient method is a value that owns how it differentiates a lower solve. The
+protocol (what ``argmin``, ``root``, ``fixed_point``, ``hypergradient`` and the outer solver
+call; no module switches on a method's type):
 
 * ``solution(problem, u, v0, data, params) -> (v, steps)``: the forward solve's answer,
   differentiable (in forward and reverse mode) the method's way;
@@ -18,6 +19,9 @@ function, or a fixed-point / proximal residual), so ``dv = -(∂_v F)⁻¹ ∂_u
 (``jvp``, ``jacfwd``) directly, reverse mode (``grad``, ``vjp``) by transposing it, and any
 order (``hessian``, ``grad(grad)``) because the primal answer re-enters the same rule. A new
 linear solver is a subclass of ``Implicit`` with one method, ``linear_solve``.
+
+The unrolled methods (``RMD``, ``FMD``) are in ``_unrolled.py``; the built-in implicit ones
+(``ApproxGrad``, ``Neumann``, ``CG``) in ``_linear_solvers.py``.
 """
 
 from __future__ import annotations
@@ -30,17 +34,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from kbeam_jax import derivatives
-from kbeam_jax._tree import (
-  PyTree,
-  tree_all_finite,
-  tree_axpy,
-  tree_scaled_norm,
-  tree_sq_norm,
-  tree_vdot,
-)
+from kbeam_jax._tree import PyTree, tree_all_finite, tree_scaled_norm
 
 MatVec = Any  # Callable[[PyTree], PyTree]
 
@@ -126,93 +121,6 @@ class Naive(Method):
   def solution(self, problem, u, v0, data, params):
     v, steps = problem.solve(u, v0, data, params, None)
     return jax.lax.stop_gradient(v), steps
-
-
-@dataclasses.dataclass(frozen=True)
-class RMD(Method):
-  """Reverse-mode differentiation through the inner steps (autodiff of the loop).
-
-  Every step is rematerialized, so the reverse pass stores only the iterates ``v_t``:
-  memory O(V·T). With ``checkpoint=True`` only every ``⌈√T⌉``-th iterate is stored and
-  each segment is recomputed in the reverse pass: memory O(V·√T) for one more forward
-  pass. Forward mode and higher orders are plain autodiff of the loop too. With your own
-  ``solve=``, RMD differentiates through it.
-
-  Attributes:
-    checkpoint: store ``⌈√T⌉`` checkpoints instead of every iterate.
-
-  Examples:
-    >>> from kbeam_jax import bilevel
-    >>> bilevel.RMD(checkpoint=True)
-    RMD(checkpoint=True)
-
-  References:
-    Maclaurin et al., Gradient-based Hyperparameter Optimization through Reversible
-    Learning, ICML 2015; Franceschi et al., ICML 2017.
-  """
-
-  unrolled: ClassVar[bool] = True
-  checkpoint: bool = False
-
-  def __post_init__(self):
-    if not isinstance(self.checkpoint, bool):
-      raise ValueError(f"RMD.checkpoint must be a bool, got checkpoint={self.checkpoint!r}.")
-
-  @property
-  def remat(self):  # type: ignore[override]
-    return "sqrt" if self.checkpoint else "step"
-
-  def solution(self, problem, u, v0, data, params):
-    return problem.solve(u, v0, data, params, self.remat)
-
-
-@dataclasses.dataclass(frozen=True)
-class FMD(Method):
-  """Forward-mode differentiation through the inner steps.
-
-  Carries the Jacobian ``P_t = dv_t/d(u, v0, args, inner_lr)`` forward (one tangent per
-  coordinate of every differentiated input, vmapped), then contracts it with the
-  tangents: exact for the unrolled loop, time O(U·V·T), memory O(U·V), independent of T.
-  As a ``custom_jvp`` rule whose tangent is linear in the input tangents, it serves
-  ``jvp``/``jacfwd`` and, transposed, ``grad``/``vjp`` without storing the trajectory.
-
-  Examples:
-    >>> from kbeam_jax import bilevel
-    >>> bilevel.FMD()
-    FMD()
-
-  References:
-    Franceschi et al., Forward and Reverse Gradient-Based Hyperparameter Optimization,
-    ICML 2017.
-  """
-
-  unrolled: ClassVar[bool] = True
-
-  def solution(self, problem, u, v0, data, params):
-    return _fmd(problem, u, v0, data, params)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _fmd(problem, u, v0, data, params):
-  return problem.solve(u, v0, data, params, None)
-
-
-def _fmd_jvp(problem, primals, tangents):
-  v, steps = _fmd(problem, *primals)  # the primal re-enters the rule at higher orders
-  substitute, xs, ts = _perturbed(primals, tangents)
-  if not xs:
-    return (v, steps), (jax.tree.map(jnp.zeros_like, v), _float0_like(steps))
-  x, unravel = ravel_pytree(xs)
-  loop = lambda x: problem.solve(*substitute(unravel(x)), None)[0]
-  # One forward pass with the tangents of every input coordinate vmapped: dv/dx, (n, ...).
-  basis = jnp.eye(x.size, dtype=x.dtype)
-  jac = jax.vmap(lambda e: jax.jvp(loop, (x,), (e,))[1])(basis)
-  t = ravel_pytree(ts)[0].astype(x.dtype)
-  dv = jax.tree.map(lambda J, vi: jnp.tensordot(t, J, axes=1).astype(vi.dtype), jac, v)
-  return (v, steps), (dv, _float0_like(steps))
-
-
-_fmd.defjvp(_fmd_jvp, symbolic_zeros=True)
 
 
 class Implicit(Method):
@@ -318,271 +226,6 @@ def _implicit_jvp(method, problem, primals, tangents):
 
 
 _implicit.defjvp(_implicit_jvp, symbolic_zeros=True)
-
-
-def _damped(matvec: MatVec, damping: float) -> MatVec:
-  if not damping:
-    return matvec
-  return lambda x: tree_axpy(damping, x, matvec(x))
-
-
-def _normal(matvec: MatVec, b: PyTree, symmetric: bool):
-  """``(x ↦ AᵀA x, Aᵀ)`` for a non-symmetric ``A``; ``(A, identity)`` for a symmetric one."""
-  if symmetric:
-    return matvec, lambda x: x
-  transpose = jax.linear_transpose(matvec, b)
-  At = lambda x: transpose(x)[0]
-  return (lambda x: At(matvec(x))), At
-
-
-@dataclasses.dataclass(frozen=True)
-class ApproxGrad(Implicit):
-  r"""Implicit hypergradient, the linear system solved by gradient descent.
-
-  ``q`` minimizes ``½|(A + σI)q - b|²`` by ``solve_steps`` descent steps (each two
-  products with ``A``); the descent is stable below ``solve_lr < 2 / λ_max(A + σI)²``, and
-  ``solve_lr="auto"`` takes ``1 / λ_max²`` (power iteration at the answer). Its condition
-  number is the square of ``A``'s: slow on an ill-conditioned lower problem, but it never
-  diverges at the auto step and improves with every step. On a singular ``A`` the iterates
-  stay in its range and tend to the minimum-norm solution.
-
-  Attributes:
-    solve_steps: descent steps on the linear system, >= 1.
-    solve_lr: their step size, > 0, or ``"auto"``.
-    damping: σ >= 0, Tikhonov damping.
-
-  Examples:
-    >>> from kbeam_jax import bilevel
-    >>> bilevel.ApproxGrad(solve_steps=50, solve_lr=0.5)
-    ApproxGrad(solve_steps=50, solve_lr=0.5, damping=0.0)
-
-  References:
-    Mehra & Hamm, Penalty Method for Inversion-Free Deep Bilevel Optimization, ACML 2021
-    (the ApproxGrad baseline of Hamm's bilevel work).
-  """
-
-  solve_steps: int
-  solve_lr: float | str = "auto"
-  damping: float = 0.0
-
-  def __post_init__(self):
-    _require_int("ApproxGrad", "solve_steps", self.solve_steps, 1)
-    _require_number("ApproxGrad", "solve_lr", self.solve_lr, positive=True, auto=True)
-    _require_number("ApproxGrad", "damping", self.damping, positive=False)
-
-  def linear_solve(self, matvec, b, x0, *, symmetric):
-    A = _damped(matvec, self.damping)
-    AtA, At = _normal(A, b, symmetric)
-    if self.solve_lr == "auto":
-      if symmetric:
-        lam = derivatives.max_eigenvalue(A, b) ** 2
-      else:
-        lam = derivatives.max_eigenvalue(AtA, b)
-      lr = jnp.where(lam > 0, 1.0 / lam, 1.0)
-    else:
-      lr = self.solve_lr
-
-    def body(q, _):  # the gradient of ½|Aq - b|² is Aᵀ(Aq - b)
-      r = jax.tree.map(jnp.subtract, A(q), b)
-      return tree_axpy(-lr, A(r) if symmetric else At(r), q), None
-
-    q = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
-    return jax.lax.scan(body, q, length=self.solve_steps)[0]
-
-  def failure_hint(self, lam):
-    if self.solve_lr != "auto" and self.solve_lr * lam**2 >= 2:
-      return (
-        f"ApproxGrad's solve_lr {self.solve_lr:g} is above 2/λ_max² ≈ {2 / lam**2:.3g}: "
-        'lower it, or pass solve_lr="auto".'
-      )
-    return super().failure_hint(lam)
-
-
-@dataclasses.dataclass(frozen=True)
-class Neumann(Implicit):
-  r"""Implicit hypergradient with ``A⁻¹ b ≈ α Σ_{j=0}^{J} (I - αA)^j b``.
-
-  The truncated Neumann series, ``J = solve_steps``, ``α = solve_lr``, computed as the
-  Richardson iteration ``q ← q + α(b - Aq)`` (so it can start from a previous answer). It
-  converges when ``0 < α < 2 / λ_max(A)`` and ``A``'s eigenvalues are positive (also for a
-  non-symmetric fixed-point condition); ``solve_lr="auto"`` takes ``1 / λ_max`` (power
-  iteration at the answer).
-
-  Attributes:
-    solve_steps: J, terms of the series after the first, >= 1.
-    solve_lr: α > 0, or ``"auto"``.
-
-  Examples:
-    >>> from kbeam_jax import bilevel
-    >>> bilevel.Neumann(solve_steps=40, solve_lr=0.5)
-    Neumann(solve_steps=40, solve_lr=0.5)
-
-  References:
-    Lorraine et al., Optimizing Millions of Hyperparameters by Implicit Differentiation,
-    AISTATS 2020.
-  """
-
-  solve_steps: int
-  solve_lr: float | str = "auto"
-
-  def __post_init__(self):
-    _require_int("Neumann", "solve_steps", self.solve_steps, 1)
-    _require_number("Neumann", "solve_lr", self.solve_lr, positive=True, auto=True)
-
-  def linear_solve(self, matvec, b, x0, *, symmetric):
-    if self.solve_lr == "auto":
-      lam = derivatives.max_eigenvalue(matvec, b, symmetric=symmetric)
-      alpha = jnp.where(lam > 0, 1.0 / lam, 1.0)
-    else:
-      alpha = self.solve_lr
-
-    def body(q, _):
-      r = jax.tree.map(jnp.subtract, b, matvec(q))
-      return tree_axpy(alpha, r, q), None
-
-    if x0 is None:  # the first term α b without a product
-      return jax.lax.scan(body, jax.tree.map(lambda x: alpha * x, b), length=self.solve_steps)[0]
-    return jax.lax.scan(body, x0, length=self.solve_steps + 1)[0]
-
-  def failure_hint(self, lam):
-    if self.solve_lr != "auto" and self.solve_lr * lam >= 2:
-      return (
-        f"Neumann's solve_lr {self.solve_lr:g} is above 2/λ_max ≈ {2 / lam:.3g}: lower it, "
-        'or pass solve_lr="auto".'
-      )
-    return super().failure_hint(lam)
-
-
-@dataclasses.dataclass(frozen=True)
-class CG(Implicit):
-  r"""Implicit hypergradient, ``(A + σI) q = b`` solved by conjugate gradient.
-
-  At most ``solve_steps`` iterations; stops once ``|r| <= tol·|b|``. A non-symmetric
-  ``A`` (a root, fixed-point or proximal condition) is solved on the normal equations
-  ``AᵀA q = Aᵀb``. It cannot lie:
-
-  * ``b`` is scaled to unit size first, so a huge but finite ``b`` (a diverged inner solve
-    in float32) gives the huge answer it implies, never an overflowed ``0``; a non-finite
-    ``b`` gives a NaN ``q``;
-  * on a singular ``A`` whose null space ``b`` has a component in (a continuum of lower
-    solutions), plain CG is wrong from its first step and then breaks down. After a
-    breakdown (a numerically zero curvature), or when its answer has a larger residual than
-    its start (an indefinite ``A`` where the recursion failed), CG solves again on
-    the normal equations ``A²q = Ab`` from 0, whose iterates stay in the range of ``A``:
-    the minimum-norm answer ``q = A⁺b``, never NaN. The second solve runs only when it
-    triggers (inside a ``lax.cond``; under ``vmap``, which runs both branches, a loop of
-    zero iterations for the elements that do not need it).
-
-  Attributes:
-    solve_steps: the most CG iterations, >= 1.
-    tol: relative residual at which CG stops, > 0.
-    damping: σ >= 0.
-    fallback: the check and the normal-equations solve above; ``False`` gives plain CG
-      (wrong on a singular or indefinite ``A``; where the fallback does not trigger both
-      cost the same, ``benchmarks/bilevel_scaling.py``).
-
-  Examples:
-    >>> from kbeam_jax import bilevel
-    >>> bilevel.CG(20)
-    CG(solve_steps=20, tol=1e-06, damping=0.0, fallback=True)
-  """
-
-  solve_steps: int
-  tol: float = 1e-6
-  damping: float = 0.0
-  fallback: bool = True
-
-  def __post_init__(self):
-    _require_int("CG", "solve_steps", self.solve_steps, 1)
-    _require_number("CG", "tol", self.tol, positive=True)
-    _require_number("CG", "damping", self.damping, positive=False)
-    if not isinstance(self.fallback, bool):
-      raise ValueError(f"CG.fallback must be a bool, got fallback={self.fallback!r}.")
-
-  def linear_solve(self, matvec, b, x0, *, symmetric):
-    # The recursion runs in float32 at least (in bfloat16 its scalars, and the breakdown
-    # test relative to the machine epsilon, mean nothing); the products keep b's dtype.
-    wide = lambda tree: jax.tree.map(
-      lambda x: x.astype(jnp.promote_types(x.dtype, "float32")), tree
-    )
-    like_b = lambda tree: jax.tree.map(lambda x, y: x.astype(y.dtype), tree, b)
-    A = _damped(lambda x: wide(matvec(like_b(x))), self.damping)
-    rhs = wide(b)
-    if x0 is not None:  # solve for the correction from the warm start
-      x0 = wide(x0)
-      rhs = jax.tree.map(jnp.subtract, rhs, A(x0))
-    A, At = _normal(A, rhs, symmetric)
-    rhs = At(rhs)
-    # Unit scale: |b|² may overflow where b does not (a diverged float32 inner solve).
-    size = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(rhs)]))
-    s = jnp.where(jnp.isfinite(size) & (size > 0), size, 1.0)
-    rhs = jax.tree.map(lambda x: x / s, rhs)
-    q, residual_q, broke_down = conjugate_gradient(A, rhs, self.solve_steps, self.tol)
-    finite = tree_all_finite(b)
-    if self.fallback and symmetric:
-      wrong = broke_down | ~(residual_q <= tree_sq_norm(rhs))  # worse than the start, or NaN
-
-      def minimum_norm():  # q = A⁺b by CG on A²q = Ab from 0
-        # Under vmap the cond runs both branches: the loop then takes zero iterations for
-        # the elements that do not need it (only A·b is computed for them).
-        budget = jnp.where(wrong, self.solve_steps, 0)
-        return conjugate_gradient(lambda x: A(A(x)), A(rhs), budget, self.tol)[0]
-
-      # A cond, so that the unbatched common case pays nothing for the fallback (a loop of
-      # zero iterations outside a cond measured 34 against 25 ms at V = 10^6).
-      q = jax.lax.cond(wrong, minimum_norm, lambda: q)
-    q = jax.tree.map(lambda x: x * s, q)
-    if x0 is not None:
-      q = jax.tree.map(jnp.add, x0, q)
-    return like_b(jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q))
-
-
-def conjugate_gradient(
-  A: MatVec, b: PyTree, max_iters: int | jax.Array, tol: float
-) -> tuple[PyTree, jax.Array, jax.Array]:
-  """CG from 0 on a symmetric ``A``; returns ``(q, |r|², broke_down)``, ``r`` the residual
-  ``b - Aq`` as CG's recursion tracks it.
-
-  Stops when ``|r| <= tol·|b|`` or after ``max_iters``. A direction ``p`` whose curvature
-  ``|pᵀAp| / |p|²`` is below ``1e3·eps`` times the largest seen (numerically a null
-  direction: the step would divide by about 0) ends the loop with ``broke_down`` set and
-  ``q`` left at the last good iterate. Negative curvature (an indefinite ``A``) does not
-  stop it: CG's recursion still solves a non-singular indefinite system (as jaxopt's and
-  ``jax.scipy``'s CG do), and a residual that ends worse than the start sends ``CG`` to its
-  fallback.
-  """
-  leaves = jax.tree.leaves(b)
-  dtype = jnp.result_type(*leaves)
-  tiny = 1e3 * jnp.finfo(dtype).eps
-  zero = jnp.zeros([], dtype)
-  rr0 = tree_sq_norm(b).astype(dtype)
-  stop = (tol**2) * rr0
-
-  def cond(carry):
-    i, _, _, _, rr, _, _, broke = carry
-    return (i < max_iters) & (rr > stop) & ~broke
-
-  def body(carry):
-    i, q, r, p, rr, pp, top, _ = carry
-    Ap = A(p)
-    pAp = tree_vdot(p, Ap).astype(dtype)
-    # pp = |p|² by the recursion |r + βp|² = |r|² + β²|p|² (r ⟂ p in CG): no extra pass.
-    curvature = jnp.abs(pAp) / jnp.maximum(pp, jnp.finfo(dtype).tiny)
-    top = jnp.maximum(top, curvature)
-    broke = ~(curvature > tiny * top) | ~jnp.isfinite(pAp)
-    alpha = jnp.where(broke, zero, rr / jnp.where(broke, 1, pAp))
-    q = tree_axpy(alpha, p, q)
-    r = tree_axpy(-alpha, Ap, r)
-    rr_new = tree_sq_norm(r).astype(dtype)
-    beta = rr_new / jnp.where(rr > 0, rr, 1)
-    p = jax.tree.map(lambda ri, pi: ri + beta.astype(pi.dtype) * pi, r, p)
-    pp = rr_new + beta**2 * pp
-    return i + 1, q, r, p, jnp.where(broke, rr, rr_new), pp, top, broke
-
-  zeros = jax.tree.map(jnp.zeros_like, b)
-  init = (jnp.zeros([], jnp.int32), zeros, b, b, rr0, rr0, zero, jnp.zeros([], bool))
-  _, q, _, _, rr, _, _, broke = jax.lax.while_loop(cond, body, init)
-  return q, rr, broke
 
 
 def check_method(method: Any) -> Method:

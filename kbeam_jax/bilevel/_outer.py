@@ -18,8 +18,8 @@ import optax
 from kbeam_jax._checks import check_float_leaves, check_optimizer, checked_projection
 from kbeam_jax._solver import Solver
 from kbeam_jax._tree import PyTree
-from kbeam_jax.bilevel import _argmin, _methods
-from kbeam_jax.bilevel._argmin import HypergradientInfo
+from kbeam_jax.bilevel import _argmin, _hypergradient, _methods
+from kbeam_jax.bilevel._hypergradient import HypergradientInfo
 
 Projection = Callable[[PyTree], PyTree]
 
@@ -75,7 +75,9 @@ def hypergradient_core(
   )
 
   def direction(f, g, u, v, adjoint, args):
-    out, adjoint = _argmin.hypergradient_step(f, method, loop, throw, (g, lr), u, v, args, adjoint)
+    out, adjoint = _hypergradient.hypergradient_step(
+      f, method, loop, throw, (g, lr), u, v, args, adjoint
+    )
     return out.grad, out.v, adjoint, out.info
 
   return Core(method.init_adjoint, direction)
