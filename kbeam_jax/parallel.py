@@ -23,12 +23,34 @@ parameters. The ε-rules need every beam's gradient for their Gram matrix (O(K·
 ``tests/test_parallel.py`` reads these collectives from the compiled program.
 
 Several hosts: start the same program on every host and call
-``jax.distributed.initialize()`` (coordinator address, process count and id from the
-arguments or the cluster's environment: SLURM, Open MPI and TPU pods are detected) before
-any other JAX call; ``jax.devices()`` then lists every host's devices and ``make_mesh``
-spans them all. Each host feeds its own slice of the batch, e.g.
-``jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)``; the rest of
-the code is unchanged.
+``jax.distributed.initialize`` before any other JAX call (coordinator address, process
+count and id as arguments, or detected from SLURM, Open MPI or a TPU pod); ``jax.devices()``
+then lists every host's devices and ``make_mesh`` spans them all. ``parallel.kbeam``'s
+``init`` builds the state in one jitted program with the state's shardings as its
+``out_shardings``, so each process fills only its own devices (every process passes the
+same arguments), and ``shard`` the same for a state every process holds whole.
+``shard_batch`` places a batch every process holds whole; a process hands in only its own
+rows with ``jax.make_array_from_process_local_data``. Results split over the processes
+come back whole with ``jax.experimental.multihost_utils.process_allgather``::
+
+  # each of 2 processes (process_id 0, 1) started with 4 CPU devices:
+  # XLA_FLAGS=--xla_force_host_platform_device_count=4; on CPUs JAX's gloo collectives
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (jax 0.10's default)
+  jax.distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=process_id)
+  mesh = parallel.make_mesh(beams=8)  # the 8 beams over the 8 devices of both processes
+  solver = parallel.kbeam(f, optax.adam(0.05), optax.sgd(0.1), mesh=mesh)
+  state = solver.init(jax.random.key(2), u0, v_init, 8)  # each process: its 4 beams
+  state, info = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 5))(state)
+  beams = multihost_utils.process_allgather(state.beams, tiled=True)  # all 8, on the host
+  data_mesh = parallel.make_mesh(data=8)  # a batch of 64 rows, 32 from each process
+  rows = slice(32 * jax.process_index(), 32 * (jax.process_index() + 1))
+  batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+    parallel.batch_sharding(data_mesh), x[rows]), full_batch)
+  grad = jax.jit(lambda u, v0, *b: bilevel.hypergradient(f_up, g_low, u, v0, *b,
+    method=bilevel.CG(20), inner_steps=40, inner_lr=0.1).grad)(u, v0, *batch)
+
+``tests/test_multihost.py`` runs this in two processes on 127.0.0.1 and compares them with
+one process of 8 virtual devices.
 
 Examples:
   >>> import jax, jax.numpy as jnp, optax
@@ -207,7 +229,19 @@ def shard(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
     >>> state.beams.sharding.spec
     P('beams',)
   """
-  return jax.device_put(tree, state_sharding(tree, mesh, trials=trials))
+  return _place(tree, state_sharding(tree, mesh, trials=trials))
+
+
+def _place(tree: PyTree, shardings: PyTree) -> PyTree:
+  """``tree`` laid out by ``shardings`` (one per leaf, or one for all): ``jax.device_put``
+  when every device is this process's; across processes (``jax.distributed``), where
+  ``device_put`` cannot reach the other processes' devices, a jitted identity whose
+  ``out_shardings`` let every process fill only its own devices, from a value that must be
+  the same on every process (host data or uncommitted arrays, as for any argument of a
+  jitted function)."""
+  if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
+    return jax.device_put(tree, shardings)
+  return jax.jit(lambda t: t, out_shardings=shardings)(tree)
 
 
 def constrain(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -224,6 +258,10 @@ def batch_sharding(mesh: Mesh, *, trials: bool = False) -> NamedSharding:
 
 def shard_batch(tree: PyTree, mesh: Mesh, *, trials: bool = False) -> PyTree:
   """Places every leaf of a batch on ``mesh``, split along its leading axis on ``data``.
+
+  Across processes every process passes the whole batch (``jax.device_put`` checks that
+  they agree); to hand in only this process's rows, use
+  ``jax.make_array_from_process_local_data(batch_sharding(mesh), rows)``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -246,8 +284,9 @@ def kbeam(
   mesh: Mesh,
   **kwargs: Any,
 ) -> Solver:
-  """``minimax.kbeam`` laid out on ``mesh``: ``init`` places the state (beams on
-  ``beams``, the rest replicated), ``step`` keeps that layout, and, when the mesh splits
+  """``minimax.kbeam`` laid out on ``mesh``: ``init`` builds the state in that layout (beams
+  on ``beams``, the rest replicated; one jitted program, so that across processes each
+  fills only its own devices), ``step`` keeps that layout, and, when the mesh splits
   the beams over several devices, rule ``best`` combines the beams' gradients instead of
   gathering the best beam (``sharded_beams=True``), so a step exchanges O(|u| + K)
   numbers between devices. K must be a multiple of the ``beams`` axis size.
@@ -268,10 +307,24 @@ def kbeam(
   solver = minimax.kbeam(f, leader, follower, **kwargs)
 
   def init(*args: Any, **init_kwargs: Any):
-    state = solver.init(*args, **init_kwargs)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
-      return constrain(state, mesh)  # inside jit / vmap: a constraint, not a transfer
-    return shard(state, mesh)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, init_kwargs))):
+      return constrain(solver.init(*args, **init_kwargs), mesh)  # inside jit / vmap
+    # One jitted program whose outputs carry the state's shardings, so that across processes
+    # each process fills only its own devices (device_put cannot reach the others). The array
+    # leaves of the positional arguments are its inputs; the rest (K, an initializer
+    # ``key -> v``, the keywords) stays static, so the checks of ``init`` see it as given.
+    leaves, treedef = jax.tree.flatten(args)
+    where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array | np.ndarray)]
+
+    def build(*arrays):
+      full = list(leaves)
+      for i, x in zip(where, arrays, strict=True):
+        full[i] = x
+      return solver.init(*jax.tree.unflatten(treedef, full), **init_kwargs)
+
+    arrays = [leaves[i] for i in where]
+    shardings = state_sharding(jax.eval_shape(build, *arrays), mesh)
+    return jax.jit(build, out_shardings=shardings)(*arrays)
 
   def step(state, *args: Any):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # K-sized QPs run replicated
