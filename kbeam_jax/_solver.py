@@ -92,7 +92,8 @@ def run(
 
 
 class SolverWarning(RuntimeWarning):
-  """A run skipped steps, or its solver flagged divergence or non-finite values."""
+  """A run skipped steps, or its solver flagged divergence, non-finite values or a lower
+  problem that is not convex at its answer (negative curvature met by ``bilevel.CG``)."""
 
 
 # What a step's info may say about the step, as (field, value that flags it, message).
@@ -102,6 +103,9 @@ _HEALTH = (
   ("diverging", True, "flagged divergence (info.diverging): lower the inner step size, or "
    "pass inner_lr='auto' for one set by the lower problem's curvature"),
   ("finite", False, "gave a non-finite hypergradient (info.finite is False)"),
+  ("negative_curvature", True, "met negative curvature in CG's linear solve "
+   "(info.negative_curvature): the Hessian of the lower objective in v is not positive "
+   "definite there, so the inner answer is a saddle or a maximum of g, not its minimum"),
 )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ non-finite systems; one compile for repeated calls; the method values' validatio
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from _bilevel_cases import CONVERGED, LR, Quadratic, flat
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+import kbeam_jax
 from kbeam_jax import bilevel
 from kbeam_jax.tasks import fewshot
 
@@ -429,6 +431,51 @@ def test_cg_on_an_indefinite_hessian():
     )
   )(us)
   np.testing.assert_allclose(grads, (us / d[None] - 1.0) / d[None], rtol=1e-6)
+
+
+def convex_or_concave_lower(sign):
+  """``g = sign·(½vᵀAv - uᵀv)``, ``A`` SPD: either way ``∇_v g = 0`` at ``v = A⁻¹u`` (the
+  closed form, as solve=), but for ``sign = -1`` that is g's maximum, not a minimum."""
+  A = jnp.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 3.0]])
+  g = lambda u, v: sign * (0.5 * v @ A @ v - u @ v)
+  f = lambda u, v: 0.5 * jnp.sum((v - 1.0) ** 2)
+  return A, f, g, lambda u, v0: jnp.linalg.solve(A, u)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_cg_flags_a_lower_hessian_that_is_not_positive_definite(sign):
+  A, f, g, solve = convex_or_concave_lower(sign)
+  u = jnp.array([1.0, 2.0, 3.0])
+  out = bilevel.hypergradient(f, g, u, jnp.zeros(3), method=bilevel.CG(10), solve=solve)
+  # dv/du = A⁻¹ for both signs: CG still solves the system, and says what it met
+  np.testing.assert_allclose(out.grad, jnp.linalg.solve(A, out.v - 1.0), rtol=1e-6)
+  assert out.info.negative_curvature.dtype == jnp.bool_
+  assert bool(out.info.negative_curvature) == (sign < 0)
+  # the methods that do not look report False
+  other = bilevel.hypergradient(f, g, u, jnp.zeros(3), method=bilevel.Neumann(5), solve=solve)
+  assert not bool(other.info.negative_curvature)
+  # the optax form keeps the flag a bool in its state
+  tx = bilevel.scale_by_hypergradient(bilevel.CG(10), jnp.zeros(3), solve=solve)
+  _, state = tx.update(None, tx.init(u), u, upper_fn=f, lower_fn=g)
+  assert state.info.negative_curvature.dtype == jnp.bool_
+  assert bool(state.info.negative_curvature) == (sign < 0)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_run_warns_once_when_cg_meets_negative_curvature(sign):
+  _, f, g, solve = convex_or_concave_lower(sign)
+  s = bilevel.solver(f, g, optax.sgd(0.1), bilevel.CG(10), solve=solve)
+  state = s.init(jax.random.key(0), jnp.array([1.0, 2.0, 3.0]), jnp.zeros(3))
+  if sign > 0:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", kbeam_jax.SolverWarning)
+      jax.block_until_ready(kbeam_jax.run(s.step, state, 4))  # a convex lower problem: silent
+    return
+  with pytest.warns(kbeam_jax.SolverWarning, match="4 of 4 steps met negative curvature") as rec:
+    _, trajectory = jax.block_until_ready(kbeam_jax.run(s.step, state, 4))
+  assert len([w for w in rec if issubclass(w.category, kbeam_jax.SolverWarning)]) == 1
+  assert bool(jnp.all(trajectory.negative_curvature))
+  assert not bool(jnp.any(trajectory.diverging))  # the inner solve itself is fine
 
 
 def test_a_bare_method_base_class_is_rejected():

@@ -34,6 +34,10 @@ class HypergradientInfo(NamedTuple):
     linear_residual: ``|Aᵀq - ∇_v f| / |∇_v f|`` of the implicit methods' linear solve
       (0 for the methods without one: ``Naive``, ``FMD``, ``RMD``).
     finite: the hypergradient is finite.
+    negative_curvature: the linear solve met a direction ``p`` with ``pᵀ∇²_vv g p < 0``
+      (``CG`` looks; the other methods report ``False``): the lower Hessian is not positive
+      definite at ``v``, a saddle or a maximum of ``g`` rather than the minimum ``argmin``
+      stands for. ``kbeam_jax.run`` warns (``SolverWarning``) when a step sets it.
   """
 
   value: jax.Array
@@ -44,6 +48,7 @@ class HypergradientInfo(NamedTuple):
   diverging: jax.Array
   linear_residual: jax.Array
   finite: jax.Array
+  negative_curvature: jax.Array
 
 
 class Hypergradient(NamedTuple):
@@ -62,7 +67,9 @@ def hypergradient_step(f, method, loop, throw, problem_parts, u, v0, args, q0):
   f = scalar_output(f, "the upper objective f(u, v)")
   problem, data, params = _lower.build(_lower.ARGMIN, g, loop, u, v0, args, lr)
   upper = lambda u_, v_: f(u_, v_, *args)
-  value, grad, v, steps, q, residual = method.hypergradient(upper, problem, u, v0, data, params, q0)
+  value, grad, v, steps, q, residual, negative = method.hypergradient(
+    upper, problem, u, v0, data, params, q0
+  )
   grad = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), grad, u)
   solve_info, start = _status.status(problem, loop, u, v0, v, steps, data, params)
   dtype = solve_info.grad_norm.dtype
@@ -77,6 +84,7 @@ def hypergradient_step(f, method, loop, throw, problem_parts, u, v0, args, q0):
     diverging=solve_info.diverging | linear_failed,
     linear_residual=residual,
     finite=tree_all_finite(grad),
+    negative_curvature=jnp.asarray(negative, bool),
   )
   if throw:
     _status.raise_if_failed(_lower.ARGMIN, loop, solve_info, start, problem, u, v0, data, params)

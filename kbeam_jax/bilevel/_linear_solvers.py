@@ -163,7 +163,18 @@ class CG(Implicit):
     the normal equations ``A²q = Ab`` from 0, whose iterates stay in the range of ``A``:
     the minimum-norm answer ``q = A⁺b``, never NaN. The second solve runs only when it
     triggers (inside a ``lax.cond``; under ``vmap``, which runs both branches, a loop of
-    zero iterations for the elements that do not need it).
+    zero iterations for the elements that do not need it);
+  * it says when the lower problem is not convex at the answer: a search direction ``p``
+    with negative curvature ``pᵀ(A + σI)p < 0`` (for ``argmin``, ``A = ∇²_vv g`` is not
+    positive definite there: ``v`` is a saddle or a maximum of ``g``, not a minimum) sets
+    ``info.negative_curvature`` of ``hypergradient`` and of the outer solver's steps, and
+    ``kbeam_jax.run`` then warns once (a ``SolverWarning``). The answer is still the
+    implicit formula's, which holds for any invertible ``A``. The test reads the curvature
+    each iteration computes anyway (no extra product, no host call), so it sees ``A`` only
+    along CG's directions (a negative-definite ``A`` always, an indefinite one when ``b``
+    reaches its negative part); a numerically zero curvature is the breakdown above, not
+    this flag; the normal equations of a non-symmetric ``A`` (a root, fixed-point or
+    ``prox``/``project_v`` condition) are not tested.
 
   Attributes:
     solve_steps: the most CG iterations, >= 1.
@@ -192,6 +203,9 @@ class CG(Implicit):
       raise ValueError(f"CG.fallback must be a bool, got fallback={self.fallback!r}.")
 
   def linear_solve(self, matvec, b, x0, *, symmetric):
+    return self.linear_solve_info(matvec, b, x0, symmetric=symmetric)[0]
+
+  def linear_solve_info(self, matvec, b, x0, *, symmetric):
     # The recursion runs in float32 at least (in bfloat16 its scalars, and the breakdown
     # test relative to the machine epsilon, mean nothing); the products keep b's dtype.
     wide = lambda tree: jax.tree.map(
@@ -209,7 +223,7 @@ class CG(Implicit):
     size = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(rhs)]))
     s = jnp.where(jnp.isfinite(size) & (size > 0), size, 1.0)
     rhs = jax.tree.map(lambda x: x / s, rhs)
-    q, residual_q, broke_down = conjugate_gradient(A, rhs, self.solve_steps, self.tol)
+    q, residual_q, broke_down, negative = conjugate_gradient(A, rhs, self.solve_steps, self.tol)
     finite = tree_all_finite(b)
     if self.fallback and symmetric:
       wrong = broke_down | ~(residual_q <= tree_sq_norm(rhs))  # worse than the start, or NaN
@@ -226,14 +240,15 @@ class CG(Implicit):
     q = jax.tree.map(lambda x: x * s, q)
     if x0 is not None:
       q = jax.tree.map(jnp.add, x0, q)
-    return like_b(jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q))
+    q = like_b(jax.tree.map(lambda x: jnp.where(finite, x, jnp.nan), q))
+    return q, negative if symmetric else jnp.zeros([], bool)  # AᵀA has no negative curvature
 
 
 def conjugate_gradient(
   A: MatVec, b: PyTree, max_iters: int | jax.Array, tol: float
-) -> tuple[PyTree, jax.Array, jax.Array]:
-  """CG from 0 on a symmetric ``A``; returns ``(q, |r|², broke_down)``, ``r`` the residual
-  ``b - Aq`` as CG's recursion tracks it.
+) -> tuple[PyTree, jax.Array, jax.Array, jax.Array]:
+  """CG from 0 on a symmetric ``A``; returns ``(q, |r|², broke_down, negative_curvature)``,
+  ``r`` the residual ``b - Aq`` as CG's recursion tracks it.
 
   Stops when ``|r| <= tol·|b|`` or after ``max_iters``. A direction ``p`` whose curvature
   ``|pᵀAp| / |p|²`` is below ``1e3·eps`` times the largest seen (numerically a null
@@ -241,7 +256,8 @@ def conjugate_gradient(
   ``q`` left at the last good iterate. Negative curvature (an indefinite ``A``) does not
   stop it: CG's recursion still solves a non-singular indefinite system (as jaxopt's and
   ``jax.scipy``'s CG do), and a residual that ends worse than the start sends ``CG`` to its
-  fallback.
+  fallback; ``negative_curvature`` records that some direction had ``pᵀAp < 0`` (above the
+  breakdown threshold in size): ``A`` is not positive semi-definite.
   """
   leaves = jax.tree.leaves(b)
   dtype = jnp.result_type(*leaves)
@@ -251,17 +267,18 @@ def conjugate_gradient(
   stop = (tol**2) * rr0
 
   def cond(carry):
-    i, _, _, _, rr, _, _, broke = carry
+    i, _, _, _, rr, _, _, broke, _ = carry
     return (i < max_iters) & (rr > stop) & ~broke
 
   def body(carry):
-    i, q, r, p, rr, pp, top, _ = carry
+    i, q, r, p, rr, pp, top, _, negative = carry
     Ap = A(p)
     pAp = tree_vdot(p, Ap).astype(dtype)
     # pp = |p|² by the recursion |r + βp|² = |r|² + β²|p|² (r ⟂ p in CG): no extra pass.
     curvature = jnp.abs(pAp) / jnp.maximum(pp, jnp.finfo(dtype).tiny)
     top = jnp.maximum(top, curvature)
     broke = ~(curvature > tiny * top) | ~jnp.isfinite(pAp)
+    negative = negative | (~broke & (pAp < 0))  # pAp is at hand: the test is free
     alpha = jnp.where(broke, zero, rr / jnp.where(broke, 1, pAp))
     q = tree_axpy(alpha, p, q)
     r = tree_axpy(-alpha, Ap, r)
@@ -269,9 +286,10 @@ def conjugate_gradient(
     beta = rr_new / jnp.where(rr > 0, rr, 1)
     p = jax.tree.map(lambda ri, pi: ri + beta.astype(pi.dtype) * pi, r, p)
     pp = rr_new + beta**2 * pp
-    return i + 1, q, r, p, jnp.where(broke, rr, rr_new), pp, top, broke
+    return i + 1, q, r, p, jnp.where(broke, rr, rr_new), pp, top, broke, negative
 
   zeros = jax.tree.map(jnp.zeros_like, b)
-  init = (jnp.zeros([], jnp.int32), zeros, b, b, rr0, rr0, zero, jnp.zeros([], bool))
-  _, q, _, _, rr, _, _, broke = jax.lax.while_loop(cond, body, init)
-  return q, rr, broke
+  no = jnp.zeros([], bool)
+  init = (jnp.zeros([], jnp.int32), zeros, b, b, rr0, rr0, zero, no, no)
+  _, q, _, _, rr, _, _, broke, negative = jax.lax.while_loop(cond, body, init)
+  return q, rr, broke, negative

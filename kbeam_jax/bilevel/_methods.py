@@ -7,8 +7,9 @@ call; no module switches on a method's type):
 * ``solution(problem, u, v0, data, params) -> (v, steps)``: the forward solve's answer,
   differentiable (in forward and reverse mode) the method's way;
 * ``hypergradient(upper, problem, u, v0, data, params, q0)
-  -> (value, grad, v, steps, q, linear_residual)``: ``upper(u, v)``'s value and its
-  total derivative in ``u`` (by default ``jax.value_and_grad`` through ``solution``);
+  -> (value, grad, v, steps, q, linear_residual, negative_curvature)``: ``upper(u, v)``'s
+  value and its total derivative in ``u`` (by default ``jax.value_and_grad`` through
+  ``solution``), with the linear solve's status (0 and ``False`` without one);
 * ``init_adjoint(v)``: the warm start of the linear solve kept by the outer solver;
 * ``unrolled``: it differentiates through the forward solve's steps (so no ``tol``);
   ``remat``: how the built-in loop stores its steps when it is differentiated.
@@ -73,7 +74,7 @@ class Method:
       return upper(u, v), (v, steps)
 
     (value, (v, steps)), grad = jax.value_and_grad(total, has_aux=True)(u)
-    return value, grad, v, steps, q0, jnp.zeros([], jnp.result_type(value))
+    return value, grad, v, steps, q0, jnp.zeros([], jnp.result_type(value)), jnp.zeros([], bool)
 
   def init_adjoint(self, v):
     del v
@@ -156,6 +157,12 @@ class Implicit(Method):
       f"{type(self).__name__} must define linear_solve(matvec, b, x0, *, symmetric)."
     )
 
+  def linear_solve_info(self, matvec: MatVec, b: PyTree, x0: PyTree | None, *, symmetric: bool):
+    """``(x, negative_curvature)``: ``linear_solve``'s answer and whether the solver met a
+    direction ``p`` with ``pᵀAp < 0`` (a symmetric ``A`` that is not positive semi-definite).
+    ``False`` unless a subclass looks (``CG`` does); the hypergradient reports it."""
+    return self.linear_solve(matvec, b, x0, symmetric=symmetric), jnp.zeros([], bool)
+
   def tangent_solve(self, matvec: MatVec, b: PyTree, symmetric: bool) -> PyTree:
     """``A⁻¹ b`` as a ``custom_linear_solve``: differentiable and transposable."""
     solve = lambda mv, rhs: self.linear_solve(mv, rhs, None, symmetric=symmetric)
@@ -179,13 +186,13 @@ class Implicit(Method):
       r0 = jax.tree.map(jnp.subtract, vecmat(q0), f_v)
       ok = tree_all_finite(q0) & (tree_scaled_norm(r0) < tree_scaled_norm(f_v))
       q0 = jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), q0)
-    q = self.linear_solve(vecmat, f_v, q0, symmetric=problem.symmetric)
+    q, negative_curvature = self.linear_solve_info(vecmat, f_v, q0, symmetric=problem.symmetric)
     q = jax.tree.map(lambda a, b: a.astype(b.dtype), q, f_v)
     grad = jax.tree.map(lambda a, b: (a - b).astype(a.dtype), f_u, pull_u(q)[0])
     r = jax.tree.map(jnp.subtract, vecmat(q), f_v)
     b_norm = tree_scaled_norm(f_v)
     residual = jnp.where(b_norm > 0, tree_scaled_norm(r) / jnp.where(b_norm > 0, b_norm, 1), 0.0)
-    return value, grad, v, steps, q, residual
+    return value, grad, v, steps, q, residual, jnp.asarray(negative_curvature, bool)
 
   def init_adjoint(self, v):
     return jax.tree.map(jnp.zeros_like, v)

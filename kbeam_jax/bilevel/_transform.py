@@ -53,7 +53,13 @@ def _check_update(updates, params):
     check_same_structure(updates, params, "grads", "params")
 
 
-_FLAGS = {"converged": False, "diverging": False, "increased": False, "finite": True}
+_FLAGS = {
+  "converged": False,
+  "diverging": False,
+  "increased": False,
+  "finite": True,
+  "negative_curvature": False,
+}
 
 
 def _zero_info(info_type, params):
