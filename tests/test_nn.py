@@ -136,11 +136,13 @@ def test_update_without_grads_refuses_transforms_that_need_grads():
     nn.update_without_grads(
       nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param), model, minimax_fn=f
     )
-  with pytest.raises(ValueError) as err:  # adam fails inside optax: a note says why
+  # adam fails inside optax (a note says why) or, at optax 0.2.5, returns None (our error)
+  with pytest.raises((TypeError, ValueError)) as err:
     nn.update_without_grads(
       nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param), model, minimax_fn=f
     )
-  assert "update_without_grads passes grads=None" in "".join(err.value.__notes__)
+  said = str(err.value) + "".join(getattr(err.value, "__notes__", []))
+  assert "update_without_grads" in said and "grads" in said
 
 
 def test_batchnorm_leader_pattern():

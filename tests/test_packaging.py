@@ -60,6 +60,6 @@ def test_version_has_a_changelog_section_and_floors_are_declared():
   changelog = (ROOT / "CHANGELOG.md").read_text().splitlines()
   assert any(line.startswith(f"## {kbeam_jax.__version__} (") for line in changelog)
   floors = dict(d.split(">=") for d in PYPROJECT["project"]["dependencies"])
-  assert set(floors) == {"jax", "jaxlib", "optax", "flax", "chex"}
+  assert set(floors) == {"jax", "jaxlib", "optax", "flax", "chex", "orbax-checkpoint"}
   assert floors["jax"] == floors["jaxlib"]  # jaxlib moves with jax
   assert any("Python :: 3.11" in c for c in PYPROJECT["project"]["classifiers"])
