@@ -4,12 +4,15 @@ The baseline the JAX study is timed against. Gradients are written by hand, each
 runs its own Python loop over iterations and, for K-beam, over beams. Same algorithm
 as ``kbeam_jax.minimax`` with ``optax.sgd`` and step ``0.1/sqrt(t)``: GD, Alt-GD and
 K-beam with the ``best`` rule (min step at the best beam, then every beam one ascent step
-at the new u), every iterate clipped to the box ``[-0.5, 0.5]``.
+at the new u), every iterate clipped to the box ``[-0.5, 0.5]``. ``compare`` runs it on the
+study's draws and measures its time and its distance from the study's answers.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from typing import Any
 
 import numpy as np
 
@@ -107,3 +110,21 @@ def study(
       [kbeam(surface, u, list(b[:K]), num_iters) for u, b in zip(u0, beams0, strict=True)]
     )
   return out
+
+
+def compare(names, finals, u0, beams0, num_iters: int, errors) -> dict[str, Any]:
+  """This loop on the JAX study's draws (protocol 'clean'): its time per surface, its mean
+  error (``errors(surface, u)``) per method, and its largest distance from the JAX study's
+  final ``u`` (``finals[surface][method]``) over GD, Alt-GD and K-beam K = 1, 2, 5, 10."""
+  ks = (1, 2, 5, 10)
+  methods = ["gd", "alt_gd"] + [f"kbeam_{K}" for K in ks]
+  u0, beams0 = np.asarray(u0, np.float64), np.asarray(beams0, np.float64)
+  out: dict[str, Any] = dict(numpy_seconds={}, max_abs_diff_u={}, numpy_error_means={})
+  for name in names:
+    start = time.perf_counter()
+    ref = study(name, u0, beams0, num_iters, ks)
+    out["numpy_seconds"][name] = time.perf_counter() - start
+    diffs = [np.max(np.abs(ref[m] - np.asarray(finals[name][m], np.float64))) for m in methods]
+    out["max_abs_diff_u"][name] = float(max(diffs))
+    out["numpy_error_means"][name] = {m: float(errors(name, ref[m]).mean()) for m in methods}
+  return dict(out, numpy_protocol="clean")

@@ -7,12 +7,9 @@ Box ``|u|, |v| <= 0.5`` (projected after every step), step ``0.1/sqrt(t)`` for b
 players (``optax.sgd`` with a schedule), 100 trials, ``u0`` and the beams uniform in
 ``[-0.45, 0.45]``; GD and Alt-GD start from the first beam. Error ``|u_T - u*|``.
 
-Compiled once per experiment: one program per family of methods serves every surface
-(``surfaces.select``: the surface is a run-time index), every method of the family (a
-run-time branch index: GD / Alt-GD / extragradient; the K-beam rules) and every beam
-count (K-beam runs ``MAX_K`` stacked beams with ``num_active = K``), and the iteration
-count is a run-time bound. Trials run vmapped, ``trials`` per call; more trials (the
-long-run means) reuse the same program block by block.
+One compiled ``Program`` per state structure serves every surface, contender, beam count
+and iteration count (run-time arguments; see ``Program``); trials run vmapped, ``trials``
+per call, and the long-run means reuse the same programs block by block.
 
 Protocols (``--protocol``):
 
@@ -41,6 +38,7 @@ import concurrent.futures
 import functools
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,7 +49,7 @@ import optax
 from tqdm.auto import tqdm
 
 import kbeam_jax
-from benchmarks import _common, numpy_reference
+from benchmarks import _common, _surfaces_report, numpy_reference
 from kbeam_jax import minimax
 from kbeam_jax.tasks import surfaces
 
@@ -59,45 +57,76 @@ INIT_RANGE = 0.45
 EPSILON = 0.01
 MAX_K = 10
 RULES = _common.kbeam_rules(EPSILON)  # name -> rule value; Contender.rule names one
-GDA_BRANCHES = ("gd", "alt_gd", "alt_gd_max_first", "extragradient")
 PAPER_SURFACES = tuple(surfaces.PUBLISHED)
-# The authors' NumPy code, 100 trials, measured on this machine (not here).
-AUTHORS_SECONDS_PER_SURFACE = 118.0
+
+
+class Program(NamedTuple):
+  """Solvers whose states have one structure: one compiled program runs any of them (a
+  run-time branch index). K-beam's start from all the beams stacked (``K`` active), the
+  others from the first beam as their follower."""
+
+  name: str  # as the timing report calls it
+  stacked: bool
+
+  def init(self, solver, key, u0, beams0, K):
+    if self.stacked:
+      return solver.init(key, u0, beams0, num_beams=beams0.shape[0], num_active=K)
+    return solver.init(key, u0, beams0[0])
+
+  def followers(self, state):
+    return state.beams if self.stacked else state.v
+
+
+GDA, OGDA, KBEAM = Program("gda", False), Program("ogda", False), Program("kbeam", True)
 
 
 class Contender(NamedTuple):
-  """One column of the study: a solver family (a branch of one compiled program), its beam
-  count and its K-beam rule."""
+  """One column of the study: a ``minimax`` solver factory with its options, the program
+  that runs it, its beam count, its K-beam rule's name, and whether the authors' protocol
+  runs it on the beams the previous such contender left (K = 2 -> 5 -> 10)."""
 
   name: str
-  family: str  # "gd", "alt_gd", "ogda", "extragradient" or "kbeam"
-  K: int
-  rule: str = "best"  # a key of RULES
+  program: Program
+  build: Callable[..., kbeam_jax.Solver]  # build(f, leader, follower, **options)
+  options: tuple[tuple[str, Any], ...] = ()
+  K: int = 1
+  rule: str | None = None  # a key of RULES
+  carried: bool = False
+
+  def branch(self, protocol: Protocol) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """``(build, options)`` as ``protocol`` runs it: one branch of its program."""
+    return self.build, self.options + protocol.options.get(self.build, ())
 
 
 class Protocol(NamedTuple):
   name: str
   num_iters: int
-  alt_gd_branch: str  # "alt_gd" (min step first) or "alt_gd_max_first"
-  carry_beams: bool  # K = 2 -> 5 -> 10 continue on one beam array
+  options: dict[Callable[..., Any], tuple[tuple[str, Any], ...]]  # more, per factory
+  carry_beams: bool  # the carried contenders continue on one beam array
 
 
 PROTOCOLS = {
-  "clean": Protocol("clean", 1000, "alt_gd", False),
-  "authors": Protocol("authors", 999, "alt_gd_max_first", True),
+  "clean": Protocol("clean", 1000, {}, False),
+  "authors": Protocol("authors", 999, {minimax.alternating_gda: (("order", "max_first"),)}, True),
 }
 
 
 def methods(paper: bool = False) -> list[Contender]:
   """The study's methods: the paper's six, then optimistic GDA, extragradient, the ε-rules."""
-  out = [Contender("gd", "gd", 1), Contender("alt_gd", "alt_gd", 1)]
-  out += [Contender(f"kbeam_{K}", "kbeam", K) for K in (1, 2, 5, 10)]
+
+  def kbeam(K, rule="best"):
+    name = f"kbeam_{K}" + ("" if rule == "best" else f"_{rule}")
+    options = (("rule", RULES[rule]),)
+    return Contender(name, KBEAM, minimax.kbeam, options, K, rule, rule == "best" and K > 1)
+
+  gd = [Contender("gd", GDA, minimax.simultaneous_gda)]
+  gd += [Contender("alt_gd", GDA, minimax.alternating_gda)]
   if paper:
-    return out
-  out[2:2] = [Contender("ogda", "ogda", 1), Contender("extragradient", "extragradient", 1)]
-  for rule in ("random", "min_norm", "kiwiel"):
-    out += [Contender(f"kbeam_{K}_{rule}", "kbeam", K, rule) for K in (2, 5, 10)]
-  return out
+    return gd + [kbeam(K) for K in (1, 2, 5, 10)]
+  gd += [Contender("ogda", OGDA, minimax.optimistic_gda)]
+  gd += [Contender("extragradient", GDA, minimax.extragradient)]
+  rules = ("best", "random", "min_norm", "kiwiel")
+  return gd + [kbeam(K, r) for r in rules for K in ((1, 2, 5, 10) if r == "best" else (2, 5, 10))]
 
 
 def schedule(count: jax.Array) -> jax.Array:
@@ -105,137 +134,81 @@ def schedule(count: jax.Array) -> jax.Array:
   return 0.1 / jnp.sqrt(count + 1.0)
 
 
-def _box():
-  return dict(project_u=surfaces.project, project_v=surfaces.project)
-
-
-def gda_trial(f, branches: tuple[str, ...]):
-  """``(surface, branch, num_iters, key, u0, v0) -> (u_T, v_T)`` for one trial."""
+def make_solver(f, branch) -> kbeam_jax.Solver:
+  """The branch's solver on ``f``: ``optax.sgd(schedule)`` for both players, in the box."""
+  build, options = branch
   opt = optax.sgd(schedule)
-  makers = {
-    "gd": lambda: minimax.simultaneous_gda(f, opt, opt, **_box()),
-    "alt_gd": lambda: minimax.alternating_gda(f, opt, opt, **_box()),
-    "alt_gd_max_first": lambda: minimax.alternating_gda(f, opt, opt, order="max_first", **_box()),
-    "extragradient": lambda: minimax.extragradient(f, opt, opt, **_box()),
-    "ogda": lambda: minimax.optimistic_gda(f, opt, opt, **_box()),
-  }
-  solvers = [makers[b]() for b in branches]
+  box = dict(project_u=surfaces.project, project_v=surfaces.project)
+  return build(f, opt, opt, **box, **dict(options))
+
+
+def trial_program(f, program: Program, branches):
+  """``(surface, branch, num_iters, K, key, u0, beams0) -> (u_T, followers_T)`` for one
+  trial: the solver of ``branches[branch]`` run ``num_iters`` steps by ``kbeam_jax.run``."""
+  solvers = [make_solver(f, b) for b in branches]
   steps = [s.step for s in solvers]
 
-  def one_trial(surface, branch, num_iters, key, u0, v0):
+  def one_trial(surface, branch, num_iters, K, key, u0, beams0):
     step = lambda state, surface: jax.lax.switch(branch, steps, state, surface)
-    state, _ = kbeam_jax.run(step, solvers[0].init(key, u0, v0), num_iters, surface)
-    return state.u, state.v
-
-  return one_trial
-
-
-def kbeam_trial(f, rules: tuple[str, ...]):
-  """``(surface, rule, num_iters, K, key, u0, beams0) -> (u_T, beams_T)``: ``MAX_K``
-  stacked beams of which the first K take part."""
-  opt = optax.sgd(schedule)
-  solvers = [minimax.kbeam(f, opt, opt, rule=RULES[r], **_box()) for r in rules]
-  steps = [s.step for s in solvers]
-
-  def one_trial(surface, rule, num_iters, K, key, u0, beams0):
-    step = lambda state, surface: jax.lax.switch(rule, steps, state, surface)
-    state = solvers[0].init(key, u0, beams0, num_beams=MAX_K, num_active=K)
+    state = program.init(solvers[0], key, u0, beams0, K)
     state, _ = kbeam_jax.run(step, state, num_iters, surface)
-    return state.u, state.beams
+    return state.u, program.followers(state)
 
   return one_trial
-
-
-def under(method: Contender, protocol: Protocol) -> Contender:
-  """``method`` as ``protocol`` runs it (Alt-GD in the protocol's order)."""
-  if method.family == "alt_gd":
-    return method._replace(family=protocol.alt_gd_branch)
-  return method
 
 
 class Programs:
-  """The compiled programs of one study: one per family, for all its surfaces and methods."""
+  """The compiled programs of one study: one per ``Program``, for all its surfaces,
+  contenders and protocols."""
 
   def __init__(self, names: list[str], method_list: list[Contender], protocols: list[Protocol]):
     self.names = names
-    f = surfaces.select(names)
-    families = {m.family for m in method_list}
-    wanted = families & {"gd", "extragradient"}
-    if "alt_gd" in families:
-      wanted |= {p.alt_gd_branch for p in protocols}
-    self.gda_branches = tuple(b for b in GDA_BRANCHES if b in wanted)
-    self.rules = tuple(
-      r for r in RULES if r in {m.rule for m in method_list if m.family == "kbeam"}
-    )
-    scalar = lambda dtype=jnp.int32: jax.ShapeDtypeStruct((), dtype)
-    self.trial_fns, self.shapes = {}, {}
-    if self.gda_branches:
-      self.trial_fns["gda"] = (gda_trial(f, self.gda_branches), (None,) * 3 + (0,) * 3)
-    if "ogda" in families:
-      self.trial_fns["ogda"] = (gda_trial(f, ("ogda",)), (None,) * 3 + (0,) * 3)
-    if self.rules:
-      self.trial_fns["kbeam"] = (kbeam_trial(f, self.rules), (None,) * 4 + (0,) * 3)
-    self._scalar = scalar
-    self.compiled: dict[str, Any] = {}
+    self.branches: dict[Program, list[Any]] = {}
+    for program, branch in dict.fromkeys(
+      (m.program, m.branch(p)) for m in method_list for p in protocols
+    ):
+      self.branches.setdefault(program, []).append(branch)
+    self.compiled: dict[Program, Any] = {}
     self.compile_seconds: dict[str, float] = {}
 
   def compile(self, trials: int, seed: int = 0) -> None:
-    """Compiles every family's program for ``trials`` trials per call, and the initial
-    draws, in parallel threads (XLA compiles outside the GIL)."""
-    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), trials))
-    vec = jax.ShapeDtypeStruct((trials,), jnp.float32)
+    """Compiles every program for ``trials`` trials per call, and the initial draws, in
+    parallel threads (XLA compiles outside the GIL)."""
+    f = surfaces.select(self.names)
+    args = (jax.ShapeDtypeStruct((), jnp.int32),) * 4 + jax.eval_shape(
+      lambda: draw_inits(seed, trials)
+    )
 
-    def build(family):
-      fn, in_axes = self.trial_fns[family]
-      if family == "kbeam":
-        beams = jax.ShapeDtypeStruct((trials, MAX_K), jnp.float32)
-        args = (self._scalar(),) * 4 + (key, vec, beams)
-      else:
-        args = (self._scalar(),) * 3 + (key, vec, vec)
+    def lower(program):
+      fn = jax.vmap(trial_program(f, program, self.branches[program]), (None,) * 4 + (0,) * 3)
+      return jax.jit(fn).lower(*args).compile()
+
+    def timed(job, *args):
       start = time.perf_counter()
-      compiled = jax.jit(jax.vmap(fn, in_axes=in_axes)).lower(*args).compile()
-      return compiled, time.perf_counter() - start
+      return jax.block_until_ready(job(*args)), time.perf_counter() - start
 
-    def draws():
-      start = time.perf_counter()
-      jax.block_until_ready(draw_inits(seed, trials))
-      return None, time.perf_counter() - start
+    with concurrent.futures.ThreadPoolExecutor(len(self.branches) + 1) as pool:
+      futures = {p: pool.submit(timed, lower, p) for p in self.branches}
+      drawn = pool.submit(timed, draw_inits, seed, trials)
+      for program, future in futures.items():
+        self.compiled[program], self.compile_seconds[program.name] = future.result()
+      self.compile_seconds["draws"] = drawn.result()[1]
 
-    jobs = {family: (build, family) for family in self.trial_fns}
-    with concurrent.futures.ThreadPoolExecutor(len(jobs) + 1) as pool:
-      futures = {f: pool.submit(fn, f) for f, (fn, _) in jobs.items()}
-      futures["draws"] = pool.submit(draws)
-      for family, future in futures.items():
-        compiled, seconds = future.result()
-        if compiled is not None:
-          self.compiled[family] = compiled
-        self.compile_seconds[family] = seconds
-
-  def call(self, surface: str, method: Contender, num_iters: int, keys, u0, beams0):
-    """Final ``(u, followers)`` of every trial of ``method`` on ``surface``."""
-    s = np.int32(self.names.index(surface))
-    n = np.int32(num_iters)
-    if method.family == "kbeam":
-      rule = np.int32(self.rules.index(method.rule))
-      return self.compiled["kbeam"](s, rule, n, np.int32(method.K), keys, u0, beams0)
-    if method.family == "ogda":
-      return self.compiled["ogda"](s, np.int32(0), n, keys, u0, beams0[:, 0])
-    branch = np.int32(self.gda_branches.index(method.family))
-    return self.compiled["gda"](s, branch, n, keys, u0, beams0[:, 0])
+  def call(self, surface: str, m: Contender, protocol: Protocol, keys, u0, beams0):
+    """Final ``(u, followers)`` of every trial of ``m`` under ``protocol`` on ``surface``."""
+    branch = self.branches[m.program].index(m.branch(protocol))
+    index = (self.names.index(surface), branch, protocol.num_iters, m.K)
+    return self.compiled[m.program](*map(np.int32, index), keys, u0, beams0)
 
   def run_protocol(self, surface: str, method_list, protocol: Protocol, keys, u0, beams0):
     """``{name: u_T}`` of every method under ``protocol`` (the authors' carry-over and
     Alt-GD order included)."""
     out, carried = {}, beams0
     for m in method_list:
-      m = under(m, protocol)
-      start = beams0
-      if protocol.carry_beams and m.family == "kbeam" and m.rule == "best" and m.K > 1:
-        start = carried
-      u, followers = self.call(surface, m, protocol.num_iters, keys, u0, start)
-      if protocol.carry_beams and m.family == "kbeam" and m.rule == "best" and m.K > 1:
-        carried = followers
-      out[m.name] = u
+      carry = protocol.carry_beams and m.carried
+      start = carried if carry else beams0
+      out[m.name], followers = self.call(surface, m, protocol, keys, u0, start)
+      carried = followers if carry else carried
     return jax.block_until_ready(out)
 
 
@@ -260,32 +233,23 @@ def errors(surface: str, u: Any) -> np.ndarray:
   return np.abs(np.asarray(u, np.float64) - surfaces.get(surface).u_star)
 
 
-def trajectory_program(names: list[str], num_iters: int, K: int = 5):
-  """One compiled program for the plot's paths of trial 0 on any surface: GD and Alt-GD
-  ``(u, v)``, K-beam ``(u, beams)``, starting points included."""
+def trajectory_program(names: list[str], protocol: Protocol, contenders: list[Contender]):
+  """One compiled program for the plot's paths of trial 0 on any surface: ``{name: (u,
+  followers)}`` of every contender (its first K beams), starting points included."""
   f = surfaces.select(names)
-  opt = optax.sgd(schedule)
-  gd = minimax.simultaneous_gda(f, opt, opt, **_box())
-  alt = minimax.alternating_gda(f, opt, opt, **_box())
-  kb = minimax.kbeam(f, opt, opt, **_box())
 
   def paths(surface, key, u0, beams0):
-    def path(solver, state, pick):
-      def body(s, _):
-        s = solver.step(s, surface)[0]
-        return s, pick(s)
+    out = []
+    for m in contenders:
+      solver = make_solver(f, m.branch(protocol))
+      pick = lambda state, *_, m=m: (state.u, m.program.followers(state))
+      state = m.program.init(solver, key, u0, beams0[: m.K], m.K)
+      _, trace = kbeam_jax.run(solver.step, state, protocol.num_iters, surface, trace=pick)
+      out.append(jax.tree.map(lambda x0, xs: jnp.concatenate([x0[None], xs]), pick(state), trace))
+    return out
 
-      _, trace = jax.lax.scan(body, state, length=num_iters)
-      return jax.tree.map(lambda x0, xs: jnp.concatenate([x0[None], xs]), pick(state), trace)
-
-    uv = lambda s: (s.u, s.v)
-    return {
-      "gd": path(gd, gd.init(key, u0, beams0[0]), uv),
-      "alt_gd": path(alt, alt.init(key, u0, beams0[0]), uv),
-      f"kbeam_{K}": path(kb, kb.init(key, u0, beams0[:K], K), lambda s: (s.u, s.beams)),
-    }
-
-  return jax.jit(paths)
+  compiled = jax.jit(paths)
+  return lambda *args: dict(zip([m.name for m in contenders], compiled(*args), strict=True))
 
 
 def run_study(
@@ -320,119 +284,56 @@ def run_study(
   names = names or list(PAPER_SURFACES if paper else surfaces.SURFACES)
   if spread % trials:
     raise ValueError(f"spread={spread} must be a multiple of trials={trials}.")
-  method_list = methods(paper)
-  protos = [
-    PROTOCOLS[p]._replace(num_iters=num_iters) if p == "clean" else PROTOCOLS[p] for p in protocols
-  ]
+  method_list, six = methods(paper), surfaces.PUBLISHED_METHODS
+  protos = [PROTOCOLS[p] for p in protocols]
+  protos = [p._replace(num_iters=num_iters) if p.name == "clean" else p for p in protos]
+  main = protos[0]  # the main table's: `trials` trials, every method
   programs = Programs(names, method_list, protos)
   programs.compile(trials, seed)
-  keys, u0, beams0 = draw_inits(seed, trials)
-
-  # The main table: the first protocol, `trials` trials, every method.
-  main = protos[0]
-  finals, per_method = {}, {}
+  draws = draw_inits(seed, trials)
+  finals, seconds = {}, {}
   for name in tqdm(names, desc="surfaces", unit="surface", leave=False):
     start = time.perf_counter()
-    finals[name] = programs.run_protocol(name, method_list, main, keys, u0, beams0)
-    per_method[name] = {"all": time.perf_counter() - start}
-    if not paper:
-      for m in method_list:
-        times = []
-        for _ in range(max(1, repeats)):
-          t = time.perf_counter()
-          call = programs.call(name, under(m, main), main.num_iters, keys, u0, beams0)
-          jax.block_until_ready(call)
-          times.append(time.perf_counter() - t)
-        per_method[name][m.name] = statistics.median(times)
+    finals[name] = programs.run_protocol(name, method_list, main, *draws)
+    seconds[name] = {"all": time.perf_counter() - start}
+    for m in [] if paper else method_list:
+      call = lambda m=m, name=name: programs.call(name, m, main, *draws)
+      seconds[name][m.name] = statistics.median(_seconds(call) for _ in range(max(1, repeats)))
   jax_seconds = time.perf_counter() - wall_start
-
-  # The protocols' tables over many trials: the same programs, block by block.
-  long_run = {}
-  if spread:
-    paper_methods = methods(paper=True)
-    for proto in protos:
-      for name in [n for n in names if n in PAPER_SURFACES]:
-        blocks = []
-        for b in tqdm(range(spread // trials), desc=f"{proto.name} {name}", leave=False):
-          k, u, v = draw_inits(seed, trials, b)
-          out = programs.run_protocol(name, paper_methods, proto, k, u, v)
-          blocks.append({m: errors(name, x) for m, x in out.items()})
-        long_run[(proto.name, name)] = blocks
 
   records = []
   for name in names:
     for m in method_list:
       err = errors(name, finals[name][m.name])
-      r = dict(
-        surface=name,
-        method=m.family if m.family != "kbeam" else f"kbeam_{m.rule}",
-        name=m.name,
-        K=m.K,
-        rule=m.rule if m.family == "kbeam" else None,
-        epsilon=getattr(RULES[m.rule], "epsilon", 0.0) if m.family == "kbeam" else 0.0,
-        protocol=main.name,
-        error_mean=float(err.mean()),
-        error_std=float(err.std()),
-        trials=trials,
-        iterations=main.num_iters,
-      )
-      if m.name in per_method[name]:
-        r["seconds"] = per_method[name][m.name]
-      records.append(r)
-  protocol_records = []
-  for (proto, name), blocks in long_run.items():
-    for i, m in enumerate(surfaces.PUBLISHED_METHODS):
-      block_means = np.array([b[m].mean() for b in blocks])
-      every = np.concatenate([b[m] for b in blocks])
-      published = surfaces.PUBLISHED[name][i][0]
-      protocol_records.append(
+      records.append(
         dict(
-          protocol=proto,
           surface=name,
-          name=m,
-          error_mean=float(blocks[0][m].mean()),
-          error_std=float(blocks[0][m].std()),
-          long_trials=int(every.size),
-          long_error_mean=float(every.mean()),
-          block_trials=trials,
-          block_mean_min=float(block_means.min()),
-          block_mean_median=float(np.median(block_means)),
-          block_mean_max=float(block_means.max()),
-          blocks_at_or_below_published=int(np.sum(block_means <= published + 5e-4)),
-          blocks=int(len(blocks)),
-          published=published,
+          method=m.name if m.rule is None else f"kbeam_{m.rule}",
+          name=m.name,
+          K=m.K,
+          rule=m.rule,
+          epsilon=getattr(RULES.get(m.rule), "epsilon", 0.0),
+          protocol=main.name,
+          error_mean=float(err.mean()),
+          error_std=float(err.std()),
+          trials=trials,
+          iterations=main.num_iters,
+          **({"seconds": seconds[name][m.name]} if m.name in seconds[name] else {}),
         )
       )
-
   timing = dict(
     jax_seconds=jax_seconds,
     compile_seconds=programs.compile_seconds,
     programs=len(programs.compiled),
-    surfaces_seconds={n: per_method[n]["all"] for n in names},
+    surfaces_seconds={n: seconds[n]["all"] for n in names},
     # The paper's six methods' run time per surface: one timed call each (the median of the
     # repeats in the full run; in --paper, the one run of the six).
     six_methods_seconds={
-      n: per_method[n]["all"]
-      if paper
-      else sum(per_method[n][m] for m in surfaces.PUBLISHED_METHODS)
-      for n in names
+      n: seconds[n]["all"] if paper else sum(seconds[n][m] for m in six) for n in names
     },
   )
   if numpy_baseline and main.name == "clean":
-    ks = (1, 2, 5, 10)
-    subset = ["gd", "alt_gd"] + [f"kbeam_{K}" for K in ks]
-    u64, b64 = np.asarray(u0, np.float64), np.asarray(beams0, np.float64)
-    timing["numpy_seconds"], timing["max_abs_diff_u"], timing["numpy_error_means"] = {}, {}, {}
-    for name in names:
-      start = time.perf_counter()
-      ref = numpy_reference.study(name, u64, b64, main.num_iters, ks)
-      timing["numpy_seconds"][name] = time.perf_counter() - start
-      timing["max_abs_diff_u"][name] = max(
-        float(np.max(np.abs(ref[n] - np.asarray(finals[name][n], np.float64)))) for n in subset
-      )
-      timing["numpy_error_means"][name] = {n: float(errors(name, ref[n]).mean()) for n in subset}
-    timing["numpy_protocol"] = main.name
-
+    timing |= numpy_reference.compare(names, finals, *draws[1:], main.num_iters, errors)
   meta = dict(
     trials=trials,
     iterations=main.num_iters,
@@ -444,204 +345,65 @@ def run_study(
     paper=paper,
     protocols=[p.name for p in protos],
     spread=spread,
-    protocol_tables=protocol_records,
+    protocol_tables=long_runs(programs, names, protos, seed, trials, spread),
     compilation_cache=jax.config.jax_compilation_cache_dir,
     environment=_common.environment(),
     timing=timing,
   )
-  _common.write_json(out_dir / "surfaces.json", records, meta)
-  (out_dir / "surfaces.md").write_text(markdown(records, meta))
-  if not paper:
-    traj = trajectory_program(names, main.num_iters)
-    plot(
-      {n: traj(np.int32(i), keys[0], u0[0], beams0[0]) for i, n in enumerate(names)},
-      out_dir / "surfaces.png",
-    )
+  paths = None
+  if not paper:  # trial 0 of GD, Alt-GD (min step first) and K-beam K = 5
+    shown = [m for m in methods(paper=True) if m.name in ("gd", "alt_gd", "kbeam_5")]
+    traj = trajectory_program(names, PROTOCOLS["clean"]._replace(num_iters=main.num_iters), shown)
+    keys, u0, beams0 = draws
+    paths = {n: traj(np.int32(i), keys[0], u0[0], beams0[0]) for i, n in enumerate(names)}
+  _surfaces_report.write(out_dir, records, meta, paths)
   return records
 
 
-def _published_cell(surface: str, method: str) -> str:
-  pub = surfaces.PUBLISHED.get(surface)
-  if not pub or method not in surfaces.PUBLISHED_METHODS:
-    return "-"
-  return _common.mean_std(*pub[surfaces.PUBLISHED_METHODS.index(method)])
+def _seconds(fn: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
 
 
-def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-  by = {(r["surface"], r["name"]): r for r in records}
-  names = list(dict.fromkeys(r["surface"] for r in records))
-  lines = [
-    "# 2D minimax surfaces: error |u_T - u*| (mean ± std over "
-    f"{meta['trials']} trials, {meta['iterations']} updates, protocol "
-    f"'{meta['protocols'][0]}')",
-    "",
-    "Ours beside the published value (Hamm & Noh, ICML 2018, Table 1) for the paper's "
-    "methods; '-' where the paper has no figure.",
-    "",
-  ]
-  header = ["surface"]
-  for m in surfaces.PUBLISHED_METHODS:
-    header += [f"{m} (ours)", f"{m} (paper)"]
-  rows = []
-  for s in names:
-    row = [s]
-    for m in surfaces.PUBLISHED_METHODS:
-      r = by[(s, m)]
-      row += [_common.mean_std(r["error_mean"], r["error_std"]), _published_cell(s, m)]
-    rows.append(row)
-  lines += [_common.markdown_table(header, rows), ""]
-
-  extra = [
-    m for m in dict.fromkeys(r["name"] for r in records) if m not in surfaces.PUBLISHED_METHODS
-  ]
-  if extra:
-    lines += [f"## Other methods (ε = {meta['epsilon']} for the ε-rules)", ""]
-    rows = [
-      [s] + [_common.mean_std(by[(s, m)]["error_mean"], by[(s, m)]["error_std"]) for m in extra]
-      for s in names
-    ]
-    lines += [_common.markdown_table(["surface"] + extra, rows), ""]
-
-  for proto in meta["protocols"]:
-    table = [r for r in meta["protocol_tables"] if r["protocol"] == proto]
-    if not table:
-      continue
-    n = table[0]["long_trials"]
-    lines += [
-      f"## Protocol '{proto}': {n:,}-trial means and the spread of "
-      f"{table[0]['block_trials']}-trial means",
-      "",
-      f"Each cell: mean over {n:,} trials / the {table[0]['blocks']} means of "
-      f"{table[0]['block_trials']} trials (min, median, max) / how many of those means are "
-      "at or below the published mean / published.",
-      "",
-    ]
-    rows = []
-    for r in table:
-      rows.append(
-        [
-          r["surface"],
-          r["name"],
-          f"{r['long_error_mean']:.3f}",
-          f"{r['block_mean_min']:.3f} / {r['block_mean_median']:.3f} / {r['block_mean_max']:.3f}",
-          f"{r['blocks_at_or_below_published']} of {r['blocks']}",
-          f"{r['published']:.3f}",
-        ]
-      )
-    lines += [
-      _common.markdown_table(
-        [
-          "surface",
-          "method",
-          f"{n:,}-trial mean",
-          "block means min / median / max",
-          "blocks <= published",
-          "published",
-        ],
-        rows,
-      ),
-      "",
-    ]
-
-  t = meta["timing"]
-  lines += [
-    "## Wall time",
-    "",
-    f"JAX: {t['jax_seconds']:.2f} s for {len(names)} surfaces × "
-    f"{len(dict.fromkeys(r['name'] for r in records))} methods × {meta['trials']} trials, "
-    f"compilation of {t['programs']} programs included ("
-    + ", ".join(f"{k} {v:.2f} s" for k, v in t["compile_seconds"].items())
-    + f"; compilation cache: {meta['compilation_cache'] or 'off'})"
-    + ("" if meta["paper"] else ", per-method timing repeats included")
-    + ".",
-    "",
-  ]
-  if "numpy_seconds" in t:
-    total_np = sum(t["numpy_seconds"].values())
-    rows = [
-      [
-        s,
-        f"{t['numpy_seconds'][s]:.2f}",
-        f"{t['six_methods_seconds'][s]:.4f}",
-        f"{t['max_abs_diff_u'][s]:.1e}",
-      ]
-      for s in names
-    ]
-    lines += [
-      _common.markdown_table(
-        ["surface", "numpy (s)", "jax, six methods, compiled (s)", "max |u_numpy - u_jax|"],
-        rows,
-      ),
-      "",
-      f"`benchmarks/numpy_reference.py` (per-trial NumPy loop, float64, same draws, "
-      f"protocol '{t['numpy_protocol']}', GD, Alt-GD, K-beam K = 1, 2, 5, 10): "
-      f"{total_np:.1f} s; "
-      + (
-        f"the JAX study, everything above included: {t['jax_seconds']:.2f} s "
-        f"({total_np / t['jax_seconds']:.1f}x faster end to end). The authors' own NumPy code "
-        f"took about {AUTHORS_SECONDS_PER_SURFACE:.0f} s per surface on this machine "
-        "(measured once, not in this run): "
-        f"{AUTHORS_SECONDS_PER_SURFACE * len(names):.0f} s for {len(names)} surfaces, "
-        f"{AUTHORS_SECONDS_PER_SURFACE * len(names) / t['jax_seconds']:.0f}x this run."
-        if meta["paper"]
-        else "the six methods' JAX run times are in the table; `--paper` times the six "
-        "methods end to end, compilation included."
-      ),
-      "",
-    ]
-  env = meta["environment"]
-  lines += [f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}.", ""]
-  return "\n".join(lines)
-
-
-def plot(paths: dict[str, Any], path: Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  n = len(paths)
-  cols = min(3, n)
-  rows = (n + cols - 1) // cols
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
-  grid = np.linspace(-surfaces.BOUND, surfaces.BOUND, 101)
-  U, V = np.meshgrid(grid, grid, indexing="ij")
-  for ax, (name, p) in zip(axes.flat, paths.items(), strict=False):
-    s = surfaces.get(name)
-    F = np.asarray(jax.vmap(jax.vmap(s.f))(jnp.asarray(U), jnp.asarray(V)))
-    ax.contourf(U, V, F, levels=20, cmap="RdBu_r", alpha=0.6)
-    for key, color in (("gd", "k"), ("alt_gd", "tab:orange")):
-      u, v = (np.asarray(x) for x in p[key])
-      ax.plot(u, v, color=color, lw=1, label=key)
-    kname = next(k for k in p if k.startswith("kbeam"))
-    u, beams = (np.asarray(x) for x in p[kname])
-    for k in range(beams.shape[1]):
-      ax.plot(
-        u,
-        beams[:, k],
-        color="tab:green",
-        lw=0.6,
-        alpha=0.7,
-        label=f"{kname} beams" if k == 0 else None,
-      )
-    ax.scatter(u[-1] * np.ones(beams.shape[1]), beams[-1], color="tab:green", zorder=3, s=15)
-    ax.axvline(s.u_star, color="tab:purple", ls="--", lw=1, label="u*")
-    ax.set(
-      title=f"{name}: {s.formula}", xlabel="u", ylabel="v", xlim=(-0.52, 0.52), ylim=(-0.52, 0.52)
-    )
-  for ax in list(axes.flat)[n:]:
-    ax.axis("off")
-  axes.flat[0].legend(loc="lower left", fontsize=7)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+def long_runs(programs, names, protos, seed, trials, spread) -> list[dict[str, Any]]:
+  """Per protocol and published surface, the paper's six methods over ``spread`` trials
+  (``spread / trials`` calls of the same programs): the long-run mean and the spread of
+  the trials-sized means beside the published mean."""
+  tables, six = [], surfaces.PUBLISHED_METHODS
+  for proto in protos if spread else ():
+    for name in [n for n in names if n in PAPER_SURFACES]:
+      blocks = []
+      for b in tqdm(range(spread // trials), desc=f"{proto.name} {name}", leave=False):
+        out = programs.run_protocol(name, methods(True), proto, *draw_inits(seed, trials, b))
+        blocks.append({m: errors(name, x) for m, x in out.items()})
+      for m, (published, _) in zip(six, surfaces.PUBLISHED[name], strict=True):
+        means = np.array([b[m].mean() for b in blocks])
+        every = np.concatenate([b[m] for b in blocks])
+        tables.append(
+          dict(
+            protocol=proto.name,
+            surface=name,
+            name=m,
+            error_mean=float(blocks[0][m].mean()),
+            error_std=float(blocks[0][m].std()),
+            long_trials=int(every.size),
+            long_error_mean=float(every.mean()),
+            block_trials=trials,
+            block_mean_min=float(means.min()),
+            block_mean_median=float(np.median(means)),
+            block_mean_max=float(means.max()),
+            blocks_at_or_below_published=int(np.sum(means <= published + 5e-4)),
+            blocks=int(len(blocks)),
+            published=published,
+          )
+        )
+  return tables
 
 
 def main(args) -> None:
   """``python -m benchmarks surfaces``: the full study, ``--paper`` or ``--quick``."""
   protocol = getattr(args, "protocol", "clean")
-  protocols = ("clean", "authors") if protocol == "both" else (protocol,)
   paper = getattr(args, "paper", False)
   trials = args.trials or (10 if args.quick else 100)
   spread = getattr(args, "spread", None)
@@ -659,6 +421,6 @@ def main(args) -> None:
     repeats=1 if args.quick else 3,
     names=["seesaw", "anti_saddle"] if args.quick else None,
     paper=paper,
-    protocols=protocols,
+    protocols=("clean", "authors") if protocol == "both" else (protocol,),
     spread=spread,
   )

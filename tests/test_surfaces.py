@@ -5,10 +5,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import kbeam_jax
 from benchmarks import numpy_reference
 from benchmarks import surfaces as study
+from kbeam_jax import minimax
 from kbeam_jax.tasks import surfaces
 
 
@@ -66,24 +69,33 @@ def test_authors_protocol_carries_the_beams_over():
   names = ["anti_saddle", "seesaw"]
   paper = study.methods(paper=True)
   authors = study.PROTOCOLS["authors"]._replace(num_iters=30)
-  programs = study.Programs(names, paper, [authors, study.PROTOCOLS["clean"]])
+  clean = study.PROTOCOLS["clean"]._replace(num_iters=30)
+  programs = study.Programs(names, paper, [authors, clean])
+  assert len(programs.branches[study.GDA]) == 3  # GD, Alt-GD min first, Alt-GD max first
   programs.compile(4)
   keys, u0, beams0 = study.draw_inits(0, 4)
   out = programs.run_protocol("seesaw", paper, authors, keys, u0, beams0)
   by = {m.name: m for m in paper}
-  _, after_2 = programs.call("seesaw", by["kbeam_2"], 30, keys, u0, beams0)
+  _, after_2 = programs.call("seesaw", by["kbeam_2"], authors, keys, u0, beams0)
   np.testing.assert_array_equal(after_2[:, 2:], beams0[:, 2:])  # inactive beams stayed
-  u5, _ = programs.call("seesaw", by["kbeam_5"], 30, keys, u0, after_2)
+  u5, _ = programs.call("seesaw", by["kbeam_5"], authors, keys, u0, after_2)
   np.testing.assert_array_equal(out["kbeam_5"], u5)
-  fresh5, _ = programs.call("seesaw", by["kbeam_5"], 30, keys, u0, beams0)
+  fresh5, _ = programs.call("seesaw", by["kbeam_5"], authors, keys, u0, beams0)
   assert not np.array_equal(out["kbeam_5"], fresh5)
-  max_first = by["alt_gd"]._replace(family="alt_gd_max_first")
-  np.testing.assert_array_equal(
-    out["alt_gd"], programs.call("seesaw", max_first, 30, keys, u0, beams0)[0]
+  assert by["alt_gd"].branch(authors) == (minimax.alternating_gda, (("order", "max_first"),))
+  min_first = programs.call("seesaw", by["alt_gd"], clean, keys, u0, beams0)[0]
+  assert not np.array_equal(out["alt_gd"], min_first)
+  # the compiled branch is the library's Alt-GD, max step first, on the first beam
+  solver = minimax.alternating_gda(
+    surfaces.get("seesaw").f,
+    optax.sgd(study.schedule),
+    optax.sgd(study.schedule),
+    project_u=surfaces.project,
+    project_v=surfaces.project,
+    order="max_first",
   )
-  assert not np.array_equal(
-    out["alt_gd"], programs.call("seesaw", by["alt_gd"], 30, keys, u0, beams0)[0]
-  )
+  state, _ = kbeam_jax.run(solver.step, solver.init(keys[1], u0[1], beams0[1, 0]), 30)
+  np.testing.assert_allclose(out["alt_gd"][1], state.u, rtol=1e-6, atol=1e-7)
 
 
 def test_paper_run_with_both_protocols(tmp_path):
