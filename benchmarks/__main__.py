@@ -176,6 +176,14 @@ SUITES = {
 ALL = [name for name, suite in SUITES.items() if not suite.data]
 
 
+VALUE_HELP = {  # the help of the options that take a value only some suites use
+  "photos": "a directory of photographs for the MNIST-M patches (default: scikit-learn's "
+  "sample images)",
+  "devices": "device counts to time the K-beam step on, e.g. 1,2,8 (virtual CPU devices when "
+  "there is no accelerator: they show the numbers agree, not the speed-up)",
+}
+
+
 def _count(flag: str, least: int = 1):
   def parse(text: str) -> int:
     try:
@@ -287,22 +295,9 @@ def _parser() -> argparse.ArgumentParser:
         "(a run interrupted and resumed ends with the numbers of a straight run); without it "
         "nothing is checkpointed",
       )
-    if any(SUITES[n].photos for n in names):
-      p.add_argument(
-        "--photos",
-        type=Path,
-        default=None,
-        help="a directory of photographs for the MNIST-M patches (default: scikit-learn's "
-        "sample images)",
-      )
-    if any(SUITES[n].devices for n in names):
-      p.add_argument(
-        "--devices",
-        type=_devices,
-        default=None,
-        help="device counts to time the K-beam step on, e.g. 1,2,8 (virtual CPU devices when "
-        "there is no accelerator: they show the numbers agree, not the speed-up)",
-      )
+    for field, flag, parse in (("photos", "--photos", Path), ("devices", "--devices", _devices)):
+      if any(getattr(SUITES[n], field) for n in names):
+        p.add_argument(flag, type=parse, default=None, help=VALUE_HELP[field])
     if any(SUITES[n].study for n in names):
       p.add_argument(
         "--paper",

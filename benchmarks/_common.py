@@ -149,6 +149,16 @@ def train_in_chunks(
   return state, history, timing
 
 
+def mnist_data(make_data: Callable[..., Any], seed: int, cfg: dict[str, Any], keys: Sequence[str]):
+  """A task's split of the MNIST files (``KBEAM_JAX_DATA``): ``make_data(train images, train
+  labels, test images, test labels, seed=seed, **options)``, the options ``cfg``'s ``keys``."""
+  from kbeam_jax import data
+
+  train, test = data.load_mnist("train"), data.load_mnist("test")
+  options = {k: cfg[k] for k in keys}
+  return make_data(train.images, train.labels, test.images, test.labels, seed=seed, **options)
+
+
 def save_figure(fig: Any, path: Path) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -36,10 +36,11 @@ import optax
 
 import kbeam_jax
 from benchmarks import _common
-from kbeam_jax import bilevel, data
+from kbeam_jax import bilevel
 from kbeam_jax.tasks import denoising
 
 METHODS = ("penalty", "approxgrad", "rmd", "naive")
+DATA_KEYS = ("num_train", "num_val", "noise", "num_test")  # denoising.make_data's, in CASES
 CASES: dict[str, dict[str, Any]] = {
   "logreg_50": dict(
     model="softmax_regression",
@@ -125,18 +126,7 @@ def run_case(
   case: str, cfg: dict[str, Any], trial_seed: int, out_dir: Path, resume: bool
 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, list[float]]]:
   """All methods on one draw of the data; returns (method records, references, curves)."""
-  train, test = data.load_mnist("train"), data.load_mnist("test")
-  d = denoising.make_data(
-    train.images,
-    train.labels,
-    test.images,
-    test.labels,
-    num_train=cfg["num_train"],
-    num_val=cfg["num_val"],
-    noise=cfg["noise"],
-    seed=trial_seed,
-    num_test=cfg["num_test"],
-  )
+  d = _common.mnist_data(denoising.make_data, trial_seed, cfg, DATA_KEYS)
   model = model_of(cfg["model"])
   fit = dict(cfg["fit"], key=jax.random.key(trial_seed))
   references = dict(
@@ -189,11 +179,7 @@ def run_case(
 def run_three_level(cfg: dict[str, Any], seed: int, out_dir: Path, resume: bool):
   """Two levels (weights over the classifier, strength fixed) and three (the strength
   learned too) on one draw of the data; returns their records."""
-  train, test = data.load_mnist("train"), data.load_mnist("test")
-  d = denoising.make_data(
-    train.images, train.labels, test.images, test.labels, num_train=cfg["num_train"],
-    num_val=cfg["num_val"], noise=cfg["noise"], seed=seed, num_test=cfg["num_test"],
-  )  # fmt: skip
+  d = _common.mnist_data(denoising.make_data, seed, cfg, DATA_KEYS)
   half = cfg["num_val"] // 2
   model = denoising.softmax_regression()
   log_l2 = jnp.log(jnp.float32(cfg["l2"]))

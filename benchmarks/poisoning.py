@@ -34,7 +34,6 @@ import optax
 
 import kbeam_jax
 from benchmarks import _common
-from kbeam_jax import data
 from kbeam_jax.tasks import poisoning
 
 METHODS = ("penalty", "approxgrad", "rmd", "naive", "cg")  # cg: ApproxGrad solved by CG
@@ -124,17 +123,7 @@ def attack(
 
 
 def run_trial(cfg, seed, out_dir, resume):
-  train, test = data.load_mnist("train"), data.load_mnist("test")
-  d = poisoning.make_data(
-    train.images,
-    train.labels,
-    test.images,
-    test.labels,
-    num_train=cfg["num_train"],
-    num_val=cfg["num_val"],
-    num_test=cfg["num_test"],
-    seed=seed,
-  )
+  d = _common.mnist_data(poisoning.make_data, seed, cfg, ("num_train", "num_val", "num_test"))
   model = poisoning.softmax_regression()
   fit = cfg["fit"]
   clean = poisoning.train_poisoned(model, d, **fit)
