@@ -175,17 +175,16 @@ class Programs:
     """Compiles every program for ``trials`` trials per call, and the initial draws, in
     parallel threads (XLA compiles outside the GIL)."""
     f = surfaces.select(self.names)
-    args = (jax.ShapeDtypeStruct((), jnp.int32),) * 4 + jax.eval_shape(
-      lambda: draw_inits(seed, trials)
-    )
+    indices = (jax.ShapeDtypeStruct((), jnp.int32),) * 4  # surface, branch, num_iters, K
+    draws = jax.eval_shape(lambda: draw_inits(seed, trials))
 
     def lower(program):
       fn = jax.vmap(trial_program(f, program, self.branches[program]), (None,) * 4 + (0,) * 3)
-      return jax.jit(fn).lower(*args).compile()
+      return jax.jit(fn).lower(*indices, *draws).compile()
 
-    def timed(job, *args):
+    def timed(job, *inputs):
       start = time.perf_counter()
-      return jax.block_until_ready(job(*args)), time.perf_counter() - start
+      return jax.block_until_ready(job(*inputs)), time.perf_counter() - start
 
     with concurrent.futures.ThreadPoolExecutor(len(self.branches) + 1) as pool:
       futures = {p: pool.submit(timed, lower, p) for p in self.branches}
