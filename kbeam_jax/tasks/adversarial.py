@@ -324,6 +324,34 @@ def pgd(
   return jax.lax.stop_gradient(x_adv)
 
 
+def attacks(
+  classifier: nnx.GraphDef, attacker: nnx.GraphDef, *, pgd_steps: int = 40
+) -> dict[str, Callable[..., jax.Array]]:
+  """Every attack under one signature, ``attack(u, x, y, eta, key, v) -> x'`` (the classifier
+  ``u``, the key of PGD's random start, the attacker network's ``v``; each ignores what it
+  does not use): ``clean`` (``x`` itself), ``fgsm``, ``pgd`` (``pgd_steps`` steps from a
+  random start) and ``network`` (``attack`` with ``v``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from kbeam_jax.tasks import adversarial
+    >>> table = adversarial.attacks(*adversarial.graphdefs(), pgd_steps=3)
+    >>> u = adversarial.init_classifier(jax.random.key(0))
+    >>> v = adversarial.init_attacker(jax.random.key(1))
+    >>> x, y, key = jnp.full((2, 28, 28, 1), 0.5), jnp.arange(2), jax.random.key(2)
+    >>> {name: bool(jnp.max(jnp.abs(a(u, x, y, 0.1, key, v) - x)) <= 0.1 + 1e-6)
+    ...  for name, a in table.items()}
+    {'clean': True, 'fgsm': True, 'pgd': True, 'network': True}
+  """
+  logits = lambda u: logits_fn(classifier, u)
+  return {
+    "clean": lambda u, x, y, eta, key, v: x,
+    "fgsm": lambda u, x, y, eta, key, v: fgsm(logits(u), x, y, eta),
+    "pgd": lambda u, x, y, eta, key, v: pgd(logits(u), x, y, eta, num_steps=pgd_steps, key=key),
+    "network": lambda u, x, y, eta, key, v: attack(attacker, v, x, eta),
+  }
+
+
 def logits_fn(classifier: nnx.GraphDef, u: PyTree) -> LogitsFn:
   """``x -> logits`` of the classifier with parameters ``u``."""
   model = nnx.merge(classifier, u)
