@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import kbeam_jax
+from benchmarks import _adversarial_report as report
 from benchmarks import adversarial_defense as bench
 from kbeam_jax import minimax, nn
 from kbeam_jax.tasks import adversarial as adv
@@ -156,9 +157,9 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="K .* must be >= 1"):
     nn.stack_modules(adv.Attacker, jax.random.key(0), 0)
   with pytest.raises(ValueError, match="K .* must be >= 1"):
-    bench.check_config(bench.Config(defenses=("none", "minimax_k0")))
-  with pytest.raises(KeyError, match="unknown defenses"):
-    bench.check_config(bench.Config(defenses=("adversarial",)))
+    bench.minimax_defense(0)
+  with pytest.raises(TypeError, match="Defense values"):  # defenses are values, not names
+    bench.check_config(bench.Config(defenses=(bench.NONE, "minimax_k5")))
   with pytest.raises(ValueError, match="eta"):
     bench.check_config(bench.Config(etas=(0.1, 1.2)))
   with pytest.raises(ValueError, match="multiple of chunk"):
@@ -236,73 +237,78 @@ def fake_mnist(root, n_train=64, n_test=40):
     write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
 
 
-def test_benchmark_quick_path_runs_end_to_end_and_resumes(tmp_path):
-  fake_mnist(tmp_path / "data")
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+  """One tiny run of the whole suite on a synthetic MNIST, shared by the tests below (its
+  programs compile once): every defense, the paper's two-layer AttNet, the cat-and-mouse
+  sequence and the curve along training at η = 0.3, checkpoints written (``resume``)."""
+  root = tmp_path_factory.mktemp("adversarial_defense")
+  fake_mnist(root / "data")
   cfg = bench.Config(
-    etas=(0.2,),
-    cat_etas=(0.2,),
-    clean_steps=4,
-    defense_steps=2,
-    attacker_steps=2,
-    chunk=2,
-    test_size=40,
-    pgd_test=20,
-    eval_batch=20,
-    pgd_steps=3,
-    cat_rounds=1,
-    cat_steps=2,
-  )
-  out = tmp_path / "out"
-  records = bench.run_suite(out, cfg, data_dir=str(tmp_path / "data"))
+    etas=(0.3,), cat_etas=(0.3,), curve_etas=(0.3,), attacker_layers=2, clean_steps=4,
+    defense_steps=4, curve_every=2, attacker_steps=2, chunk=2, test_size=40, pgd_test=20,
+    eval_batch=20, pgd_steps=3, cat_rounds=1, cat_steps=2,
+  )  # fmt: skip
+  records = bench.run_suite(root / "out", cfg, data_dir=str(root / "data"), resume=True)
+  return root, cfg, records
+
+
+def test_benchmark_quick_path_runs_end_to_end_and_resumes(suite):
+  root, cfg, records = suite
+  out = root / "out"
   saved = json.loads((out / "adversarial_defense.json").read_text())
   assert saved["records"] == records
+  assert saved["meta"]["config"]["defenses"] == [d.name for d in bench.DEFENSES]
   for defense in bench.DEFENSES:
-    rows = [r for r in records if r["defense"] == defense]
-    assert {r["attack"] for r in rows} >= set(bench.ATTACKS)
+    rows = [r for r in records if r["defense"] == defense.name]
+    assert {r["attack"] for r in rows} >= {"clean", "fgsm", "pgd40", "readapted"}
     for r in rows:
       assert set(r) >= {"defense", "attack", "eta", "accuracy"}
       assert 0.0 <= r["accuracy"] <= 1.0
-      assert r["eta"] == (None if r["attack"] == "clean" else 0.2)
+      assert r["eta"] == (None if r["attack"] == "clean" else 0.3)
   assert {r["attack"] for r in records if r["defense"] == "minimax_k5"} >= {"own_beams"}
   cat = [r for r in records if r["defense"] == "cat_and_mouse"]
   assert [r["mover"] for r in cat] == ["start", "attacker", "classifier", "final", "final"]
+  assert [r["round"] for r in cat] == [0, 1, 1, 1, 1]
   text = (out / "adversarial_defense.md").read_text()
-  assert "Goal" in text and "Cat and mouse" in text and "| minimax_k5 |" in text
+  assert "Goal (K = 5 beats" in text and "Cat and mouse" in text and "| minimax_k5 |" in text
+  assert "0.890 Madry" in text  # PGD training's published PGD-40 accuracy at η = 0.3
   assert (out / "adversarial_defense.png").stat().st_size > 0
   # Every training is checkpointed: a resumed run reloads them and ends with the same numbers.
-  again = bench.run_suite(out, cfg, data_dir=str(tmp_path / "data"), resume=True)
+  again = bench.run_suite(out, cfg, data_dir=str(root / "data"), resume=True)
   assert again == records
 
 
-def test_paper_protocol_config_and_its_table(tmp_path):
+def test_paper_protocol_config_and_its_table(suite, tmp_path):
   cfg = bench.config(protocol="paper")
   assert cfg.etas == bench.PAPER_ETAS == (0.3, 0.4, 0.5, 0.6) and cfg.attacker_layers == 2
-  assert set(cfg.defenses) >= {"fgsm", "minimax_k1", "minimax_k5"} and cfg.curve_etas == (0.3,)
+  assert {d.name for d in cfg.defenses} >= {"fgsm", "minimax_k1", "minimax_k5"}
+  assert cfg.curve_etas == (0.3,) and cfg.defenses[-1] is bench.minimax_defense(5)
   bench.check_config(cfg)
   assert bench.config(protocol="paper", iters=150).curve_every == 50  # any --iters divides
   bench.check_config(bench.config(protocol="paper", iters=150))
   with pytest.raises(ValueError, match="protocol"):
     bench.config(protocol="papers")
-  # a tiny run: the paper's attacker (two hidden layers), the curve at η = 0.3, Table 5
-  fake_mnist(tmp_path / "data")
-  cfg = cfg._replace(
-    etas=(0.3, 0.4), defenses=("fgsm", "minimax_k5"), clean_steps=4, defense_steps=4,
-    curve_every=2, attacker_steps=2, chunk=2, test_size=40, pgd_test=20, eval_batch=20,
-    pgd_steps=3,
-  )  # fmt: skip
-  out = tmp_path / "out"
-  records = bench.run_suite(out, cfg, data_dir=str(tmp_path / "data"))
-  meta = json.loads((out / "adversarial_defense_paper.json").read_text())["meta"]
+  # the suite's run: the paper's attacker (two hidden layers), the curve at η = 0.3
+  root, run_cfg, records = suite
+  meta = json.loads((root / "out" / "adversarial_defense.json").read_text())["meta"]
   assert [(c["defense"], c["steps"]) for c in meta["curves"]] == [
-    ("fgsm", 2), ("fgsm", 4), ("minimax_k5", 2), ("minimax_k5", 4)
-  ]  # fmt: skip
+    (d.name, s) for d in bench.DEFENSES[1:] for s in (2, 4)
+  ]
   final = meta["curves"][-1]
   assert final["readapted"] == bench.lookup(records, "minimax_k5", 0.3, "readapted")
-  state = bench.init_state(
-    "minimax_k5", jax.random.key(0), cfg, u=adv.init_classifier(jax.random.key(0))
+  state = (
+    bench.minimax_defense(5)
+    .trainer(run_cfg)
+    .init(jax.random.key(0), adv.init_classifier(jax.random.key(0)))
   )
   assert len(state.beams["more"]) == 1  # AttNet: 784-300-300-784
-  text = (out / "adversarial_defense_paper.md").read_text()
-  ours = 1 - bench.lookup(records, "minimax_k5", 0.4, "fgsm")
-  assert "| minimax (K-beam, K = 5) | FGSM-curr | " in text and f"{ours:.3f} (0.238)" in text
-  assert "Goal at η = 0.3" in text and (out / "adversarial_defense_paper.png").stat().st_size
+  # the one report, at the paper's protocol: Table 5's cells beside ours, the paper's goal
+  meta["config"]["protocol"] = "paper"
+  text = report.report(records, meta, tmp_path / "paper.md")
+  ours = bench.lookup(records, "minimax_k5", 0.3, "fgsm")
+  assert f"{ours:.4f} (0.782 H&M)" in text  # FGSM-curr: 1 - 0.218
+  assert "Goal (at η = 0.3, K = 5 at or above 95%" in text and "784-300-300-784" in text
+  assert "## Along training at η = 0.3" in text
+  report.plot(records, meta, tmp_path / "paper.png")
+  assert (tmp_path / "paper.png").stat().st_size
