@@ -63,28 +63,13 @@ def kbeam_check() -> dict:
   }
 
 
-def problem():
-  """A ridge regression with per-feature L2 coefficients ``exp(u)``, judged on validation
-  data: ``(g, f, batch)``, the batch (64 rows) the same in every process."""
-  kx, kv, kw, kn = jax.random.split(jax.random.key(3), 4)
-  w = jax.random.normal(kw, (6,))
-  x_train, x_val = jax.random.normal(kx, (BATCH, 6)), jax.random.normal(kv, (BATCH, 6))
-  noise = 0.3 * jax.random.normal(kn, (2, BATCH))
-  batch = (x_train, x_train @ w + noise[0], x_val, x_val @ w + noise[1])
-
-  def g(u, v, xt, yt, xv, yv):
-    return jnp.mean((xt @ v - yt) ** 2) + jnp.sum(jnp.exp(u) * v**2)
-
-  def f(u, v, xt, yt, xv, yv):
-    return jnp.mean((xv @ v - yv) ** 2)
-
-  return g, f, batch
-
-
 def hypergradient_check() -> dict:
   """A CG hypergradient, its batch split over the ``data`` axis of every process's devices;
   each process hands in only its own rows (``make_array_from_process_local_data``)."""
-  g, f, batch = problem()
+  # imported only now: _parallel_checks touches the backend, after jax.distributed.initialize
+  from _parallel_checks import ridge_problem  # tests/ is on PYTHONPATH
+
+  g, f, batch = ridge_problem()
   mesh = parallel.make_mesh(data=len(jax.devices()))
   rows = BATCH // jax.process_count()
   mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)

@@ -185,12 +185,9 @@ def nnx_check(steps: int = 4) -> dict:
   }
 
 
-def bilevel_check(method_name: str, steps: int = 40) -> dict:
-  """A hypergradient with a data-parallel batch: per-feature L2 coefficients ``exp(u)`` of
-  a ridge regression (lower level, training batch) judged on a validation batch (upper
-  level); both batches split over the 8 devices along ``data``, ``u`` and ``v`` replicated."""
-  method = {"CG": bilevel.CG(20), "RMD": bilevel.RMD(), "FMD": bilevel.FMD()}[method_name]
-  mesh = parallel.make_mesh(data=8)
+def ridge_problem():
+  """A ridge regression with per-feature L2 coefficients ``exp(u)``, judged on validation
+  data: ``(g, f, batch)``, the batch (``BATCH`` rows) the same wherever it is drawn."""
   kx, kv, kw, kn = jax.random.split(jax.random.key(3), 4)
   w = jax.random.normal(kw, (6,))
   x_train, x_val = jax.random.normal(kx, (BATCH, 6)), jax.random.normal(kv, (BATCH, 6))
@@ -202,6 +199,17 @@ def bilevel_check(method_name: str, steps: int = 40) -> dict:
 
   def f(u, v, xt, yt, xv, yv):
     return jnp.mean((xv @ v - yv) ** 2)
+
+  return g, f, batch
+
+
+def bilevel_check(method_name: str, steps: int = 40) -> dict:
+  """A hypergradient with a data-parallel batch: per-feature L2 coefficients ``exp(u)`` of
+  a ridge regression (lower level, training batch) judged on a validation batch (upper
+  level); both batches split over the 8 devices along ``data``, ``u`` and ``v`` replicated."""
+  method = {"CG": bilevel.CG(20), "RMD": bilevel.RMD(), "FMD": bilevel.FMD()}[method_name]
+  mesh = parallel.make_mesh(data=8)
+  g, f, batch = ridge_problem()
 
   def hypergradient(u, v0, *batch):
     out = bilevel.hypergradient(f, g, u, v0, *batch, method=method, inner_steps=steps, inner_lr=0.1)
@@ -218,7 +226,7 @@ def bilevel_check(method_name: str, steps: int = 40) -> dict:
     "grad_norm": float(jnp.linalg.norm(grad0)),
     "batch_specs": specs(sharded),
     "collectives": collectives(hlo),
-    "batch_size": int(x_train.size),
+    "batch_size": int(batch[0].size),
   }
 
 
