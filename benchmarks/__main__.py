@@ -36,8 +36,11 @@ class Suite:
   # (load average about 7)
   time: str
   data: str  # files read from KBEAM_JAX_DATA ("" for none)
-  trials: str | None = None  # default trial count (None: the suite has no --trials)
-  iters: str | None = None  # default iteration count (None: no --iters)
+  # --trials and --iters: the suite's defaults (full run, --quick), filled into the parsed
+  # arguments before the suite runs, or a text when the suite resolves them itself (None: the
+  # suite has no such option)
+  trials: tuple[int, int] | None = None
+  iters: tuple[int, int] | str | None = None
   resume: bool = False  # checkpoints every training run (--resume)
   photos: bool = False  # --photos DIR
   devices: bool = False  # --devices N[,N...]
@@ -57,7 +60,7 @@ SUITES = {
     "GDA, optimistic GDA, extragradient and K-beam K = 1..10 with every ε-rule",
     "full 70 s; --quick (10 trials, 2 surfaces) under 1 min",
     "",
-    trials="100 (--quick: 10)",
+    trials=(100, 10),
     study=True,
     protocols=("clean", "authors", "both"),
     protocol_help="'authors' reproduces the authors' code (beams carried over K = 2 -> 5 -> "
@@ -70,7 +73,7 @@ SUITES = {
     "method after 2000 outer steps",
     "full 2 min; --quick under 2.5 min (compilation dominates)",
     "",
-    trials="20 (--quick: 5)",
+    trials=(20, 5),
   ),
   "bilevel_scaling": Suite(
     "time and memory of one hypergradient vs T and dim(v)",
@@ -87,7 +90,7 @@ SUITES = {
     "metric, steps, time per step, beside the published outcome",
     "full about 2 min; --quick under 1.5 min",
     "",
-    trials="100",
+    trials=(100, 100),
   ),
   "gan_mog": Suite(
     "GAN on a mixture of 7 Gaussians, GDA vs K-beam",
@@ -96,8 +99,8 @@ SUITES = {
     "full (10 trials × 50,000 iterations) about 2 h (17 times the 7.4 min measured with "
     "--trials 3 --iters 10000); --quick (Alt-GDA, K = 1 and 5; 3 × 8,000) about 1.5 min",
     "",
-    trials="10 (--quick: 3)",
-    iters="50,000 (--quick: 8,000)",
+    trials=(10, 3),
+    iters=(50_000, 8_000),
     resume=True,
     devices=True,
   ),
@@ -114,8 +117,8 @@ SUITES = {
     "for linear and 2-layer filters solved by K-beam, Kiwiel's rule and alternating GDA",
     "full 4 min; --quick under 2.5 min",
     "genki/genki.mat",
-    trials="3 (--quick: 1)",
-    iters="2,000 (--quick: 500)",
+    trials=(3, 1),
+    iters=(2_000, 500),
     resume=True,
   ),
   "domain_adaptation": Suite(
@@ -125,7 +128,7 @@ SUITES = {
     "full (10,000 iterations) about 1.5 h (2.5 times the 35 min measured with --iters 4000); "
     "--quick (20) under 3.5 min",
     MNIST + "; photographs from --photos DIR or scikit-learn's sample images",
-    iters="10,000 (--quick: 20)",
+    iters=(10_000, 20),
     resume=True,
     photos=True,
     devices=True,
@@ -136,7 +139,7 @@ SUITES = {
     "accuracy of the retrained classifier, precision and recall of the flagged points",
     "full 5 min; --quick under 1.5 min",
     MNIST,
-    trials="1",
+    trials=(1, 1),
     resume=True,
   ),
   "poisoning": Suite(
@@ -145,7 +148,7 @@ SUITES = {
     "10 to 60 poison points (penalty, ApproxGrad, CG, RMD, naive, label flip)",
     "full 2.7 min; --quick under 2.5 min",
     MNIST,
-    trials="1",
+    trials=(1, 1),
     resume=True,
   ),
   "fewshot": Suite(
@@ -154,7 +157,7 @@ SUITES = {
     "rotations (RMD, ApproxGrad, penalty, naive, joint, untrained)",
     "full 9.6 min; --quick under 5 min",
     MNIST,
-    trials="1",
+    trials=(1, 1),
     resume=True,
   ),
   "adversarial_defense": Suite(
@@ -278,12 +281,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     uses = {a: [n for n in names if getattr(SUITES[n], a)] for a in ("trials", "iters", "resume")}
     if uses["trials"]:
-      defaults = "; ".join(f"{n}: {SUITES[n].trials}" for n in uses["trials"])
+      defaults = "; ".join(f"{n}: {_default(SUITES[n].trials)}" for n in uses["trials"])
       p.add_argument(
         "--trials", type=_count("--trials"), help=f"trials (seeds) per method (default {defaults})"
       )
     if uses["iters"]:
-      defaults = "; ".join(f"{n}: {SUITES[n].iters}" for n in uses["iters"])
+      defaults = "; ".join(f"{n}: {_default(SUITES[n].iters)}" for n in uses["iters"])
       p.add_argument(
         "--iters", type=_count("--iters"), help=f"training iterations (default {defaults})"
       )
@@ -322,6 +325,25 @@ def _parser() -> argparse.ArgumentParser:
         help=f"{suite.protocol_help} (default: {suite.protocols[0]})",
       )
   return parser
+
+
+def _default(value: tuple[int, int] | str) -> str:
+  """A suite's default as ``--help`` says it: ``(50_000, 8_000)`` -> ``50,000 (--quick: 8,000)``."""
+  if isinstance(value, str):
+    return value
+  full, quick = value
+  return f"{full:,}" if full == quick else f"{full:,} (--quick: {quick:,})"
+
+
+def suite_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
+  """``args`` with the suite's default ``--trials`` / ``--iters`` (full or ``--quick``) where
+  they were left out, so that a suite reads them as given."""
+  args = argparse.Namespace(**vars(args))
+  for option in ("trials", "iters"):
+    default = getattr(SUITES[name], option)
+    if getattr(args, option) is None and isinstance(default, tuple):
+      setattr(args, option, default[args.quick])
+  return args
 
 
 def _devices(text: str) -> tuple[int, ...]:
@@ -415,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
   setup_compile_cache(args)
   for suite in suites:
     start, began = time.perf_counter(), time.time() - 1.0
-    suite_module(suite).main(args)
+    suite_module(suite).main(suite_args(args, suite))
     report = suite
     if args.devices and SUITES[suite].devices:
       report = f"{suite}_devices"

@@ -50,6 +50,21 @@ def write_json(path: Path, records: Sequence[dict[str, Any]], meta: dict[str, An
   path.write_text(json.dumps({"meta": meta, "records": list(records)}, indent=2) + "\n")
 
 
+def publish(
+  out: Path, name: str, records: Sequence[dict[str, Any]], meta: dict[str, Any], text: str,
+  figure: Any = None,
+) -> str:  # fmt: skip
+  """The one report of every suite: ``{name}.json`` (``{"meta", "records"}``, the
+  environment added to ``meta`` when missing), ``{name}.md`` (``text``) and, when a
+  matplotlib ``figure`` is given, ``{name}.png``. Returns ``text``."""
+  meta = {"environment": environment(), **meta}
+  write_json(out / f"{name}.json", to_python(list(records)), meta)
+  (out / f"{name}.md").write_text(text.rstrip("\n") + "\n")
+  if figure is not None:
+    save_figure(figure, out / f"{name}.png")
+  return text
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -184,197 +199,3 @@ def kbeam_rules(epsilon: float) -> dict[str, Any]:
 
   eps_rules = {"random": minimax.Random, "min_norm": minimax.MinNorm, "kiwiel": minimax.Kiwiel}
   return {"best": minimax.Best(), **{name: rule(epsilon) for name, rule in eps_rules.items()}}
-
-
-def bilevel_method(
-  name: str,
-  *,
-  solve_steps: int = 10,
-  solve_lr: float | str = "auto",
-  neumann_lr: float | str | None = None,
-):
-  """The library's hypergradient method for a method name of the bilevel suites (the one
-  table): ``naive`` (also ``gd``), ``fmd``, ``rmd``, ``rmd_checkpoint``, ``approxgrad``,
-  ``cg``, ``neumann``. The penalty method is a solver of its own (``bilevel_solver``)."""
-  from kbeam_jax import bilevel
-
-  table = {
-    "naive": lambda: bilevel.Naive(),
-    "gd": lambda: bilevel.Naive(),
-    "fmd": lambda: bilevel.FMD(),
-    "rmd": lambda: bilevel.RMD(),
-    "rmd_checkpoint": lambda: bilevel.RMD(checkpoint=True),
-    "approxgrad": lambda: bilevel.ApproxGrad(solve_steps, solve_lr),
-    "cg": lambda: bilevel.CG(solve_steps),
-    "neumann": lambda: bilevel.Neumann(solve_steps, neumann_lr or solve_lr),
-  }
-  if name not in table:
-    raise KeyError(f"unknown bilevel method {name!r}; known: {', '.join(table)}.")
-  return table[name]()
-
-
-PENALTY_METHODS = {"penalty": False, "penalty_al": True}  # name -> augmented
-
-
-def bilevel_solver(name: str, f, g, cfg: dict[str, Any], upper, project_u=None, project_v=None):
-  """The solver for the method called ``name`` with a suite's config: ``bilevel.solver``
-  with T = ``inner_steps`` steps of size ``inner_lr``, or ``bilevel.penalty`` (its steps on
-  ``v`` of size ``penalty_lr``, plain or Adam as ``penalty_lower`` says, its schedule in
-  ``cfg["penalty"]``)."""
-  import optax
-
-  from kbeam_jax import bilevel
-
-  if name in PENALTY_METHODS:
-    if cfg.get("penalty_lower") == "adam":
-      inner = dict(inner=optax.adam(cfg["penalty_lr"]))
-    else:
-      inner = dict(inner_lr=cfg["penalty_lr"])
-    options = dict(cfg.get("penalty") or {}, augmented=PENALTY_METHODS[name])
-    return bilevel.penalty(
-      f,
-      g,
-      upper,
-      inner_steps=cfg["inner_steps"],
-      project_u=project_u,
-      project_v=project_v,
-      **inner,
-      **options,
-    )
-  method = bilevel_method(
-    name,
-    solve_steps=cfg["solve_steps"],
-    solve_lr=cfg.get("solve_lr") or "auto",
-    neumann_lr=cfg.get("neumann_lr"),
-  )
-  inner = (
-    dict(inner=cfg["inner"]) if cfg.get("inner") is not None else dict(inner_lr=cfg["inner_lr"])
-  )
-  return bilevel.solver(
-    f,
-    g,
-    upper,
-    method,
-    inner_steps=cfg["inner_steps"],
-    project_u=project_u,
-    project_v=project_v,
-    **inner,
-  )
-
-
-def warm_start(g, u, v, args, cfg: dict[str, Any]):
-  """``v`` after ``cfg["warmup"]`` plain descent steps on ``g(u, ·)`` (the lower problem
-  solved before the outer loop starts), compiled once."""
-  from kbeam_jax import bilevel
-
-  solve = jax.jit(
-    lambda v: bilevel.argmin(
-      g, u, v, *args, method=bilevel.Naive(), inner_steps=cfg["warmup"], inner_lr=cfg["inner_lr"]
-    )
-  )
-  return solve(v)
-
-
-def device_scaling(
-  counts: Sequence[int],
-  num_beams: int,
-  make_solver: Callable[[Any], Any],
-  state: Any,
-  sample_batch: Callable[[jax.Array], tuple[Any, ...]],
-  *,
-  steps: int = 20,
-  repeats: int = 3,
-  seed: int = 0,
-) -> list[dict[str, Any]]:
-  """Time of one K-beam step on each device count, and its numbers against one device.
-
-  For n devices the mesh is ``beams = gcd(K, n)``, ``data = n / beams`` (the batch split
-  on ``data``); ``make_solver(mesh)`` builds the solver (``kbeam_jax.parallel.kbeam``),
-  ``state`` is placed with ``parallel.shard`` and ``sample_batch(key)`` draws one step's
-  arguments inside the compiled loop. Each count compiles ``steps`` steps in one
-  ``lax.scan`` first, then times ``repeats`` runs (median).
-
-  Returns:
-    One dict per count: ``devices``, ``mesh``, ``ms_per_step``, ``compile_s`` and
-    ``max_abs_diff_u`` (against the first count, which should be 1).
-  """
-  import math
-
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
-
-  from kbeam_jax import parallel
-
-  rows, reference = [], None
-  key = jax.random.key(seed)
-  for n in counts:
-    beams = math.gcd(num_beams, n)
-    mesh = parallel.make_mesh(beams=beams, data=n // beams)
-    solver = make_solver(mesh)
-    on_data = NamedSharding(mesh, P("data"))
-
-    def body(s, k, solver=solver, on_data=on_data):
-      batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, on_data), sample_batch(k))
-      return solver.step(s, *batch)[0], None
-
-    loop = lambda s, k, body=body: jax.lax.scan(body, s, jax.random.split(k, steps))[0]
-    placed = parallel.shard(state, mesh)
-    start = time.perf_counter()
-    compiled = jax.jit(loop).lower(placed, key).compile()
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(max(1, repeats)):
-      start = time.perf_counter()
-      out = jax.block_until_ready(compiled(placed, key))
-      times.append(time.perf_counter() - start)
-    u = jax.tree.map(np.asarray, out.u)
-    reference = u if reference is None else reference
-    diff = max(
-      float(np.max(np.abs(a - b)))
-      for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(reference), strict=True)
-    )
-    rows.append(
-      dict(
-        devices=n,
-        mesh={"beams": beams, "data": n // beams},
-        ms_per_step=1e3 * statistics.median(times) / steps,
-        compile_s=compile_s,
-        max_abs_diff_u=diff,
-      )
-    )
-  return rows
-
-
-def device_report(suite: str, rows: list[dict[str, Any]], out_dir: Path, what: str) -> str:
-  """Writes ``{suite}_devices.json`` and ``.md``: step time per device count."""
-  meta = {"what": what, "environment": environment(), "device_kinds": device_kinds()}
-  write_json(out_dir / f"{suite}_devices.json", rows, meta)
-  base = rows[0]["ms_per_step"]
-  table = markdown_table(
-    ["devices", "mesh (beams × data)", "ms / step", "vs first", "compile (s)", "max |Δu|"],
-    [
-      [
-        r["devices"],
-        f"{r['mesh']['beams']} × {r['mesh']['data']}",
-        f"{r['ms_per_step']:.2f}",
-        f"{base / r['ms_per_step']:.2f}x",
-        f"{r['compile_s']:.1f}",
-        f"{r['max_abs_diff_u']:.1e}",
-      ]
-      for r in rows
-    ],
-  )
-  note = (
-    "Virtual CPU devices (XLA's host platform split into N devices) share the same cores: "
-    "these figures show that the sharded step gives the numbers of one device, not how it "
-    "scales; measure scaling on real devices."
-    if jax.default_backend() == "cpu"
-    else "Real devices."
-  )
-  text = f"# {what}: K-beam step time per device count\n\n{table}\n\n{note}\n"
-  (out_dir / f"{suite}_devices.md").write_text(text)
-  return text
-
-
-def device_kinds() -> list[str]:
-  return sorted({getattr(d, "device_kind", str(d)) for d in jax.devices()})

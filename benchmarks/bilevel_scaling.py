@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks import _common, _peers
+from benchmarks import _bilevel, _common, _peers
 from kbeam_jax import bilevel
 
 U = 4
@@ -85,7 +85,7 @@ INNER_LR = 0.4
 
 def hypergradient_fn(method: str, T: int):
   """``(f, g, u, v, *data) -> hypergradient`` of one method through ``bilevel.hypergradient``."""
-  value = _common.bilevel_method(method, solve_steps=SOLVE_STEPS, solve_lr=0.2)
+  value = _bilevel.bilevel_method(method, solve_steps=SOLVE_STEPS, solve_lr=0.2)
 
   def fn(f, g, u, v, *data):
     return bilevel.hypergradient(

@@ -43,7 +43,7 @@ import optax
 from tqdm.auto import tqdm
 
 import kbeam_jax
-from benchmarks import _common
+from benchmarks import _bilevel, _common
 
 DIM, BOX, TRIALS = 10, 5.0, 20
 OUTER_LR, INNER_LR = 0.05, 0.1
@@ -140,7 +140,7 @@ def project(x):
 def run_method(name: str, method: str, T: int, num_iters: int):
   """``(u0, v0) -> (errors (num_iters,), final upper value)`` for one trial."""
   p = problem(name)
-  penalty = method in _common.PENALTY_METHODS
+  penalty = method in _bilevel.PENALTY_METHODS
   upper = optax.sgd(p.penalty_lr if penalty else OUTER_LR)
   if penalty and p.penalty_adam:
     upper = optax.adam(0.01)
@@ -154,7 +154,7 @@ def run_method(name: str, method: str, T: int, num_iters: int):
     penalty_lr=0.05 if p.penalty_adam else p.penalty_lr,  # Adam's step on v, or plain
     penalty_lower="adam" if p.penalty_adam else "sgd",
   )
-  solver = _common.bilevel_solver(method, p.f, p.g, cfg, upper, project, project)
+  solver = _bilevel.bilevel_solver(method, p.f, p.g, cfg, upper, project, project)
 
   def error(u, v):
     return jnp.sqrt(jnp.sum((u - p.u_star) ** 2) + jnp.sum((v - p.v_star) ** 2))

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 import kbeam_jax
-from benchmarks import _common
+from benchmarks import _bilevel, _common
 from kbeam_jax import bilevel
 from kbeam_jax.tasks import denoising
 
@@ -137,11 +137,11 @@ def run_case(
   f, g = denoising.objectives(model)
   args = d.bilevel_args()
   a0 = jnp.zeros(d.y_train.shape, jnp.float32)
-  v0 = _common.warm_start(g, a0, model.init(jax.random.key(trial_seed)), args, cfg)
+  v0 = _bilevel.warm_start(g, a0, model.init(jax.random.key(trial_seed)), args, cfg)
   records, curves = [], {}
   num_chunks = cfg["outer_steps"] // cfg["chunk"]
   for method in METHODS:
-    solver = _common.bilevel_solver(method, f, g, cfg, upper=optax.adam(cfg["upper_lr"]))
+    solver = _bilevel.bilevel_solver(method, f, g, cfg, upper=optax.adam(cfg["upper_lr"]))
     chunk_fn = jax.jit(
       lambda state, s=solver: kbeam_jax.run(
         s.step, state, cfg["chunk"], *args, trace=lambda _, info: info.value
@@ -191,7 +191,7 @@ def run_three_level(cfg: dict[str, Any], seed: int, out_dir: Path, resume: bool)
   a0 = jnp.zeros(d.y_train.shape, jnp.float32)
   f2, g2 = denoising.objectives(model, l2=cfg["l2"])
   args2 = (x_tr, y_tr, *val)
-  v0 = _common.warm_start(g2, a0, model.init(jax.random.key(seed)), args2, cfg)
+  v0 = _bilevel.warm_start(g2, a0, model.init(jax.random.key(seed)), args2, cfg)
   f3, g3 = denoising.three_level_objectives(
     model, method=bilevel.CG(10), inner_steps=cfg["level3_steps"], inner_lr=cfg["inner_lr"]
   )

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 import kbeam_jax
-from benchmarks import _common
+from benchmarks import _common, _devices
 from kbeam_jax import data, games, minimax, nn, parallel
 from kbeam_jax.tasks import domain_adaptation as da
 
@@ -282,7 +282,7 @@ def devices_suite(
   state, _ = init_state(f"kbeam_{K}", jax.random.key(seed))
 
   counts = (1,) + tuple(c for c in counts if c != 1)
-  rows = _common.device_scaling(
+  rows = _devices.device_scaling(
     counts,
     K,
     lambda mesh: parallel.kbeam(da.objective(), opt, opt, mesh=mesh),
@@ -290,7 +290,7 @@ def devices_suite(
     lambda key: sample_batch(d, key),
     steps=steps,
   )
-  return _common.device_report(
+  return _devices.device_report(
     "domain_adaptation", rows, out_dir, f"Domain adaptation, K = {K}, batch {BATCH} per domain"
   )
 

@@ -55,11 +55,11 @@ import numpy as np
 import optax
 
 import kbeam_jax
-from benchmarks import _common, _fewshot_report
+from benchmarks import _bilevel, _common, _fewshot_report
 from kbeam_jax import bilevel, data, games
 from kbeam_jax.tasks import fewshot
 
-BILEVEL = ("gd", "rmd", "approxgrad", "penalty")  # through _common.bilevel_solver
+BILEVEL = ("gd", "rmd", "approxgrad", "penalty")  # through _bilevel.bilevel_solver
 EVAL_STEPS = 200
 CURVE_TASKS = 200  # test tasks behind each point of the test curve (every chunk)
 JOINT_CLASSES = 20  # the joint baseline's head: digits 0-4, four rotations each
@@ -171,12 +171,12 @@ class State(NamedTuple):
 
 
 def bilevel_config(s: Setting, method: str) -> dict[str, Any]:
-  """This suite's settings in the shape of ``_common.bilevel_solver``'s config; the penalty
+  """This suite's settings in the shape of ``_bilevel.bilevel_solver``'s config; the penalty
   method's γ is fixed at γ_0 (fresh tasks every step: no schedule to carry)."""
   gamma = s.penalty_gamma
   penalty = dict(gamma=gamma, epsilon=1.0, lower_weight=s.penalty_lower_weight, max_gamma=gamma)
   return dict(
-    inner_steps=s.penalty_num_steps if method in _common.PENALTY_METHODS else s.num_steps,
+    inner_steps=s.penalty_num_steps if method in _bilevel.PENALTY_METHODS else s.num_steps,
     inner_lr=s.inner_lr,
     solve_steps=s.num_steps,
     solve_lr=s.solve_lr,
@@ -186,15 +186,15 @@ def bilevel_config(s: Setting, method: str) -> dict[str, Any]:
 
 
 def meta_solver(s: Setting, method: str) -> kbeam_jax.Solver:
-  """A bilevel method (``_common.bilevel_solver``) on fresh tasks: ``step(state, pool)``
+  """A bilevel method (``_bilevel.bilevel_solver``) on fresh tasks: ``step(state, pool)``
   draws a meta-batch, restarts its heads at zero (the penalty method's first take T
   descent steps on g) and takes one step of the method, keeping ``u`` and the upper
   optimizer's state."""
   f, g = fewshot.objectives(s.kind, l2=s.l2, feature_scale=s.feature_scale)
   sample = sampler(s, train=True)
   heads0 = fewshot.init_heads(s.meta_batch, s.sizes[-1], s.num_outputs)
-  penalty = method in _common.PENALTY_METHODS
-  solver = _common.bilevel_solver(method, f, g, bilevel_config(s, method), optax.adam(s.upper_lr))
+  penalty = method in _bilevel.PENALTY_METHODS
+  solver = _bilevel.bilevel_solver(method, f, g, bilevel_config(s, method), optax.adam(s.upper_lr))
 
   def init(key, u):
     return State(u, solver.init(key, u, heads0), key)

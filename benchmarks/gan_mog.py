@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 
 import kbeam_jax
-from benchmarks import _common
+from benchmarks import _common, _devices
 from kbeam_jax import data, minimax, nn, parallel
 from kbeam_jax.tasks import gan_mog
 
@@ -67,9 +67,7 @@ def method_of(name: str) -> Method:
 
 def make_solver(name: str) -> kbeam_jax.Solver:
   """The solver of the method ``name`` on the GAN's objective and optimizers."""
-  g_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Generator(nnx.Rngs(0))), nnx.Param)
-  d_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Discriminator(nnx.Rngs(0))), nnx.Param)
-  f = gan_mog.objective(g_def, d_def)
+  f = gan_mog.objective(*gan_mog.graphdefs())
   return method_of(name).build(f, optax.adam(G_LR, b1=BETA1), optax.adam(D_LR, b1=BETA1))
 
 
@@ -87,7 +85,7 @@ def init_trial(method: str, key: jax.Array) -> tuple[Any, jax.Array]:
 
 def evaluate(u: Any, key: jax.Array) -> dict[str, jax.Array]:
   """JSD, modes covered and high-quality share of the generator ``u``."""
-  g_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Generator(nnx.Rngs(0))), nnx.Param)
+  g_def, _ = gan_mog.graphdefs()
   k_z, k_x = jax.random.split(key)
   fake = nnx.merge(g_def, u)(gan_mog.sample_noise(k_z, EVAL_SAMPLES))
   real = data.sample_mog(k_x, EVAL_SAMPLES)
@@ -156,7 +154,7 @@ def run_method(
   }
 
 
-def report(records: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> str:
+def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
   rows = []
   for r in records:
     jsd, modes, quality = (np.array(r[k])[-1] for k in ("jsd", "modes", "quality"))
@@ -196,11 +194,10 @@ def report(records: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -
       "iterations included.",
     ]
   )
-  (out_dir / "gan_mog.md").write_text(text + "\n")
   return text
 
 
-def plot(records: list[dict[str, Any]], out_dir: Path) -> None:
+def plot(records: list[dict[str, Any]]):
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 1 + len(records), figsize=(5 + 2.6 * len(records), 3.6))
@@ -211,7 +208,7 @@ def plot(records: list[dict[str, Any]], out_dir: Path) -> None:
     axes[0].fill_between(r["iterations"], m - s, m + s, color=line.get_color(), alpha=0.15)
   axes[0].set(xlabel="iteration", ylabel="JSD (mean ± std)", title="JSD vs iteration")
   axes[0].legend(fontsize=7)
-  g_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Generator(nnx.Rngs(0))), nnx.Param)
+  g_def, _ = gan_mog.graphdefs()
   centers = np.asarray(data.mog_centers())
   for ax, r in zip(axes[1:], records, strict=True):
     fake = nnx.merge(g_def, r["final_u"])(gan_mog.sample_noise(jax.random.key(0), 2000))
@@ -220,7 +217,7 @@ def plot(records: list[dict[str, Any]], out_dir: Path) -> None:
     ax.set(xlim=(-2, 2), ylim=(-2, 2), title=f"{r['method']} (trial 0)", aspect="equal")
     ax.set_xticks([])
     ax.set_yticks([])
-  _common.save_figure(fig, out_dir / "gan_mog.png")
+  return fig
 
 
 def run_suite(
@@ -255,21 +252,14 @@ def run_suite(
     "lr": {"generator": G_LR, "discriminator": D_LR, "beta1": BETA1},
     "environment": _common.environment(),
   }
-  _common.write_json(
-    out_dir / "gan_mog.json",
-    [{k: v for k, v in r.items() if k != "final_u"} for r in records],
-    meta,
-  )
-  report(records, out_dir, meta)
-  plot(records, out_dir)
+  saved = [{k: v for k, v in r.items() if k != "final_u"} for r in records]
+  _common.publish(out_dir, "gan_mog", saved, meta, report(records, meta), plot(records))
   return records
 
 
 def devices_suite(out_dir: Path, counts: tuple[int, ...], *, K: int = 10, steps: int = 20):
   """Step time of K-beam (K discriminators, batch 128) on each device count."""
-  g_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Generator(nnx.Rngs(0))), nnx.Param)
-  d_def, _ = nnx.split(nnx.eval_shape(lambda: gan_mog.Discriminator(nnx.Rngs(0))), nnx.Param)
-  f = gan_mog.objective(g_def, d_def)
+  f = gan_mog.objective(*gan_mog.graphdefs())
   leader, follower = optax.adam(G_LR, b1=BETA1), optax.adam(D_LR, b1=BETA1)
   state, _ = init_trial(f"kbeam_{K}", jax.random.key(0))
 
@@ -278,7 +268,7 @@ def devices_suite(out_dir: Path, counts: tuple[int, ...], *, K: int = 10, steps:
     return data.sample_mog(k_x, BATCH), gan_mog.sample_noise(k_z, BATCH)
 
   counts = (1,) + tuple(c for c in counts if c != 1)
-  rows = _common.device_scaling(
+  rows = _devices.device_scaling(
     counts,
     K,
     lambda mesh: parallel.kbeam(f, leader, follower, mesh=mesh),
@@ -286,7 +276,7 @@ def devices_suite(out_dir: Path, counts: tuple[int, ...], *, K: int = 10, steps:
     batch,
     steps=steps,
   )
-  return _common.device_report("gan_mog", rows, out_dir, f"GAN on a MoG, K = {K}, batch {BATCH}")
+  return _devices.device_report("gan_mog", rows, out_dir, f"GAN on a MoG, K = {K}, batch {BATCH}")
 
 
 def main(args) -> None:
@@ -295,12 +285,11 @@ def main(args) -> None:
   if getattr(args, "devices", None):
     devices_suite(args.out, args.devices, steps=5 if args.quick else 20)
     return
-  iters = args.iters or (8_000 if args.quick else 50_000)
   run_suite(
     args.out,
-    trials=args.trials or (3 if args.quick else 10),
-    num_iters=iters,
-    eval_every=_common.chunk_length(iters, 2_000 if args.quick else 1_000),
+    trials=args.trials,
+    num_iters=args.iters,
+    eval_every=_common.chunk_length(args.iters, 2_000 if args.quick else 1_000),
     seed=args.seed,
     methods=QUICK_METHODS if args.quick else tuple(METHODS),
     resume=args.resume,

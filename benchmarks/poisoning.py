@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 import kbeam_jax
-from benchmarks import _common
+from benchmarks import _bilevel, _common
 from kbeam_jax.tasks import poisoning
 
 METHODS = ("penalty", "approxgrad", "rmd", "naive", "cg")  # cg: ApproxGrad solved by CG
@@ -98,8 +98,8 @@ def attack(
   st = dict(source=SOURCE, target=TARGET) if targeted else {}
   args = poisoning.bilevel_args(d, y_p, **st)
   u0 = jnp.asarray(x_p)
-  v0 = _common.warm_start(g, u0, model.init(None), args, cfg)
-  solver = _common.bilevel_solver(
+  v0 = _bilevel.warm_start(g, u0, model.init(None), args, cfg)
+  solver = _bilevel.bilevel_solver(
     method, f, g, cfg, upper=optax.adam(cfg["upper_lr"]), project_u=poisoning.project_images
   )
   num_chunks = cfg["outer_steps"] // cfg["chunk"]

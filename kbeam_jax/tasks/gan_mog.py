@@ -52,6 +52,23 @@ class Discriminator(nnx.Module):
     return self.out(jnp.tanh(self.l2(jnp.tanh(self.l1(x)))))[..., 0]
 
 
+def graphdefs() -> tuple[nnx.GraphDef, nnx.GraphDef]:
+  """The graph definitions ``(generator, discriminator)`` of the default-sized modules
+  (built abstractly, no parameters drawn), for ``objective`` and ``nnx.merge``.
+
+  Examples:
+    >>> import jax
+    >>> from flax import nnx
+    >>> from kbeam_jax.tasks import gan_mog
+    >>> g_def, d_def = gan_mog.graphdefs()
+    >>> _, u = nnx.split(gan_mog.Generator(nnx.Rngs(0)), nnx.Param)
+    >>> nnx.merge(g_def, u)(gan_mog.sample_noise(jax.random.key(0), 3)).shape
+    (3, 2)
+  """
+  shape = lambda make: nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))), nnx.Param)[0]
+  return shape(Generator), shape(Discriminator)
+
+
 def objective(
   generator: nnx.GraphDef, discriminator: nnx.GraphDef
 ) -> Callable[[Any, Any, jax.Array, jax.Array], jax.Array]:
