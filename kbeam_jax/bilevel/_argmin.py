@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -29,17 +29,31 @@ def _projection_prox(project_v: Callable[[PyTree], PyTree]):
   return lambda u, v, step, *args: project(v)
 
 
-def make_loop(
-  method, *, solve, inner_steps, inner_lr, inner, tol, project_v, prox, default_lr=None
-):
-  """The forward solve's settings, validated, ``project_v`` folded into ``prox``."""
+class InnerSettings(NamedTuple):
+  """The inner solve's settings as every public function takes them (see ``argmin``);
+  ``make_loop`` validates them."""
+
+  solve: Callable[..., PyTree] | None
+  inner_steps: int | None
+  inner_lr: Any
+  inner: optax.GradientTransformation | None
+  tol: float | None
+  project_v: Callable[[PyTree], PyTree] | None
+  prox: Callable[..., PyTree] | None
+
+
+def make_loop(method, settings: InnerSettings, default_lr=None):
+  """``(method, loop, lr)``: ``method`` checked, and the forward solve's settings validated
+  with ``project_v`` folded into ``prox``."""
+  method = _methods.check_method(method)
+  solve, inner_steps, inner_lr, inner, tol, project_v, prox = settings
   if project_v is not None and prox is not None:
     raise ValueError("pass project_v= or prox=, not both (a projection is a prox).")
   if project_v is not None:
     if not callable(project_v):
       raise TypeError(f"project_v must be a function v -> v, got {project_v!r}.")
     prox = _projection_prox(project_v)
-  return _lower.make_loop(
+  loop, lr = _lower.make_loop(
     method=method,
     inner_steps=inner_steps,
     inner_lr=inner_lr,
@@ -49,6 +63,7 @@ def make_loop(
     solve=solve,
     default_lr=default_lr,
   )
+  return method, loop, lr
 
 
 def _solve(kind, fn, method, loop, want_info, throw, u, v0, args, lr):
@@ -65,40 +80,12 @@ def _solve(kind, fn, method, loop, want_info, throw, u, v0, args, lr):
 _solve_jit = jax.jit(_solve, static_argnums=(0, 1, 2, 3, 4, 5))
 
 
-def _entry(
-  kind,
-  fn,
-  u,
-  v0,
-  args,
-  method,
-  solve,
-  inner_steps,
-  inner_lr,
-  inner,
-  tol,
-  project_v,
-  prox,
-  return_info,
-  throw,
-  default_lr=None,
-):
+def _entry(kind, fn, u, v0, args, method, settings, return_info, throw, default_lr=None):
   if not callable(fn):
     raise TypeError(f"{kind.name} needs a function {kind.function}(u, v, *args) first, got {fn!r}.")
   check_float_leaves(u, "u")
   check_float_leaves(v0, "v0")
-  method = _methods.check_method(method)
-  loop, lr = make_loop(
-    method,
-    solve=solve,
-    inner_steps=inner_steps,
-    inner_lr=inner_lr,
-    inner=inner,
-    tol=tol,
-    project_v=project_v,
-    prox=prox,
-    default_lr=default_lr,
-  )
+  method, loop, lr = make_loop(method, settings, default_lr)
   return _solve_jit(kind, fn, method, loop, bool(return_info), bool(throw), u, v0, args, lr)
 
 
@@ -181,23 +168,8 @@ def argmin(
     >>> v, bool(info.converged)
     (Array([3.], dtype=float32), True)
   """
-  return _entry(
-    _lower.ARGMIN,
-    g,
-    u,
-    v0,
-    args,
-    method,
-    solve,
-    inner_steps,
-    inner_lr,
-    inner,
-    tol,
-    project_v,
-    prox,
-    return_info,
-    throw,
-  )
+  settings = InnerSettings(solve, inner_steps, inner_lr, inner, tol, project_v, prox)
+  return _entry(_lower.ARGMIN, g, u, v0, args, method, settings, return_info, throw)
 
 
 def root(
@@ -241,23 +213,8 @@ def root(
     Array([[ 0.5, -0.5],
            [ 0. ,  1. ]], dtype=float32)
   """
-  return _entry(
-    _lower.ROOT,
-    F,
-    u,
-    v0,
-    args,
-    method,
-    solve,
-    inner_steps,
-    inner_lr,
-    inner,
-    tol,
-    None,
-    None,
-    return_info,
-    throw,
-  )
+  settings = InnerSettings(solve, inner_steps, inner_lr, inner, tol, None, None)
+  return _entry(_lower.ROOT, F, u, v0, args, method, settings, return_info, throw)
 
 
 def fixed_point(
@@ -297,23 +254,9 @@ def fixed_point(
     >>> round(float(dv_du), 4)
     2.0
   """
+  settings = InnerSettings(solve, inner_steps, inner_lr, inner, tol, None, None)
   return _entry(
-    _lower.FIXED_POINT,
-    T,
-    u,
-    v0,
-    args,
-    method,
-    solve,
-    inner_steps,
-    inner_lr,
-    inner,
-    tol,
-    None,
-    None,
-    return_info,
-    throw,
-    default_lr=1.0,
+    _lower.FIXED_POINT, T, u, v0, args, method, settings, return_info, throw, default_lr=1.0
   )
 
 

@@ -17,7 +17,7 @@ from kbeam_jax import derivatives
 from kbeam_jax._checks import check_float_leaves, scalar_output
 from kbeam_jax._tree import PyTree, tree_all_finite, tree_scaled_norm
 from kbeam_jax.bilevel import _lower, _methods, _status
-from kbeam_jax.bilevel._argmin import make_loop
+from kbeam_jax.bilevel._argmin import InnerSettings, make_loop
 
 
 class HypergradientInfo(NamedTuple):
@@ -175,15 +175,6 @@ def hypergradient(
   """
   check_float_leaves(u, "u")
   check_float_leaves(v0, "v0")
-  method = _methods.check_method(method)
-  loop, lr = make_loop(
-    method,
-    solve=solve,
-    inner_steps=inner_steps,
-    inner_lr=inner_lr,
-    inner=inner,
-    tol=tol,
-    project_v=project_v,
-    prox=prox,
-  )
+  settings = InnerSettings(solve, inner_steps, inner_lr, inner, tol, project_v, prox)
+  method, loop, lr = make_loop(method, settings)
   return _hypergradient_jit(f, g, method, loop, bool(throw), u, v0, args, lr)

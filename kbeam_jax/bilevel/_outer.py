@@ -3,7 +3,7 @@ r"""The outer solver of ``min_u f(u, v*(u))`` by hypergradients, and its optax f
 Each step: the method's hypergradient at ``u`` through an inner solve warm-started at the
 previous answer ``v`` (and, for the implicit methods, a linear solve warm-started at the
 previous adjoint ``q``), then one step of the upper optimizer. The penalty method, which
-computes no hypergradient, is its own solver (``_penalty.py``).
+computes no hypergradient, has its own ``Core`` (``_penalty.py``) and shares this loop.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from kbeam_jax._checks import check_float_leaves, check_optimizer, checked_proje
 from kbeam_jax._solver import Solver
 from kbeam_jax._tree import PyTree
 from kbeam_jax.bilevel import _argmin, _hypergradient, _methods
-from kbeam_jax.bilevel._hypergradient import HypergradientInfo
 
 Projection = Callable[[PyTree], PyTree]
 
@@ -42,37 +41,18 @@ class BilevelState(NamedTuple):
 
 
 class Core(NamedTuple):
-  """The hypergradient direction shared by the solver and the transform:
-  ``direction(f, g, u, v, adjoint, args) -> (grad, v, adjoint, info)``."""
+  """A direction for ``u`` and the state it keeps beside ``v`` (``aux``: the linear solve's
+  warm start, or the penalty method's schedule), shared by the solvers and the transforms:
+  ``init(u, v) -> aux``, ``direction(f, g, u, v, aux, args) -> (grad, v, aux, info)``."""
 
-  init_adjoint: Callable[[PyTree], Any]
-  direction: Callable[..., tuple[PyTree, PyTree, Any, HypergradientInfo]]
+  init: Callable[[PyTree, PyTree], Any]
+  direction: Callable[..., tuple[PyTree, PyTree, Any, Any]]
 
 
-def hypergradient_core(
-  method: Any,
-  *,
-  solve=None,
-  inner_steps=None,
-  inner_lr=None,
-  inner=None,
-  tol=None,
-  project_v=None,
-  prox=None,
-  throw=False,
-) -> Core:
-  """Validates the settings once; the ``Core`` of ``method`` with them."""
-  method = _methods.check_method(method)
-  loop, lr = _argmin.make_loop(
-    method,
-    solve=solve,
-    inner_steps=inner_steps,
-    inner_lr=inner_lr,
-    inner=inner,
-    tol=tol,
-    project_v=project_v,
-    prox=prox,
-  )
+def hypergradient_core(method: Any, settings: _argmin.InnerSettings, throw: bool) -> Core:
+  """Validates the settings once; the ``Core`` of ``method`` with them (``aux``: the
+  adjoint)."""
+  method, loop, lr = _argmin.make_loop(method, settings)
 
   def direction(f, g, u, v, adjoint, args):
     out, adjoint = _hypergradient.hypergradient_step(
@@ -80,7 +60,29 @@ def hypergradient_core(
     )
     return out.grad, out.v, adjoint, out.info
 
-  return Core(method.init_adjoint, direction)
+  return Core(lambda u, v: method.init_adjoint(v), direction)
+
+
+def core_solver(f, g, upper, core: Core, project_u, state_type) -> Solver:
+  """``Solver(init, step)`` over ``core``: each step its direction for ``u`` (which moves
+  ``v`` too), then one step of ``upper`` (already checked) and ``project_u``; the states
+  are ``state_type(u, v, upper_state, aux, count)``."""
+  project_u = checked_projection(project_u, "u")
+
+  def init(key: jax.Array, u: PyTree, v: PyTree):
+    del key  # deterministic methods; the key keeps the API of every other solver
+    check_float_leaves(u, "u")
+    check_float_leaves(v, "v")
+    return state_type(u, v, upper.init(u), core.init(u, v), jnp.zeros([], jnp.int32))
+
+  def step(state, *args: Any):
+    u, v, upper_state, aux, count = state
+    grad, v, aux, info = core.direction(f, g, u, v, aux, args)
+    updates, upper_state = upper.update(grad, upper_state, u)
+    u = project_u(optax.apply_updates(u, updates))
+    return state_type(u, v, upper_state, aux, optax.safe_increment(count)), info
+
+  return Solver(init, step)
 
 
 def solver(
@@ -137,30 +139,6 @@ def solver(
     (Array([0.5, 0.5], dtype=float32), False)
   """
   upper = check_optimizer("upper", upper)
-  core = hypergradient_core(
-    method,
-    solve=solve,
-    inner_steps=inner_steps,
-    inner_lr=inner_lr,
-    inner=inner,
-    tol=tol,
-    project_v=project_v,
-    prox=prox,
-    throw=throw,
-  )
-  project_u = checked_projection(project_u, "u")
-
-  def init(key: jax.Array, u: PyTree, v: PyTree) -> BilevelState:
-    del key  # deterministic methods; the key keeps the API of every other solver
-    check_float_leaves(u, "u")
-    check_float_leaves(v, "v")
-    return BilevelState(u, v, upper.init(u), core.init_adjoint(v), jnp.zeros([], jnp.int32))
-
-  def step(state: BilevelState, *args: Any) -> tuple[BilevelState, HypergradientInfo]:
-    grad, v, adjoint, info = core.direction(f, g, state.u, state.v, state.adjoint, args)
-    updates, upper_state = upper.update(grad, state.upper_state, state.u)
-    u = project_u(optax.apply_updates(state.u, updates))
-    count = optax.safe_increment(state.count)
-    return BilevelState(u, v, upper_state, adjoint, count), info
-
-  return Solver(init, step)
+  settings = _argmin.InnerSettings(solve, inner_steps, inner_lr, inner, tol, project_v, prox)
+  core = hypergradient_core(method, settings, throw)
+  return core_solver(f, g, upper, core, project_u, BilevelState)

@@ -32,7 +32,6 @@ import optax
 
 from kbeam_jax import derivatives
 from kbeam_jax._checks import (
-  check_float_leaves,
   check_optimizer,
   check_steps,
   checked_projection,
@@ -49,6 +48,7 @@ from kbeam_jax._tree import (
 )
 from kbeam_jax.bilevel import _lower
 from kbeam_jax.bilevel._methods import _require_int, _require_number
+from kbeam_jax.bilevel._outer import Core, core_solver
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,15 +174,9 @@ def _penalized_grads(f, g, u, v, gamma, nu, args):
   return value, jax.tree.map(add, f_u, mixed), jax.tree.map(add, f_v, hv), g_v
 
 
-class PenaltyCore(NamedTuple):
-  init: Callable[..., PenaltyLower]
-  direction: Callable[..., tuple[PyTree, PyTree, PenaltyLower, PenaltyInfo]]
-
-
-def penalty_core(
-  options: PenaltySchedule, *, inner_steps, inner_lr, inner, project_v
-) -> PenaltyCore:
-  """The penalty method's direction for ``u``, shared by the solver and the transform."""
+def penalty_core(options: PenaltySchedule, inner_steps, inner_lr, inner, project_v) -> Core:
+  """The penalty method's direction for ``u`` (``aux``: a ``PenaltyLower``), shared by the
+  solver and the transform."""
   m = options
   steps = check_steps("inner_steps", inner_steps)
   if (inner_lr is None) == (inner is None):
@@ -307,7 +301,7 @@ def penalty_core(
     grad_u = jax.tree.map(lambda x, p: x.astype(jnp.result_type(p)), grad_u, u)
     return grad_u, v, new_lower, info
 
-  return PenaltyCore(init, direction)
+  return Core(init, direction)
 
 
 def penalty(
@@ -360,25 +354,5 @@ def penalty(
     Mehra & Hamm, Penalty Method for Inversion-Free Deep Bilevel Optimization, ACML 2021.
   """
   upper = check_optimizer("upper", upper)
-  core = penalty_core(
-    PenaltySchedule(**options),
-    inner_steps=inner_steps,
-    inner_lr=inner_lr,
-    inner=inner,
-    project_v=project_v,
-  )
-  project_u = checked_projection(project_u, "u")
-
-  def init(key: jax.Array, u: PyTree, v: PyTree) -> PenaltyState:
-    del key
-    check_float_leaves(u, "u")
-    check_float_leaves(v, "v")
-    return PenaltyState(u, v, upper.init(u), core.init(u, v), jnp.zeros([], jnp.int32))
-
-  def step(state: PenaltyState, *args: Any) -> tuple[PenaltyState, PenaltyInfo]:
-    grad, v, lower, info = core.direction(f, g, state.u, state.v, state.lower, args)
-    updates, upper_state = upper.update(grad, state.upper_state, state.u)
-    u = project_u(optax.apply_updates(state.u, updates))
-    return PenaltyState(u, v, upper_state, lower, optax.safe_increment(state.count)), info
-
-  return Solver(init, step)
+  core = penalty_core(PenaltySchedule(**options), inner_steps, inner_lr, inner, project_v)
+  return core_solver(f, g, upper, core, project_u, PenaltyState)

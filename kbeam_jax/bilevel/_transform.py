@@ -19,6 +19,8 @@ import optax
 from kbeam_jax._checks import check_float_leaves, check_same_structure
 from kbeam_jax._tree import PyTree
 from kbeam_jax.bilevel import _methods, _outer, _penalty
+from kbeam_jax.bilevel._argmin import InnerSettings
+from kbeam_jax.bilevel._hypergradient import HypergradientInfo
 
 
 class ScaleByHypergradientState(NamedTuple):
@@ -76,6 +78,28 @@ def _zero_info(info_type, params):
   return info_type(**{name: start(name) for name in info_type._fields})
 
 
+def _core_transform(
+  core: _outer.Core, v, state_type, info_type
+) -> optax.GradientTransformationExtraArgs:
+  """``core`` (``_outer.Core``) as a transform with the states ``state_type(v, aux, count,
+  info)``, ``info`` an ``info_type``."""
+  check_float_leaves(v, "v")
+
+  def init_fn(params):
+    count = jnp.zeros([], jnp.int32)
+    return state_type(v, core.init(params, v), count, _zero_info(info_type, params))
+
+  def update_fn(updates, state, params=None, *, upper_fn, lower_fn, **extra_args):
+    del extra_args
+    _check_update(updates, params)
+    v, aux, count, last_info = state
+    grad, v, aux, info = core.direction(upper_fn, lower_fn, params, v, aux, ())
+    info = jax.tree.map(lambda new, old: new.astype(old.dtype), info, last_info)
+    return grad, state_type(v, aux, optax.safe_increment(count), info)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def scale_by_hypergradient(
   method: _methods.Method,
   v: PyTree,
@@ -125,35 +149,9 @@ def scale_by_hypergradient(
     >>> jnp.round(u, 2)  # min (u - 1)² + 0.1 u²  at  u = 1 / 1.1
     Array([0.91, 0.91], dtype=float32)
   """
-  core = _outer.hypergradient_core(
-    method,
-    solve=solve,
-    inner_steps=inner_steps,
-    inner_lr=inner_lr,
-    inner=inner,
-    tol=tol,
-    project_v=project_v,
-    prox=prox,
-    throw=throw,
-  )
-  check_float_leaves(v, "v")
-
-  def init_fn(params):
-    return ScaleByHypergradientState(
-      v=v,
-      adjoint=core.init_adjoint(v),
-      count=jnp.zeros([], jnp.int32),
-      info=_zero_info(_outer.HypergradientInfo, params),
-    )
-
-  def update_fn(updates, state, params=None, *, upper_fn, lower_fn, **extra_args):
-    del extra_args
-    _check_update(updates, params)
-    grad, v, adjoint, info = core.direction(upper_fn, lower_fn, params, state.v, state.adjoint, ())
-    info = jax.tree.map(lambda new, old: new.astype(old.dtype), info, state.info)
-    return grad, ScaleByHypergradientState(v, adjoint, optax.safe_increment(state.count), info)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  settings = InnerSettings(solve, inner_steps, inner_lr, inner, tol, project_v, prox)
+  core = _outer.hypergradient_core(method, settings, throw)
+  return _core_transform(core, v, ScaleByHypergradientState, HypergradientInfo)
 
 
 def scale_by_penalty(
@@ -186,28 +184,6 @@ def scale_by_penalty(
     >>> jnp.round(u, 2)
     Array([0.5, 0.5], dtype=float32)
   """
-  core = _penalty.penalty_core(
-    _penalty.PenaltySchedule(**options),
-    inner_steps=inner_steps,
-    inner_lr=inner_lr,
-    inner=inner,
-    project_v=project_v,
-  )
-  check_float_leaves(v, "v")
-
-  def init_fn(params):
-    return ScaleByPenaltyState(
-      v=v,
-      lower=core.init(params, v),
-      count=jnp.zeros([], jnp.int32),
-      info=_zero_info(_penalty.PenaltyInfo, params),
-    )
-
-  def update_fn(updates, state, params=None, *, upper_fn, lower_fn, **extra_args):
-    del extra_args
-    _check_update(updates, params)
-    grad, v, lower, info = core.direction(upper_fn, lower_fn, params, state.v, state.lower, ())
-    info = jax.tree.map(lambda new, old: new.astype(old.dtype), info, state.info)
-    return grad, ScaleByPenaltyState(v, lower, optax.safe_increment(state.count), info)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  schedule = _penalty.PenaltySchedule(**options)
+  core = _penalty.penalty_core(schedule, inner_steps, inner_lr, inner, project_v)
+  return _core_transform(core, v, ScaleByPenaltyState, _penalty.PenaltyInfo)
