@@ -27,6 +27,17 @@ def _normal(matvec: MatVec, b: PyTree, symmetric: bool):
   return (lambda x: At(matvec(x))), At
 
 
+def _solve_lr_hint(name: str, solve_lr, curvature: float, bound: str) -> str | None:
+  """The hint for a fixed ``solve_lr`` at or above its iteration's stable bound
+  ``2/curvature`` (written ``bound``); ``None`` when it is below or ``"auto"``."""
+  if solve_lr != "auto" and solve_lr * curvature >= 2:
+    return (
+      f"{name}'s solve_lr {solve_lr:g} is above {bound} ≈ {2 / curvature:.3g}: lower it, or "
+      'pass solve_lr="auto".'
+    )
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class ApproxGrad(Implicit):
   r"""Implicit hypergradient, the linear system solved by gradient descent.
@@ -82,12 +93,8 @@ class ApproxGrad(Implicit):
     return jax.lax.scan(body, q, length=self.solve_steps)[0]
 
   def failure_hint(self, lam):
-    if self.solve_lr != "auto" and self.solve_lr * lam**2 >= 2:
-      return (
-        f"ApproxGrad's solve_lr {self.solve_lr:g} is above 2/λ_max² ≈ {2 / lam**2:.3g}: "
-        'lower it, or pass solve_lr="auto".'
-      )
-    return super().failure_hint(lam)
+    hint = _solve_lr_hint("ApproxGrad", self.solve_lr, lam**2, "2/λ_max²")
+    return hint or super().failure_hint(lam)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +144,8 @@ class Neumann(Implicit):
     return jax.lax.scan(body, x0, length=self.solve_steps + 1)[0]
 
   def failure_hint(self, lam):
-    if self.solve_lr != "auto" and self.solve_lr * lam >= 2:
-      return (
-        f"Neumann's solve_lr {self.solve_lr:g} is above 2/λ_max ≈ {2 / lam:.3g}: lower it, "
-        'or pass solve_lr="auto".'
-      )
-    return super().failure_hint(lam)
+    hint = _solve_lr_hint("Neumann", self.solve_lr, lam, "2/λ_max")
+    return hint or super().failure_hint(lam)
 
 
 @dataclasses.dataclass(frozen=True)
