@@ -2,6 +2,7 @@
 
 import functools
 
+import _tiny_digits
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,13 +23,10 @@ METHODS = {
 L2 = 1e-2  # makes the tiny lower problem strongly convex
 
 
-def tiny_digits(n, seed):
-  """Ten noisy prototype patterns as uint8 28×28 images, labels their prototype."""
-  rng = np.random.default_rng(seed)
-  prototypes = np.random.default_rng(123).uniform(0, 255, (10, 784))
-  labels = np.arange(n) % 10
-  images = prototypes[labels] + rng.normal(0, 60, (n, 784))
-  return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 28, 28), labels
+# Ten noisy prototype patterns as uint8 28×28 images, labels their prototype.
+tiny_digits = functools.partial(_tiny_digits.tiny_digits, noise=60)
+# Gradient descent on the lower problem (step 0.1: 0.5 oscillates on these pixels).
+solve_lower = functools.partial(_tiny_digits.solve_lower, lr=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +36,6 @@ def tiny():
   return denoising.make_data(
     images, labels, test_images, test_labels, num_train=40, num_val=40, noise=0.5, seed=3
   )
-
-
-def solve_lower(g, a, v, args, steps=1000):
-  """Gradient descent on the lower problem (step 0.1: 0.5 oscillates on these pixels)."""
-  solve = lambda a, v: bilevel.argmin(
-    g, a, v, *args, method=bilevel.Naive(), inner_steps=steps, inner_lr=0.1
-  )
-  return jax.jit(solve)(a, v)
 
 
 def test_data_shapes_and_corruption(tiny):

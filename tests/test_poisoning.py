@@ -2,6 +2,7 @@
 
 import functools
 
+import _tiny_digits
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,21 +26,13 @@ METHODS = {
 }
 
 
-def tiny_digits(n, seed):
-  """Ten noisy prototype patterns as uint8 28×28 images, labels their prototype.
-
-  About a fifth of each prototype's pixels are lit, as in MNIST (mean |x|² ≈ 60 here,
-  ≈ 87 for MNIST): the curvature of the lower problem, and with it every stable step
-  size below, is then that of the real task.
-  """
-  rng = np.random.default_rng(seed)
-  proto_rng = np.random.default_rng(123)
-  prototypes = proto_rng.uniform(0, 255, (10, 784))
-  lit = proto_rng.uniform(size=(10, 784)) < 0.2
-  prototypes = prototypes * lit
-  labels = np.arange(n) % 10
-  images = (prototypes[labels] + rng.normal(0, 90, (n, 784))) * lit[labels]
-  return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 28, 28), labels
+# Ten noisy prototype patterns as uint8 28×28 images, labels their prototype. About a
+# fifth of each prototype's pixels are lit, as in MNIST (mean |x|² ≈ 60 here, ≈ 87 for
+# MNIST): the curvature of the lower problem, and with it every stable step size below, is
+# then that of the real task.
+tiny_digits = functools.partial(_tiny_digits.tiny_digits, noise=90, lit=0.2)
+# Gradient descent on the lower problem, step 0.3 < 2 / λ_max(∇²_vv g) (λ_max ≈ 3).
+solve_lower = functools.partial(_tiny_digits.solve_lower, lr=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +42,6 @@ def tiny():
   return poisoning.make_data(
     images, labels, test_images, test_labels, num_train=40, num_val=40, num_test=50, seed=3
   )
-
-
-def solve_lower(g, u, v, args, steps=1000):
-  """Gradient descent on the lower problem, step 0.3 < 2 / λ_max(∇²_vv g) (λ_max ≈ 3)."""
-  solve = lambda u, v: bilevel.argmin(
-    g, u, v, *args, method=bilevel.Naive(), inner_steps=steps, inner_lr=0.3
-  )
-  return jax.jit(solve)(u, v)
 
 
 def test_data_shapes_and_disjoint_sets(tiny):
