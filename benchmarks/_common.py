@@ -47,7 +47,9 @@ def environment() -> dict[str, str]:
 
 def write_json(path: Path, records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"meta": meta, "records": list(records)}, indent=2) + "\n")
+  tree = {"meta": meta, "records": list(records)}
+  # arrays (and NumPy scalars) as nested lists of Python numbers, dict order kept
+  path.write_text(json.dumps(tree, indent=2, default=lambda x: np.asarray(x).tolist()) + "\n")
 
 
 def publish(
@@ -57,8 +59,8 @@ def publish(
   """The one report of every suite: ``{name}.json`` (``{"meta", "records"}``, the
   environment added to ``meta`` when missing), ``{name}.md`` (``text``) and, when a
   matplotlib ``figure`` is given, ``{name}.png``. Returns ``text``."""
-  meta = {"environment": environment(), **meta}
-  write_json(out / f"{name}.json", to_python(list(records)), meta)
+  meta = dict(meta, environment=meta.get("environment") or environment())
+  write_json(out / f"{name}.json", records, meta)
   (out / f"{name}.md").write_text(text.rstrip("\n") + "\n")
   if figure is not None:
     save_figure(figure, out / f"{name}.png")
@@ -69,6 +71,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def table(records: Sequence[Any], columns: dict[str, Callable[[Any], Any]]) -> str:
+  """A Markdown table of ``records``, a row each: ``columns`` maps a header to the cell of
+  a record (``{"method": lambda r: r["method"], "JSD": lambda r: f"{r['jsd']:.3f}"}``)."""
+  return markdown_table(list(columns), [[cell(r) for cell in columns.values()] for r in records])
 
 
 def mean_std(mean: float, std: float) -> str:
