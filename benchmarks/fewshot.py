@@ -1,44 +1,15 @@
-"""Few-shot learning as a bilevel problem: MNIST N-way K-shot and sinusoid regression.
+"""Few-shot learning as a bilevel problem: 5-way MNIST with rotations and sinusoid regression.
 
-``KBEAM_JAX_DATA=../shared/data python -m benchmarks fewshot [--quick] [--out results]``
+``KBEAM_JAX_DATA=... python -m benchmarks fewshot [--quick] [--trials N] [--resume] [--out DIR]``
 
-The formulation of ``kbeam_jax.tasks.fewshot``: a shared representation ``T(x; u)`` (the
-upper variable), a linear head per task fitted on its support set (the lower variables,
-stacked over the meta-batch), the mean query loss as the upper objective.
-
-Problems:
-
-* ``mnist-5w1s``, ``mnist-5w5s``: 5-way 1-shot / 5-shot classification, 15 queries per
-  class. Meta-train classes: digits 0-4 of the training file, each rotated by 0, 90, 180
-  and 270 degrees (20 classes); meta-test classes: digits 5-9 of the test file, rotated the
-  same way (20 classes never seen in training). Representation: MLP 784-256-64, ReLU.
-* ``sine-5shot``, ``sine-10shot``: the sinusoid tasks of Finn et al. 2017 (amplitude in
-  [0.1, 5], phase in [0, pi], inputs in [-5, 5]), K support points, K query points in
-  training and 100 in testing. Representation: MLP 1-40-40, ReLU (MAML's network without
-  its last layer, which is our per-task head).
-
-Methods, each a ``kbeam_jax.Solver`` (``METHODS``) whose step draws a fresh meta-batch and
-trains ``u`` with Adam (heads start at zero for every meta-batch: the tasks are new):
-
-* ``gd``: the naive baseline, T descent steps on the heads and ``∇_u f`` at ``v_T``
-  (the implicit term ``-∇²_uv g (∇²_vv g)⁻¹ ∇_v f`` dropped);
-* ``rmd``: reverse-mode through the T steps (``bilevel.RMD()``);
-* ``approxgrad``: ``bilevel.ApproxGrad(T, solve_lr)``, T solve steps;
-* ``penalty``: ``bilevel.penalty`` (fixed γ ≈ 1/B or below, see the note above
-  ``settings``), heads warm-started by T descent steps on the lower problem for every new
-  meta-batch, then T penalty steps;
-* ``joint``: not bilevel; one shared head over all meta-train classes (classification)
-  or one shared regressor over all tasks (regression: the "pretrained" baseline of Finn
-  et al.), trained on the same number of examples per step;
-* ``untrained``: the representation at its random initialization.
-
-Every method is evaluated the same way on held-out tasks: each head fitted on its support
-set by ``EVAL_STEPS`` descent steps (the lower problem solved), the query accuracy / mean
-squared error averaged over the test tasks (95% interval); for classification also the
-nearest-centroid accuracy on the same representation. Training runs the solver by
-``kbeam_jax.run`` in compiled chunks (``_common.train_in_chunks``: a progress bar,
-``--resume`` continues from the checkpoints in ``--out``); wall time is the steady
-per-chunk time times the number of chunks, compilation reported apart.
+A shared representation ``T(x; u)`` (the upper variable), a linear head per task fitted on
+its support set (the lower variables, stacked over the meta-batch), the mean query loss as
+the upper objective (``kbeam_jax.tasks.fewshot``). Methods (``METHODS``, each trained by a
+``kbeam_jax.Solver``): ``gd`` (naive), ``rmd``, ``approxgrad``, ``penalty``, ``joint`` (one
+shared head, not bilevel) and ``untrained``. Each is evaluated on held-out tasks with heads
+fitted by ``EVAL_STEPS`` descent steps (MNIST: also nearest centroid, and tasks of the
+meta-train classes' unseen images); the test metric on ``CURVE_TASKS`` fixed tasks follows
+every chunk of training. Writes ``fewshot.json``, ``fewshot.md`` and ``fewshot.png``.
 """
 
 from __future__ import annotations
@@ -55,7 +26,7 @@ import numpy as np
 import optax
 
 import kbeam_jax
-from benchmarks import _bilevel, _common, _fewshot_report
+from benchmarks import _bilevel, _common
 from kbeam_jax import bilevel, data, games
 from kbeam_jax.tasks import fewshot
 
@@ -70,81 +41,48 @@ PUBLISHED_MAML_SINE = {5: 1.13, 10: 0.85}
 
 class Setting(NamedTuple):
   name: str
-  kind: str
-  sizes: tuple[int, ...]
+  kind: str  # a kind of kbeam_jax.tasks.fewshot: classification or regression
+  sizes: tuple[int, ...]  # the representation's MLP
   num_outputs: int
   k_shot: int
   num_query: int  # per class (classification) or per task (regression), in training
   eval_query: int
   meta_batch: int
   iterations: int
-  eval_tasks: int
   l2: float
   feature_scale: float
-  num_steps: int  # T, descent steps on the heads
-  inner_lr: float
-  solve_lr: float  # ApproxGrad's step on ½|Hq - ∇_v f|², stable below 2 / λ_max(H)²
-  upper_lr: float
   penalty_lr: float  # ρ, the step on v: ρ (λ_max(∇²f) + γ λ_max(H)²) < 2 for stability
   penalty_gamma: float  # γ_0 = the cap (fresh tasks every step: no schedule to carry)
-  penalty_lower_weight: float
-  penalty_num_steps: int  # steps on v of the penalized objective, after the T steps on g
+  eval_tasks: int = 600
+  num_steps: int = 10  # T, descent steps on the heads
+  inner_lr: float = 0.5
+  solve_lr: float = 0.1  # ApproxGrad's step on ½|Hq - ∇_v f|², stable below 2 / λ_max(H)²
+  upper_lr: float = 1e-3
+  penalty_lower_weight: float = 0.0
+  penalty_num_steps: int = 10  # steps on v of the penalized objective, after the T on g
 
 
-# The penalty method's γ here. γ multiplies |∇_v g|², and g *sums* the B tasks of a
-# meta-batch while f *averages* them, so each task's penalty weight is γ·B. The heads
-# restart for every meta-batch and are never converged, so u's gradient
-# ∇_u f + γ ∇²_uv g ∇_v g is dominated by the second term (pulling u towards making
-# unconverged heads stationary) unless γ·B is of order 1 or below: with γ = 1 and ρ = 0.05
-# neither sinusoid problem trained at all (MSE 5.82 / 5.07, the untrained 5.83 / 5.08) and
-# MNIST 5-way 5-shot fell to 31%. Measured on seed 0 with ρ = 1 (the steps on v as large as
-# stability allows: the Hessian of L in v is ∇²f + γ(∇²_vv g)², small at this γ),
-# 4,000 iterations: sine-5shot γ = 0.01 (γB = 0.25) -> MSE 1.59, γ = 0.02 -> 2.97; MNIST
-# 5-way 5-shot, 300 iterations: γ = 0.06 (γB ≈ 1), ρ = 0.5 -> 67.0%, γ = 0.02, ρ = 1 -> 66.0%.
-
-
+# The penalty method's γ. g *sums* the B tasks of a meta-batch while f *averages* them, so
+# each task's penalty weight is γ·B; the heads restart for every meta-batch and are never
+# converged, so u's gradient ∇_u f + γ ∇²_uv g ∇_v g is dominated by its second term unless
+# γ·B is of order 1 or below: with γ = 1 and ρ = 0.05 neither sinusoid problem trained (MSE
+# 5.82 / 5.07, untrained 5.83 / 5.08) and MNIST 5-way 5-shot fell to 31%. Measured on seed 0
+# with ρ = 1 (Hessian of L in v: ∇²f + γ(∇²_vv g)², small at this γ), 4,000 iterations:
+# sine-5shot γ = 0.01 (γB = 0.25) -> MSE 1.59, γ = 0.02 -> 2.97; MNIST 5-way 5-shot, 300
+# iterations: γ = 0.06 (γB ≈ 1), ρ = 0.5 -> 67.0%, γ = 0.02, ρ = 1 -> 66.0%.
 def settings(quick: bool) -> list[Setting]:
-  it = (lambda full: 40) if quick else (lambda full: full)
-  shared = dict(
-    eval_tasks=40 if quick else 600,
-    num_steps=10,
-    inner_lr=0.5,
-    solve_lr=0.1,
-    upper_lr=1e-3,
-    penalty_lower_weight=0.0,
-    penalty_num_steps=10,
-  )
-  mnist = dict(
-    shared,
-    kind="classification",
-    sizes=(784, 256, 64),
-    num_outputs=5,
-    num_query=15,
-    eval_query=15,
-    meta_batch=4 if quick else 16,
-    l2=0.01,
-    feature_scale=3.0,
-    penalty_lr=0.5,
-    penalty_gamma=0.06,  # ≈ 1 / meta_batch of the full run: see the note above
-  )
-  sine = dict(
-    shared,
-    kind="regression",
-    sizes=(1, 40, 40),
-    num_outputs=1,
-    eval_query=100,
-    meta_batch=25,
-    l2=1e-3,
-    feature_scale=1.0,
-    penalty_lr=1.0,
-    penalty_gamma=0.01,  # see the note above
-  )
-  return [
-    Setting("mnist-5w1s", k_shot=1, iterations=it(1000), **mnist),
-    Setting("mnist-5w5s", k_shot=5, iterations=it(1000), **mnist),
-    Setting("sine-5shot", k_shot=5, num_query=5, iterations=it(4000), **sine),
-    Setting("sine-10shot", k_shot=10, num_query=10, iterations=it(4000), **sine),
+  """The four problems; ``quick``: 40 iterations, 40 test tasks, MNIST meta-batch 4."""
+  mnist, sine = ("classification", (784, 256, 64), 5), ("regression", (1, 40, 40), 1)
+  b = 4 if quick else 16
+  table = [  # name, kind, sizes, num_outputs, k_shot, num_query, eval_query, meta_batch,
+    # iterations, l2, feature_scale, penalty_lr, penalty_gamma
+    ("mnist-5w1s", *mnist, 1, 15, 15, b, 1000, 0.01, 3.0, 0.5, 0.06),
+    ("mnist-5w5s", *mnist, 5, 15, 15, b, 1000, 0.01, 3.0, 0.5, 0.06),
+    ("sine-5shot", *sine, 5, 5, 100, 25, 4000, 1e-3, 1.0, 1.0, 0.01),
+    ("sine-10shot", *sine, 10, 10, 100, 25, 4000, 1e-3, 1.0, 1.0, 0.01),
   ]
+  quick_sizes = dict(iterations=40, eval_tasks=40) if quick else {}
+  return [Setting(*row)._replace(**quick_sizes) for row in table]
 
 
 def sampler(s: Setting, *, train: bool):
@@ -170,31 +108,20 @@ class State(NamedTuple):
   key: jax.Array
 
 
-def bilevel_config(s: Setting, method: str) -> dict[str, Any]:
-  """This suite's settings in the shape of ``_bilevel.bilevel_solver``'s config; the penalty
-  method's γ is fixed at γ_0 (fresh tasks every step: no schedule to carry)."""
-  gamma = s.penalty_gamma
-  penalty = dict(gamma=gamma, epsilon=1.0, lower_weight=s.penalty_lower_weight, max_gamma=gamma)
-  return dict(
-    inner_steps=s.penalty_num_steps if method in _bilevel.PENALTY_METHODS else s.num_steps,
-    inner_lr=s.inner_lr,
-    solve_steps=s.num_steps,
-    solve_lr=s.solve_lr,
-    penalty=penalty,
-    penalty_lr=s.penalty_lr,
-  )
-
-
 def meta_solver(s: Setting, method: str) -> kbeam_jax.Solver:
-  """A bilevel method (``_bilevel.bilevel_solver``) on fresh tasks: ``step(state, pool)``
-  draws a meta-batch, restarts its heads at zero (the penalty method's first take T
-  descent steps on g) and takes one step of the method, keeping ``u`` and the upper
-  optimizer's state."""
+  """A bilevel method on fresh tasks: each step draws a meta-batch, restarts its heads at zero
+  (the penalty method's then take T descent steps on g) and takes one step of the method."""
   f, g = fewshot.objectives(s.kind, l2=s.l2, feature_scale=s.feature_scale)
   sample = sampler(s, train=True)
   heads0 = fewshot.init_heads(s.meta_batch, s.sizes[-1], s.num_outputs)
   penalty = method in _bilevel.PENALTY_METHODS
-  solver = _bilevel.bilevel_solver(method, f, g, bilevel_config(s, method), optax.adam(s.upper_lr))
+  gamma = s.penalty_gamma  # fixed: fresh tasks every step, no schedule to carry
+  cfg = dict(
+    inner_steps=s.penalty_num_steps if penalty else s.num_steps, inner_lr=s.inner_lr,
+    solve_steps=s.num_steps, solve_lr=s.solve_lr, penalty_lr=s.penalty_lr,
+    penalty=dict(gamma=gamma, epsilon=1.0, lower_weight=s.penalty_lower_weight, max_gamma=gamma),
+  )  # fmt: skip
+  solver = _bilevel.bilevel_solver(method, f, g, cfg, optax.adam(s.upper_lr))
 
   def init(key, u):
     return State(u, solver.init(key, u, heads0), key)
@@ -217,9 +144,8 @@ def meta_solver(s: Setting, method: str) -> kbeam_jax.Solver:
 
 
 def joint_solver(s: Setting) -> kbeam_jax.Solver:
-  """The non-bilevel baseline: one shared head over all meta-train classes (classification)
-  or one regressor over all tasks (regression), trained with ``u`` by Adam (one-player
-  ``games.gradient_play``) on as many labelled examples per step as a meta-batch holds."""
+  """The non-bilevel baseline: one head over all meta-train classes (or one regressor over
+  all tasks) trained with ``u`` by one-player ``games.gradient_play`` (Adam)."""
   out = s.num_outputs if s.kind == "regression" else JOINT_CLASSES
 
   def loss(players, x, y):
@@ -265,22 +191,19 @@ METHODS: dict[str, Callable[[Setting], kbeam_jax.Solver] | None] = {
 
 @functools.cache
 def evaluator(s: Setting, batch: int = 100):
-  """``(u, pool, key) -> per-task metrics`` on ``batch`` held-out tasks, one jitted function
-  per setting (traced once per pool shape): fitted heads (and nearest centroid for
-  classification)."""
+  """``(u, pool, key) -> per-task metrics`` on ``batch`` held-out tasks (jitted once per
+  setting): fitted heads, and nearest centroid for classification."""
   sample = sampler(s, train=False)
-  options = dict(num_outputs=s.num_outputs, l2=s.l2, feature_scale=s.feature_scale)
+  n, scale = s.num_outputs, s.feature_scale
+  options = dict(num_outputs=n, l2=s.l2, feature_scale=scale, inner_steps=EVAL_STEPS)
 
   @jax.jit
   def one(u, pool, key):
     ep = sample(key, pool, batch)
-    head = fewshot.evaluate(s.kind, u, ep, inner_steps=EVAL_STEPS, inner_lr=s.inner_lr, **options)
-    if s.kind == "regression":
-      return {"head": head}
-    centroid = fewshot.nearest_centroid_accuracy(
-      u, ep, n_way=s.num_outputs, feature_scale=s.feature_scale
-    )
-    return {"head": head, "centroid": centroid}
+    out = {"head": fewshot.evaluate(s.kind, u, ep, inner_lr=s.inner_lr, **options)}
+    if s.kind == "classification":
+      out["centroid"] = fewshot.nearest_centroid_accuracy(u, ep, n_way=n, feature_scale=scale)
+    return out
 
   return one
 
@@ -297,19 +220,15 @@ class Pools(NamedTuple):
   (digits 5-9, test file) and ``seen`` (digits 0-4 of the test file: the meta-train
   classes, images never trained on), each digit rotated by 0/90/180/270° as four classes."""
 
-  train: np.ndarray
-  test: np.ndarray
-  seen: np.ndarray
+  train: jax.Array
+  test: jax.Array
+  seen: jax.Array
 
 
 def pools(data_dir=None) -> Pools:
-  train = data.load_mnist("train", data_dir)
-  test = data.load_mnist("test", data_dir)
-  return Pools(
-    fewshot.class_pool(train.images, train.labels, range(5)).images,
-    fewshot.class_pool(test.images, test.labels, range(5, 10)).images,
-    fewshot.class_pool(test.images, test.labels, range(5)).images,
-  )
+  train, test = data.load_mnist("train", data_dir), data.load_mnist("test", data_dir)
+  pool = lambda d, digits: jnp.asarray(fewshot.class_pool(d.images, d.labels, digits).images)
+  return Pools(pool(train, range(5)), pool(test, range(5, 10)), pool(test, range(5)))
 
 
 @functools.cache
@@ -321,38 +240,28 @@ def chunk_program(s: Setting, method: str, chunk: int):
 
 
 def run_one(
-  s: Setting,
-  method: str,
-  seed: int,
-  train_pool,
-  test_pool,
-  out_dir: Path,
-  *,
-  seen_pool=None,
-  resume: bool = False,
-  chunk: int = 100,
-) -> tuple[dict[str, Any], list[float]]:
-  """Trains one method and evaluates it on ``s.eval_tasks`` test tasks (and on tasks of the
-  meta-train classes' unseen images, ``seen_pool``, when given). After every chunk the mean
-  test metric over ``CURVE_TASKS`` tasks (the same tasks each time) joins the record's
-  ``test_curve``: it shows when meta-training starts to hurt the unseen classes."""
+  s: Setting, method: str, seed: int, train_pool, test_pool, out_dir: Path, *,
+  seen_pool=None, resume: bool = False, chunk: int = 100,
+) -> tuple[dict[str, Any], list[float]]:  # fmt: skip
+  """Trains one method and evaluates it on ``s.eval_tasks`` test tasks (and on tasks of
+  ``seen_pool`` when given); returns the record and the training query loss per chunk. The
+  record's ``test_curve``: the mean test metric on ``CURVE_TASKS`` fixed tasks before
+  training and after every chunk (when meta-training starts to hurt the unseen classes)."""
   key_init, key_train, key_eval = jax.random.split(jax.random.key(seed), 3)
   u = fewshot.init_mlp(key_init, s.sizes)
   key_curve = jax.random.fold_in(key_eval, 1)
   test_metric = lambda u: float(np.mean(evaluate(s, u, test_pool, key_curve, CURVE_TASKS)["head"]))
   test_curve, curve = [(0, test_metric(u))], []
   timing = {"compile_s": 0.0, "chunk_s": 0.0}
-  iterations = s.iterations if METHODS[method] else 0
-  if iterations:
-    chunk = min(chunk, iterations)
-    num_chunks = -(-iterations // chunk)
-    iterations = num_chunks * chunk
+  chunk = min(chunk, s.iterations)
+  num_chunks = -(-s.iterations // chunk) if METHODS[method] else 0
+  if num_chunks:
     solver, run_chunk = chunk_program(s, method, chunk)
     state, history, timing = _common.train_in_chunks(
       lambda state: run_chunk(state, train_pool),
       solver.init(key_train, u),
       num_chunks,
-      checkpoint=out_dir / "fewshot_checkpoints" / f"{s.name}_{method}_{seed}",
+      checkpoint=out_dir / "checkpoints" / f"fewshot_{s.name}_{method}_{seed}",
       resume=resume,
       desc=f"{s.name} {method}",
       after_chunk=lambda state: {"test_metric": test_metric(state.u)},
@@ -365,55 +274,148 @@ def run_one(
   if seen_pool is not None:
     metrics["seen_head"] = evaluate(s, u, seen_pool, key_eval, s.eval_tasks)["head"]
   record = dict(
-    problem=s.name,
-    method=method,
-    seed=seed,
-    iterations=iterations,
-    train_seconds=timing["chunk_s"] * (iterations // chunk if iterations else 0),
-    compile_seconds=timing["compile_s"],
-    eval_seconds=eval_s,
-    final_train_query_loss=curve[-1] if curve else None,
+    problem=s.name, method=method, seed=seed, iterations=num_chunks * chunk,
+    train_seconds=timing["chunk_s"] * num_chunks, compile_seconds=timing["compile_s"],
+    eval_seconds=eval_s, final_train_query_loss=curve[-1] if curve else None,
     test_curve=test_curve,
-  )
+  )  # fmt: skip
   for name, values in metrics.items():
     record[f"{name}_mean"], record[f"{name}_ci95"] = fewshot.mean_ci95(values)
   return record, curve
 
 
+# --- The report: Markdown tables and the figure ----------------------------------------------
+
+Records = list[dict[str, Any]]
+
+
+def _runs(records: Records, problem: str, method: str) -> Records:
+  """The seeds' records of ``method`` on ``problem``."""
+  return [r for r in records if (r["problem"], r["method"]) == (problem, method)]
+
+
+def _cell(rs: Records, metric: str, scale: float = 1.0) -> str:
+  if not rs or f"{metric}_mean" not in rs[0]:
+    return "-"
+  mean, ci = (np.mean([r[f"{metric}_{k}"] for r in rs]) * scale for k in ("mean", "ci95"))
+  return f"{mean:.3f} ± {ci:.3f}" if scale == 1.0 else f"{mean:.1f} ± {ci:.1f}"
+
+
+def _mean_test_curve(rs: Records) -> tuple[list[int], np.ndarray]:
+  """Iterations and the seeds' mean of the records' ``test_curve``."""
+  its = [i for i, _ in rs[0]["test_curve"]]
+  return its, np.mean([[v for _, v in r["test_curve"]] for r in rs], axis=0)
+
+
+def _curve_cell(rs: Records, accuracy: bool) -> str:
+  """``start → best (at iteration) → end`` of the seeds' mean test curve."""
+  its, values = _mean_test_curve(rs)
+  best = int(np.argmax(values) if accuracy else np.argmin(values))
+  fmt = (lambda v: f"{100 * v:.1f}") if accuracy else (lambda v: f"{v:.3f}")
+  return f"{fmt(values[0])} → {fmt(values[best])} ({its[best]}) → {fmt(values[-1])}"
+
+
+def _seconds_cell(rs: Records) -> str:
+  train, evaluate = (np.mean([r[k] for r in rs]) for k in ("train_seconds", "eval_seconds"))
+  compile_s = np.mean([r["compile_seconds"] or 0.0 for r in rs])
+  return f"{train:.1f} (+{compile_s:.1f}) / {evaluate:.1f}"
+
+
+def report(records: Records, meta: dict[str, Any]) -> str:
+  """MNIST accuracies, sinusoid errors beside MAML's published figure, the test metric
+  along meta-training and the wall times; methods in the order of the records."""
+  names = [s["name"] for s in meta["settings"]]
+  mnist, sine = ([n for n in names if n.startswith(p)] for p in ("mnist", "sine"))
+  methods = list(dict.fromkeys(r["method"] for r in records))
+  trained = [
+    m for m in methods if any(len(r["test_curve"]) > 1 for r in records if r["method"] == m)
+  ]
+  per_problem = lambda cell, ms=methods: _common.markdown_table(
+    ["method", *names], [[m, *(cell(_runs(records, n, m), n) for n in names)] for m in ms]
+  )
+  mnist_cols = [(n, k) for n in mnist for k in ("head", "centroid", "seen_head")]
+  published = meta["published_maml_sine_mse"]
+  maml = [published.get(int(n.split("-")[1].removesuffix("shot")), "-") for n in sine]
+  sine_rows = [[m] + [_cell(_runs(records, n, m), "head") for n in sine] for m in methods]
+  sine_rows.append([f"MAML, published ({meta['published_source']})", *map(str, maml)])
+  env = meta["environment"]
+  return "\n\n".join([
+    "# Few-shot learning: shared representation (upper), per-task linear heads (lower)",
+    f"Seeds {meta['seeds']}; heads fitted by {meta['eval_steps']} descent steps on each "
+    "test task's support set; ± is the 95% interval over test tasks (mean of the seeds' "
+    "intervals).",
+    "## MNIST N-way K-shot: query accuracy (%) on digits 5-9 (with rotations)",
+    _common.markdown_table(
+      ["method"] + [f"{n} {k.replace('seen_head', 'seen classes')}" for n, k in mnist_cols],
+      [[m, *(_cell(_runs(records, n, m), k, 100.0) for n, k in mnist_cols)] for m in methods],
+    ),
+    '"seen classes": the same head accuracy on tasks drawn from digits 0-4 of the test '
+    "file, i.e. the meta-train classes on images never trained on.",
+    "## Sinusoid regression: query mean squared error (100 points per task)",
+    _common.markdown_table(["method", *sine], sine_rows),
+    f"## Test metric during meta-training ({CURVE_TASKS} fixed test tasks after every chunk)",
+    "Accuracy (%) for MNIST, MSE for the sinusoid: at the start, at its best (iteration) "
+    "and at the end.",
+    per_problem(lambda rs, n: _curve_cell(rs, n in mnist), trained),
+    "## Wall time (s): training (compilation apart) / evaluation",
+    per_problem(lambda rs, n: _seconds_cell(rs)),
+    f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}.",
+  ])  # fmt: skip
+
+
+def plot(records: Records, curves: dict[tuple[str, str, int], list[float]]):
+  """Top: training query loss per chunk (``curves[problem, method, seed]``); bottom: the
+  test metric during meta-training."""
+  import matplotlib.pyplot as plt
+
+  problems = sorted({p for p, _, _ in curves})
+  methods = list(dict.fromkeys(r["method"] for r in records))
+  fig, axes = plt.subplots(2, len(problems), figsize=(5.2 * len(problems), 7), squeeze=False)
+  for j, problem in enumerate(problems):
+    top, bottom = axes[0, j], axes[1, j]
+    for method in methods:
+      runs = [c for (p, m, _), c in curves.items() if (p, m) == (problem, method) and c]
+      if runs:
+        top.plot(np.mean(runs, axis=0), label=method)
+      rs = _runs(records, problem, method)
+      if rs and len(rs[0]["test_curve"]) > 1:
+        bottom.plot(*_mean_test_curve(rs), label=method)
+      elif rs:  # untrained: a level
+        bottom.axhline(rs[0]["test_curve"][0][1], color="gray", ls=":", label=method)
+    top.set(title=problem, xlabel="chunk of training steps", ylabel="training query loss")
+    top.set_yscale("log")
+    metric = "test accuracy" if problem.startswith("mnist") else "test MSE"
+    bottom.set(xlabel="meta-iteration", ylabel=f"{metric} ({CURVE_TASKS} tasks)")
+  axes[0, 0].legend(fontsize=7)
+  axes[1, 0].legend(fontsize=7)
+  return fig
+
+
 def run_suite(
   out_dir: Path, *, quick: bool = False, seeds=(0,), resume: bool = False, data_dir=None
-) -> list[dict[str, Any]]:
+) -> Records:
   from tqdm.auto import tqdm
 
-  p = Pools(*(jnp.asarray(x) for x in pools(data_dir)))
+  p = pools(data_dir)
   records, curves = [], {}
   jobs = [(s, m, seed) for s in settings(quick) for m in METHODS for seed in seeds]
   for s, method, seed in tqdm(jobs, desc="fewshot", unit="run"):
     seen = p.seen if s.kind == "classification" else None
-    record, curve = run_one(
+    record, curves[s.name, method, seed] = run_one(
       s, method, seed, p.train, p.test, out_dir, seen_pool=seen, resume=resume
     )
     records.append(record)
-    curves[(s.name, method, seed)] = curve
   meta = dict(
-    seeds=list(seeds),
-    quick=quick,
-    eval_steps=EVAL_STEPS,
-    settings=[s._asdict() for s in settings(quick)],
-    published_maml_sine_mse=PUBLISHED_MAML_SINE,
+    seeds=list(seeds), quick=quick, eval_steps=EVAL_STEPS,
+    settings=[s._asdict() for s in settings(quick)], published_maml_sine_mse=PUBLISHED_MAML_SINE,
     published_source="Li et al. 2017, Meta-SGD, Table 1 (MAML, one adaptation step)",
     environment=_common.environment(),
-  )
-  _fewshot_report.write(out_dir, records, meta, curves, CURVE_TASKS)
+  )  # fmt: skip
+  _common.publish(out_dir, "fewshot", records, meta, report(records, meta), plot(records, curves))
   return records
 
 
 def main(args) -> None:
   """``python -m benchmarks fewshot``."""
-  trials = args.trials or 1
-  run_suite(
-    args.out,
-    quick=args.quick,
-    seeds=tuple(args.seed + i for i in range(trials)),
-    resume=args.resume,
-  )
+  seeds = tuple(args.seed + i for i in range(args.trials))
+  run_suite(args.out, quick=args.quick, seeds=seeds, resume=args.resume)

@@ -305,11 +305,11 @@ def test_run_one_record(tmp_path):
   s = tiny_setting(iterations=4, eval_tasks=10)
   dummy = jnp.zeros((1, 1, 1, 1), jnp.uint8)
   record, curve = bench.run_one(s, "gd", 0, dummy, dummy, tmp_path, chunk=2)
-  assert not (tmp_path / "fewshot_checkpoints").exists()  # checkpoints only with resume
+  assert not (tmp_path / "checkpoints").exists()  # checkpoints only with resume
   record, curve = bench.run_one(s, "gd", 0, dummy, dummy, tmp_path, chunk=2, resume=True)
   assert record["iterations"] == 4 and len(curve) == 2
   # the test curve: before training, then after each chunk; MSEs
   assert [i for i, _ in record["test_curve"]] == [0, 2, 4]
   assert all(v > 0 for _, v in record["test_curve"])
   assert record["head_mean"] > 0 and record["head_ci95"] >= 0
-  assert (tmp_path / "fewshot_checkpoints" / "sine-5shot_gd_0").exists()
+  assert (tmp_path / "checkpoints" / "fewshot_sine-5shot_gd_0").exists()
