@@ -1,34 +1,32 @@
-"""The adversarial_defense suite's trainers, every one a ``kbeam_jax.Solver``, its defenses
-as values, and the one chunk program that drives any trainer.
+"""The adversarial_defense suite's config, its trainers and defenses (values), and the one chunk
+program that drives any trainer.
 
-A trainer is a function of the run's config (``cfg -> Solver``) whose solver starts with
-``init(key, u)`` and steps with ``step(state, x, y, eta, key, other) -> (state, value)``:
-``key`` feeds a random attack (PGD's start), ``other`` is the frozen opponent (the attacker
-of the classifier's cat-and-mouse moves, the classifier of an attacker's training).
+A trainer is ``cfg -> kbeam_jax.Solver`` whose solver starts with ``init(key, u)`` and steps
+with ``step(state, x, y, eta, key, other) -> (state, value)``: ``key`` feeds a random attack
+(PGD's start), ``other`` is the frozen opponent (the attacker of the classifier's
+cat-and-mouse moves, the classifier of an attacker's training).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import kbeam_jax
+from benchmarks._adversarial_report import PAPER_ETAS
 from kbeam_jax import games, minimax, nn
 from kbeam_jax.tasks import adversarial
 
-if TYPE_CHECKING:
-  from benchmarks.adversarial_defense import Config
-
 
 def classifier_training(attack: str, cfg: Config, *, decay: bool = False) -> kbeam_jax.Solver:
-  """Gradient play (one player, Adam) on the classifier's loss on the images of ``attack``
-  (``adversarial.attacks``: clean, fgsm, pgd, or network against the attacker ``other``);
-  ``decay``: the step decays along a cosine to a tenth over ``clean_steps``."""
+  """Gradient play (Adam) on the classifier's loss on the images of ``attack`` (clean, fgsm,
+  pgd, or network against ``other``); ``decay``: cosine decay to a tenth over clean_steps."""
   classifier, attacker = adversarial.graphdefs(attacker_layers=cfg.attacker_layers)
   images = adversarial.attacks(classifier, attacker, pgd_steps=cfg.pgd_steps)[attack]
   loss = adversarial.classification_loss(classifier)
@@ -43,8 +41,8 @@ def classifier_training(attack: str, cfg: Config, *, decay: bool = False) -> kbe
 
 
 def attacker_training(cfg: Config) -> kbeam_jax.Solver:
-  """Gradient play (one player, Adam ``attacker_lr``): an attacker network ascending the
-  game value (no saturation penalty) against the frozen classifier ``other``."""
+  """Gradient play (Adam ``attacker_lr``): an attacker network ascending the game value (no
+  saturation penalty) against the frozen classifier ``other``."""
   game = adversarial.objective(*adversarial.graphdefs(attacker_layers=cfg.attacker_layers))
   loss = lambda p, x, y, eta, u: -game(u, p[0], x, y, eta)
   play = games.gradient_play([loss], optax.adam(cfg.attacker_lr))
@@ -58,8 +56,7 @@ def attacker_training(cfg: Config) -> kbeam_jax.Solver:
 
 
 def minimax_solver(cfg: Config) -> kbeam_jax.Solver:
-  """``minimax.kbeam`` on ``adversarial.objective``: Adam for the classifier and for
-  every beam; rule ``best`` steps the classifier against the strongest attacker."""
+  """``minimax.kbeam`` on ``adversarial.objective``, Adam for the classifier and every beam."""
   classifier, attacker = adversarial.graphdefs(attacker_layers=cfg.attacker_layers)
   f = adversarial.objective(classifier, attacker, penalty=cfg.penalty)
   leader, follower = optax.adam(cfg.lr), optax.adam(cfg.beam_lr)
@@ -67,8 +64,8 @@ def minimax_solver(cfg: Config) -> kbeam_jax.Solver:
 
 
 def minimax_training(num_beams: int, cfg: Config) -> kbeam_jax.Solver:
-  """``minimax_solver`` against ``num_beams`` fresh attacker networks; its value is the
-  game value at the strongest beam."""
+  """``minimax_solver`` against ``num_beams`` fresh attacker networks; its value is the game
+  value at the strongest beam."""
   solver = minimax_solver(cfg)
   make = functools.partial(adversarial.Attacker, layers=cfg.attacker_layers)
 
@@ -90,9 +87,8 @@ VERSUS: Trainer = functools.partial(classifier_training, "network")  # the cat a
 
 
 class Defense(NamedTuple):
-  """A defense of the study: its name in the records, its trainer of the clean classifier
-  (None: the clean classifier itself) and its number of attacker beams (its own attackers,
-  evaluated as ``own_beams``; 0: none)."""
+  """A defense: its name in the records, its trainer of the clean classifier (None: the clean
+  classifier itself) and its number of attacker beams (evaluated as ``own_beams``)."""
 
   name: str
   trainer: Trainer | None = None
@@ -113,20 +109,105 @@ def minimax_defense(num_beams: int) -> Defense:
   """The minimax defense against K = ``num_beams`` attacker networks (one value per K)."""
   if num_beams < 1:
     raise ValueError(f"K (the number of attacker beams) must be >= 1, got {num_beams}.")
-  trainer = functools.partial(minimax_training, num_beams)
-  return Defense(f"minimax_k{num_beams}", trainer, num_beams)
+  return Defense(f"minimax_k{num_beams}", functools.partial(minimax_training, num_beams), num_beams)
 
 
 DEFENSES = (NONE, FGSM, PGD, minimax_defense(1), minimax_defense(5))
 
 
+class Config(NamedTuple):
+  """Sizes and hyperparameters of one run (hashable: it keys the compiled programs)."""
+
+  etas: tuple[float, ...] = (0.1, 0.2, 0.3)
+  defenses: tuple[Defense, ...] = DEFENSES
+  batch: int = 64
+  lr: float = 1e-3  # the classifier, in every defense
+  beam_lr: float = 1e-2  # the minimax defense's attacker beams (the follower)
+  penalty: float = 0.1  # the beams' tanh-saturation penalty (adversarial.objective)
+  ascent_steps: int = 1  # ascent steps per beam per K-beam step
+  rule: minimax.Rule = minimax.Best()  # K-beam's descent rule over the beams (a value)
+  attacker_lr: float = 1e-3  # the re-adapted and the cat-and-mouse attackers
+  pgd_steps: int = 40
+  clean_steps: int = 3000
+  defense_steps: int = 300
+  attacker_steps: int = 1000
+  chunk: int = 100
+  test_size: int = 10_000
+  pgd_test: int = 500
+  eval_batch: int = 500
+  cat_etas: tuple[float, ...] = (0.3,)
+  cat_rounds: int = 4
+  cat_steps: int = 300
+  train_size: int | None = None  # None: every training image
+  attacker_layers: int = 1  # hidden layers (300 units) of every attacker network
+  curve_etas: tuple[float, ...] = ()  # η at which the defenses are evaluated along training
+  curve_every: int = 500  # ... every this many steps
+  protocol: str = "default"  # names the outputs and the goal: adversarial_defense[_paper].*
+
+
+# The paper's protocol (--protocol paper): Hamm & Mehra's Table 5 at η = 0.3 to 0.6, every
+# attacker their AttNet 784-300-300-784 ("three layers" read as three layers of weights),
+# 2,500 defense steps (where our η = 0.3 curve saw the re-adapted accuracy level off),
+# evaluated along training at η = 0.3.
+PAPER = dict(
+  etas=PAPER_ETAS, defenses=(NONE, FGSM, minimax_defense(1), minimax_defense(5)),
+  attacker_layers=2, defense_steps=2500, cat_etas=(), curve_etas=(0.3,), protocol="paper",
+)  # fmt: skip
+QUICK = dict(
+  clean_steps=100, defense_steps=10, attacker_steps=20, chunk=10, test_size=500, pgd_test=100,
+  eval_batch=100, cat_rounds=2, cat_steps=10,
+)  # fmt: skip
+QUICK_PAPER = dict(QUICK, defense_steps=20, curve_every=10)  # one point along the curve
+
+
+def config(quick: bool = False, iters: int | None = None, protocol: str = "default") -> Config:
+  """The run of ``protocol`` (default or paper); ``quick``: a smoke check (tiny steps, not a
+  result); ``iters``: the defense steps (segments and chunks made to divide them)."""
+  if protocol not in ("default", "paper"):
+    raise ValueError(f"protocol must be 'default' or 'paper', got {protocol!r}.")
+  cfg = Config(**PAPER) if protocol == "paper" else Config()
+  if quick:
+    cfg = cfg._replace(**(QUICK_PAPER if protocol == "paper" else QUICK))
+  if iters is not None:
+    every = math.gcd(cfg.curve_every, iters)
+    cfg = cfg._replace(defense_steps=iters, curve_every=every, chunk=math.gcd(cfg.chunk, every))
+  return cfg
+
+
+def check_config(cfg: Config) -> None:
+  """Raises on sizes or defenses the suite cannot run, before anything trains."""
+  for eta in cfg.etas + cfg.cat_etas:
+    adversarial.check_eta(eta)
+  for d in cfg.defenses:
+    if not isinstance(d, Defense):
+      raise TypeError(
+        f"defenses are Defense values (NONE, FGSM, PGD, minimax_defense(K)), got {d!r}."
+      )
+  steps = ("clean_steps", "defense_steps", "attacker_steps", "cat_steps")
+  curved, chunk, every, tests = bool(cfg.curve_etas), cfg.chunk, cfg.curve_every, cfg.test_size
+  checks = [  # (failed, message)
+    *((getattr(cfg, n) < chunk or getattr(cfg, n) % chunk,
+       f"{n}={getattr(cfg, n)} must be a positive multiple of chunk={chunk}") for n in steps),
+    (curved and cfg.defense_steps % every,
+     f"defense_steps={cfg.defense_steps} must be a multiple of curve_every={every}"),
+    (curved and every % chunk, f"curve_every={every} must be a multiple of chunk={chunk}"),
+    (cfg.attacker_layers < 1, f"attacker_layers must be >= 1, got {cfg.attacker_layers}"),
+    (cfg.pgd_test > tests, f"pgd_test={cfg.pgd_test} must be at most test_size={tests} (PGD-40 "
+     "runs on the first pgd_test of the test digits loaded)"),
+    (tests % cfg.eval_batch or cfg.pgd_test % cfg.eval_batch, f"test_size={tests} and pgd_test="
+     f"{cfg.pgd_test} must be multiples of eval_batch={cfg.eval_batch} (one compiled evaluation)"),
+  ]  # fmt: skip
+  for failed, message in checks:
+    if failed:
+      raise ValueError(message + ".")
+  minimax_solver(cfg)  # the rule, ascent_steps and the step sizes, checked now
+
+
 @functools.cache
 def chunk_fn(trainer: Trainer, cfg: Config):
   """``(carry, x, y, eta, other) -> (carry, mean value)``: ``cfg.chunk`` steps of
-  ``trainer(cfg)`` in one jitted ``lax.scan``, each on a batch drawn from ``(x, y)``;
-  ``carry = (state, key)``, ``other`` the frozen opponent the step is given. A scan over
-  the steps' keys, not ``kbeam_jax.run`` (which hands every step the same arguments), so
-  each step draws its batch and its attack's key from the suite's random stream."""
+  ``trainer(cfg)`` in one jitted ``lax.scan`` over the steps' keys (not ``kbeam_jax.run``:
+  each step draws its batch from ``(x, y)`` and its attack's key); ``carry = (state, key)``."""
   solver = trainer(cfg)
 
   def step(state, key, x_all, y_all, eta, other):

@@ -13,6 +13,7 @@ from flax import nnx
 
 import kbeam_jax
 from benchmarks import _adversarial_report as report
+from benchmarks import _adversarial_training as training
 from benchmarks import adversarial_defense as bench
 from kbeam_jax import minimax, nn
 from kbeam_jax.tasks import adversarial as adv
@@ -157,9 +158,9 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="K .* must be >= 1"):
     nn.stack_modules(adv.Attacker, jax.random.key(0), 0)
   with pytest.raises(ValueError, match="K .* must be >= 1"):
-    bench.minimax_defense(0)
+    training.minimax_defense(0)
   with pytest.raises(TypeError, match="Defense values"):  # defenses are values, not names
-    bench.check_config(bench.Config(defenses=(bench.NONE, "minimax_k5")))
+    bench.check_config(bench.Config(defenses=(training.NONE, "minimax_k5")))
   with pytest.raises(ValueError, match="eta"):
     bench.check_config(bench.Config(etas=(0.1, 1.2)))
   with pytest.raises(ValueError, match="multiple of chunk"):
@@ -258,8 +259,8 @@ def test_benchmark_quick_path_runs_end_to_end_and_resumes(suite):
   out = root / "out"
   saved = json.loads((out / "adversarial_defense.json").read_text())
   assert saved["records"] == records
-  assert saved["meta"]["config"]["defenses"] == [d.name for d in bench.DEFENSES]
-  for defense in bench.DEFENSES:
+  assert saved["meta"]["config"]["defenses"] == [d.name for d in training.DEFENSES]
+  for defense in training.DEFENSES:
     rows = [r for r in records if r["defense"] == defense.name]
     assert {r["attack"] for r in rows} >= {"clean", "fgsm", "pgd40", "readapted"}
     for r in rows:
@@ -279,11 +280,11 @@ def test_benchmark_quick_path_runs_end_to_end_and_resumes(suite):
   assert again == records
 
 
-def test_paper_protocol_config_and_its_table(suite, tmp_path):
+def test_paper_protocol_config_and_its_table(suite):
   cfg = bench.config(protocol="paper")
-  assert cfg.etas == bench.PAPER_ETAS == (0.3, 0.4, 0.5, 0.6) and cfg.attacker_layers == 2
+  assert cfg.etas == report.PAPER_ETAS == (0.3, 0.4, 0.5, 0.6) and cfg.attacker_layers == 2
   assert {d.name for d in cfg.defenses} >= {"fgsm", "minimax_k1", "minimax_k5"}
-  assert cfg.curve_etas == (0.3,) and cfg.defenses[-1] is bench.minimax_defense(5)
+  assert cfg.curve_etas == (0.3,) and cfg.defenses[-1] is training.minimax_defense(5)
   bench.check_config(cfg)
   assert bench.config(protocol="paper", iters=150).curve_every == 50  # any --iters divides
   bench.check_config(bench.config(protocol="paper", iters=150))
@@ -293,22 +294,21 @@ def test_paper_protocol_config_and_its_table(suite, tmp_path):
   root, run_cfg, records = suite
   meta = json.loads((root / "out" / "adversarial_defense.json").read_text())["meta"]
   assert [(c["defense"], c["steps"]) for c in meta["curves"]] == [
-    (d.name, s) for d in bench.DEFENSES[1:] for s in (2, 4)
+    (d.name, s) for d in training.DEFENSES[1:] for s in (2, 4)
   ]
   final = meta["curves"][-1]
   assert final["readapted"] == bench.lookup(records, "minimax_k5", 0.3, "readapted")
   state = (
-    bench.minimax_defense(5)
+    training.minimax_defense(5)
     .trainer(run_cfg)
     .init(jax.random.key(0), adv.init_classifier(jax.random.key(0)))
   )
   assert len(state.beams["more"]) == 1  # AttNet: 784-300-300-784
   # the one report, at the paper's protocol: Table 5's cells beside ours, the paper's goal
   meta["config"]["protocol"] = "paper"
-  text = report.report(records, meta, tmp_path / "paper.md")
+  text = report.report(records, meta)
   ours = bench.lookup(records, "minimax_k5", 0.3, "fgsm")
   assert f"{ours:.4f} (0.782 H&M)" in text  # FGSM-curr: 1 - 0.218
   assert "Goal (at η = 0.3, K = 5 at or above 95%" in text and "784-300-300-784" in text
   assert "## Along training at η = 0.3" in text
-  report.plot(records, meta, tmp_path / "paper.png")
-  assert (tmp_path / "paper.png").stat().st_size
+  assert len(report.plot(records, meta).axes) == 5  # 3 attacks, cat and mouse, the curve
