@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from benchmarks import bilevel_scaling, bilevel_synthetic
+import kbeam_jax
+from benchmarks import _bilevel, bilevel_scaling, bilevel_synthetic
 
 
 @pytest.mark.parametrize("method", ["cg", "penalty_al"])
@@ -77,3 +79,27 @@ def test_peer_rows_measure_both_sides_at_equal_accuracy():
   assert row["jaxopt_error"] < 1e-4 and row["cg_error"] < 1e-4
   outer = _peers.outer_row(bilevel_scaling.problem, 100, 5, 10, 0.4, 5, 0.5, 1)
   np.testing.assert_allclose(outer["ours_loss"], outer["jaxopt_loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["cg", "penalty"])
+def test_chunked_training_is_one_uninterrupted_run(method, tmp_path):
+  """``_bilevel.train`` (denoising's and poisoning's loop): chunks of ``kbeam_jax.run``
+  from a warm start end where one run of all the steps ends, with the upper objective of
+  every step and the record's timing fields."""
+  f = lambda u, v, c: jnp.sum((v - c) ** 2) + jnp.sum(u**2)
+  g = lambda u, v, c: jnp.sum((v - u) ** 2)
+  cfg = dict(outer_steps=6, chunk=2, inner_steps=3, inner_lr=0.2, solve_steps=5, warmup=20,
+             penalty_lr=0.05)  # fmt: skip
+  args, u0 = (jnp.ones(3),), jnp.full(3, 2.0)
+  solver = _bilevel.bilevel_solver(method, f, g, cfg, optax.sgd(0.1))
+  v0 = _bilevel.warm_start(g, u0, jnp.zeros(3), args, cfg)
+  np.testing.assert_allclose(v0, u0, atol=1e-3)  # the lower problem solved at u0
+  key = jax.random.key(0)
+  state, curve, timing = _bilevel.train(
+    solver, u0, v0, args, cfg, key=key, label=("t", method), out_dir=tmp_path, resume=False
+  )
+  whole, info = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 6, *args))(solver.init(key, u0, v0))
+  np.testing.assert_allclose(state.u, whole.u, rtol=1e-6)
+  np.testing.assert_allclose(curve, info.value, rtol=1e-6)
+  assert timing["outer_steps"] == 6 and timing["seconds"] >= 0
+  assert not (tmp_path / "checkpoints").exists()  # checkpoints only with --resume
