@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,13 +43,35 @@ def alternate(programs: dict[str, Any], args: tuple, repeats: int) -> dict[str, 
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _compile(fn, args):
-  return jax.jit(fn).lower(*args).compile()
+def compare(programs: dict[str, Callable], args: tuple, repeats: int, score: Callable, name: str):
+  """Compiles every program for ``args`` and times them alternately; returns
+  ``{"<k>_seconds": median, "<k>_<name>": score(output)}`` for each program ``k``."""
+  compiled = {k: jax.jit(fn).lower(*args).compile() for k, fn in programs.items()}
+  seconds = alternate(compiled, args, repeats)
+  row = {}
+  for k, c in compiled.items():
+    row |= {f"{k}_seconds": seconds[k], f"{k}_{name}": score(c(*args))}
+  return row
 
 
-def _error(x, ref) -> float:
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+def _error(ref) -> Callable[[Any], float]:
+  ref = np.asarray(ref, np.float64)
+  return lambda x: float(np.linalg.norm(np.asarray(x, np.float64) - ref) / np.linalg.norm(ref))
+
+
+def _wide(tree):
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+def _peer_inner(jaxopt, g, T: int, inner_lr: float, solve):
+  """jaxopt's ``custom_root`` around the same T descent steps on ``g`` (their own derivative
+  rule unused), its linear system solved by ``solve``."""
+  optimality = lambda v, u, *data: jax.grad(g, argnums=1)(u, v, *data)
+  return jaxopt.implicit_diff.custom_root(optimality, solve=solve)(
+    lambda v0, u, *data: bilevel.argmin(
+      g, u, v0, *data, method=bilevel.Naive(), inner_steps=T, inner_lr=inner_lr
+    )
+  )
 
 
 def hypergradient_row(
@@ -63,34 +86,18 @@ def hypergradient_row(
     return None
   f, g, args = problem(kind, V)
   solve = functools.partial(jaxopt.linear_solve.solve_cg, maxiter=solve_steps, tol=0.0)
-  optimality = lambda v, u, *data: jax.grad(g, argnums=1)(u, v, *data)
-
-  @jaxopt.implicit_diff.custom_root(optimality, solve=solve)
-  def inner(v0, u, *data):  # the same T descent steps (their own derivative rule unused)
-    return bilevel.argmin(g, u, v0, *data, method=bilevel.Naive(), inner_steps=T, inner_lr=inner_lr)
-
-  def ours(method):
-    return lambda u, v0, *data: (
-      bilevel.hypergradient(
-        f, g, u, v0, *data, method=method, inner_steps=T, inner_lr=inner_lr
-      ).grad
-    )
-
+  inner = _peer_inner(jaxopt, g, T, inner_lr, solve)
+  hypergradient = functools.partial(bilevel.hypergradient, f, g, inner_steps=T, inner_lr=inner_lr)
+  ours = lambda method: lambda *args: hypergradient(*args, method=method).grad
   programs = {
     "jaxopt": lambda u, v0, *data: jax.grad(lambda u_: f(u_, inner(v0, u_, *data), *data))(u),
     "cg": ours(bilevel.CG(solve_steps)),
     "cg_plain": ours(bilevel.CG(solve_steps, fallback=False)),
   }
-  compiled = {k: _compile(fn, args) for k, fn in programs.items()}
-  seconds = alternate(compiled, args, repeats)
   with jax.enable_x64(True):
-    wide = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), args)
-    reference = jax.jit(ours(bilevel.CG(2000, tol=1e-12)))(*wide)
+    reference = jax.jit(ours(bilevel.CG(2000, tol=1e-12)))(*_wide(args))
   row = dict(problem=kind, T=T, V=int(args[1].size))
-  for k, c in compiled.items():
-    row[f"{k}_seconds"] = seconds[k]
-    row[f"{k}_error"] = _error(c(*args), reference)
-  return row
+  return row | compare(programs, args, repeats, _error(reference), "error")
 
 
 def ridge_data(n: int = 442, d: int = 10, seed: int = 0):
@@ -137,33 +144,20 @@ def ridge_row(repeats: int) -> dict[str, Any] | None:
     ),
     "ours_2000_steps": lambda l2, w0: argmin(l2, w0, x_tr, y_tr, inner_steps=2000, inner_lr=0.5),
   }
+  programs = {k: jax.grad(lambda l2, w0, s=s: outer(s(l2, w0))) for k, s in solves.items()}
   l2 = jnp.asarray(0.1)
-  compiled = {
-    k: _compile(jax.grad(lambda l2, w0, s=s: outer(s(l2, w0))), (l2, w0)) for k, s in solves.items()
-  }
-  seconds = alternate(compiled, (l2, w0), repeats)
   with jax.enable_x64(True):  # the exact derivative, by autodiff of the closed form
-    wide = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (l2, x_tr, y_tr, x_val, y_val))
-    exact = jax.grad(
-      lambda l2: 0.5 * jnp.mean((wide[3] @ ridge_closed_form(l2, None, *wide[1:3]) - wide[4]) ** 2)
-    )(wide[0])
+    wide_l2, x, y, xv, yv = _wide((l2, x_tr, y_tr, x_val, y_val))
+    val_loss = lambda l2: 0.5 * jnp.mean((xv @ ridge_closed_form(l2, None, x, y) - yv) ** 2)
+    exact = jax.grad(val_loss)(wide_l2)
   row = dict(n=int(x_tr.shape[0]), d=int(x_tr.shape[1]))
-  for k, c in compiled.items():
-    row[f"{k}_seconds"] = seconds[k]
-    row[f"{k}_error"] = _error(c(l2, w0), exact)
-  return row
+  return row | compare(programs, (l2, w0), repeats, _error(exact), "error")
 
 
 def outer_row(
-  problem,
-  V: int,
-  T: int,
-  solve_steps: int,
-  inner_lr: float,
-  outer_steps: int,
-  upper_lr: float,
-  repeats: int,
-) -> dict[str, Any] | None:
+  problem, V: int, T: int, solve_steps: int, inner_lr: float, outer_steps: int,
+  upper_lr: float, repeats: int,
+) -> dict[str, Any] | None:  # fmt: skip
   """The whole outer loop, ``outer_steps`` steps of SGD on ``u``, on the separable problem:
   jaxopt's idiomatic loop (``custom_root`` around T warm-started descent steps, its CG with
   ``tol`` 1e-4 and at most ``solve_steps`` iterations, from 0 every step) against
@@ -174,14 +168,9 @@ def outer_row(
   if jaxopt is None:
     return None
   f, g, args = problem("separable", V)
-  u0, v0, *data = args
   opt = optax.sgd(upper_lr)
   solve = functools.partial(jaxopt.linear_solve.solve_cg, maxiter=solve_steps, tol=1e-4)
-  optimality = lambda v, u, *data: jax.grad(g, argnums=1)(u, v, *data)
-
-  @jaxopt.implicit_diff.custom_root(optimality, solve=solve)
-  def inner(v0, u, *data):
-    return bilevel.argmin(g, u, v0, *data, method=bilevel.Naive(), inner_steps=T, inner_lr=inner_lr)
+  inner = _peer_inner(jaxopt, g, T, inner_lr, solve)
 
   def peer_loop(u, v, *data):
     def step(carry, _):
@@ -199,32 +188,20 @@ def outer_row(
 
   def our_loop(u, v, *data):
     state = solver.init(jax.random.key(0), u, v)
-    return jax.lax.scan(lambda s, _: (solver.step(s, *data)[0], None), state, length=outer_steps)[
-      0
-    ].u
+    step = lambda s, _: (solver.step(s, *data)[0], None)
+    return jax.lax.scan(step, state, length=outer_steps)[0].u
 
-  compiled = {"jaxopt": _compile(peer_loop, args), "ours": _compile(our_loop, args)}
-  seconds = alternate(compiled, args, repeats)
-  with jax.enable_x64(True):
-    wide = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), data)
+  @jax.jit
+  def wide_loss(u, *data):
+    v = bilevel.argmin(
+      g, u, jnp.zeros(V, jnp.float64), *data, method=bilevel.Naive(), inner_steps=10_000,
+      inner_lr=inner_lr, tol=1e-10,
+    )  # fmt: skip
+    return f(u, v, *data)
 
-    @jax.jit
-    def loss(u):
-      u = jnp.asarray(u, jnp.float64)
-      v = bilevel.argmin(
-        g,
-        u,
-        jnp.zeros(V, jnp.float64),
-        *wide,
-        method=bilevel.Naive(),
-        inner_steps=10_000,
-        inner_lr=inner_lr,
-        tol=1e-10,
-      )
-      return f(u, v, *wide)
+  def loss(u) -> float:
+    with jax.enable_x64(True):
+      return float(wide_loss(*_wide((u, *args[2:]))))
 
-    row = dict(V=V, T=T, outer_steps=outer_steps, start_loss=float(loss(u0)))
-    for k, c in compiled.items():
-      row[f"{k}_seconds"] = seconds[k]
-      row[f"{k}_loss"] = float(loss(c(*args)))
-  return row
+  row = dict(V=V, T=T, outer_steps=outer_steps, start_loss=loss(args[0]))
+  return row | compare({"jaxopt": peer_loop, "ours": our_loop}, args, repeats, loss, "loss")

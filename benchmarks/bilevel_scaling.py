@@ -2,19 +2,18 @@
 
 ``python -m benchmarks bilevel_scaling [--quick] [--out results]``
 
-A separable strongly convex lower problem (so that v can reach 10^6) whose Hessian
-depends on v (so that RMD really needs the trajectory):
-``g = ½ Σ a_i v_i² + Σ softplus(v_i) + uᵀBv``, ``f = ½|v - 1|² + ½|u|²``, ``u`` in R^4.
-Every method is compiled, then timed (median of repeats); its peak memory is XLA's compiled memory
-analysis (temporaries + arguments + outputs, exact for the compiled program). Two sweeps:
-T in {1, 10, 100, 1000} at V = 10^4, and V in {10, ..., 10^6} at T = 10. The growth
-exponents are least-squares slopes in log-log, printed beside the design's table.
+Every method of ``bilevel.hypergradient`` on a separable strongly convex lower problem
+whose Hessian depends on v (so that v can reach 10^6 and RMD really needs the trajectory)
+and on a tanh MLP, compiled, then timed (median of repeats); peak memory from XLA's compiled
+memory analysis. Two sweeps: T in {1, 10, 100, 1000} at V = 10^4, and V in {10, ..., 10^6}
+at T = 10; growth exponents as least-squares slopes in log-log beside the design's table,
+and jaxopt beside us (``_peers``). Writes ``bilevel_scaling.json``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import time
 from typing import Any
 
 import jax
@@ -25,22 +24,15 @@ from tqdm.auto import tqdm
 from benchmarks import _bilevel, _common, _peers
 from kbeam_jax import bilevel
 
-U = 4
-SOLVE_STEPS = 10
-METHODS = ("fmd", "rmd", "rmd_checkpoint", "approxgrad", "cg", "neumann")
-# Expected exponents (time in T, time in V, memory in T, memory in V), design table.
-EXPECTED = {
-  "fmd": (1, 1, 0, 1),
-  "rmd": (1, 1, 1, 1),
-  "rmd_checkpoint": (1, 1, 0.5, 1),
-  "approxgrad": (1, 1, 0, 1),
-  "cg": (1, 1, 0, 1),
-  "neumann": (1, 1, 0, 1),
-}
-
-
+U, SOLVE_STEPS, INNER_LR = 4, 10, 0.4
 PROBLEMS = ("separable", "mlp")
 MLP_IN, MLP_N = 8, 64
+# method: expected exponents (time in T, time in V, memory in T, memory in V), design table
+EXPECTED = {
+  "fmd": (1, 1, 0, 1), "rmd": (1, 1, 1, 1), "rmd_checkpoint": (1, 1, 0.5, 1),
+  "approxgrad": (1, 1, 0, 1), "cg": (1, 1, 0, 1), "neumann": (1, 1, 0, 1),
+}  # fmt: skip
+METHODS = tuple(EXPECTED)
 
 
 def problem(kind: str, V: int, seed: int = 0):
@@ -56,12 +48,9 @@ def problem(kind: str, V: int, seed: int = 0):
 
 
 def mlp_problem(V: int, seed: int = 0):
-  """A one-hidden-layer tanh regression network as the inner problem.
-
-  ``v`` holds its weights (8 -> H -> 1, H chosen so that ``dim(v) ≈ V``); ``u`` scales the
-  first 4 input features by ``exp(u)``. ``g`` is the training loss plus ``1e-3|v|²``,
-  ``f`` the validation loss.
-  """
+  """A tanh network 8 -> H -> 1 as the inner problem, its weights ``v`` (``dim(v) ≈ V``);
+  ``u`` scales the first 4 input features by ``exp(u)``; ``g`` the training loss plus
+  ``1e-3|v|²``, ``f`` the validation loss."""
   H = max(1, V // (MLP_IN + 2))
   kx, ky, kv, kw = jax.random.split(jax.random.key(seed), 4)
   x = jax.random.normal(kx, (2, MLP_N, MLP_IN))
@@ -80,41 +69,28 @@ def mlp_problem(V: int, seed: int = 0):
   return f, g, (jnp.zeros(U), v0, x, y)
 
 
-INNER_LR = 0.4
-
-
 def hypergradient_fn(method: str, T: int):
   """``(f, g, u, v, *data) -> hypergradient`` of one method through ``bilevel.hypergradient``."""
   value = _bilevel.bilevel_method(method, solve_steps=SOLVE_STEPS, solve_lr=0.2)
 
-  def fn(f, g, u, v, *data):
-    return bilevel.hypergradient(
-      f, g, u, v, *data, method=value, inner_steps=T, inner_lr=INNER_LR
-    ).grad
-
-  return fn
+  return lambda f, g, u, v, *data: (
+    bilevel.hypergradient(f, g, u, v, *data, method=value, inner_steps=T, inner_lr=INNER_LR).grad
+  )
 
 
 def measure(method: str, T: int, V: int, repeats: int, kind: str = "separable"):
   """Compiled time and memory of one hypergradient of ``method`` on problem ``kind``."""
   f, g, args = problem(kind, V)
-  fn = functools.partial(hypergradient_fn(method, T), f, g)
-  compiled = jax.jit(fn).lower(*args).compile()
+  start = time.perf_counter()
+  compiled = jax.jit(functools.partial(hypergradient_fn(method, T), f, g)).lower(*args).compile()
+  compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-  _, compile_s, run_s = _common.compile_and_time(fn, *args, repeats=repeats)
+  seconds = _peers.alternate({method: compiled}, args, repeats)[method]
   return dict(
-    problem=kind,
-    method=method,
-    T=T,
-    V=int(args[1].size),
-    V_target=V,
-    U=U,
-    seconds=run_s,
-    compile_seconds=compile_s,
-    peak_bytes=int(peak),
-    temp_bytes=int(mem.temp_size_in_bytes),
-  )
+    problem=kind, method=method, T=T, V=int(args[1].size), V_target=V, U=U, seconds=seconds,
+    compile_seconds=compile_s, peak_bytes=int(peak), temp_bytes=int(mem.temp_size_in_bytes),
+  )  # fmt: skip
 
 
 def slope(x, y) -> float:
@@ -122,7 +98,8 @@ def slope(x, y) -> float:
   return float(np.polyfit(x, y, 1)[0])
 
 
-def run_suite(out_dir: Path, *, quick: bool = False, repeats: int = 3) -> list[dict[str, Any]]:
+def run_suite(quick: bool, repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Both sweeps of every method on both problems, the fits and the peer rows."""
   Ts = (1, 10, 100) if quick else (1, 10, 100, 1000)
   Vs = (10, 1_000, 100_000) if quick else (10, 100, 1_000, 10_000, 100_000, 1_000_000)
   jobs = [(k, "T", m, T, 10_000) for k in PROBLEMS for m in METHODS for T in Ts]
@@ -133,212 +110,144 @@ def run_suite(out_dir: Path, *, quick: bool = False, repeats: int = 3) -> list[d
   fits = {}
   for k, m in ((k, m) for k in PROBLEMS for m in METHODS):
     mine = [r for r in records if r["problem"] == k and r["method"] == m]
-    t = [r for r in mine if r["sweep"] == "T"]
-    v = [r for r in mine if r["sweep"] == "V"]
-    # Fit over the larger sizes, where fixed overheads no longer dominate.
-    t_fit, v_fit = t[1:], v[len(v) // 2 :]
+    t = [r for r in mine if r["sweep"] == "T"][1:]  # fit over the larger sizes, where fixed
+    v = [r for r in mine if r["sweep"] == "V"]  # overheads no longer dominate
+    v = v[len(v) // 2 :]
+    fit = lambda rs, x, y: slope([r[x] for r in rs], [y(r) for r in rs])
     fits[f"{k}/{m}"] = dict(
-      time_T=slope([r["T"] for r in t_fit], [r["seconds"] for r in t_fit]),
-      time_V=slope([r["V"] for r in v_fit], [r["seconds"] for r in v_fit]),
-      memory_T=slope([r["T"] for r in t_fit], [r["temp_bytes"] + 1 for r in t_fit]),
-      memory_V=slope([r["V"] for r in v_fit], [r["peak_bytes"] for r in v_fit]),
-    )
+      time_T=fit(t, "T", lambda r: r["seconds"]), time_V=fit(v, "V", lambda r: r["seconds"]),
+      memory_T=fit(t, "T", lambda r: r["temp_bytes"] + 1),
+      memory_V=fit(v, "V", lambda r: r["peak_bytes"]),
+    )  # fmt: skip
   peer_repeats = max(repeats, 7)
   peer_jobs = [(k, V) for k in PROBLEMS for V in Vs[-3:]]
   peers = [
     _peers.hypergradient_row(problem, 10, V, SOLVE_STEPS, INNER_LR, peer_repeats, k)
     for k, V in tqdm(peer_jobs, desc="bilevel_scaling peers (jaxopt)", unit="row")
   ]
+  outer_V = 10_000 if quick else 100_000
   meta = dict(
-    U=U,
-    quick=quick,
-    solve_steps=SOLVE_STEPS,
-    fits=fits,
-    jaxopt=[p for p in peers if p is not None],
-    ridge=_peers.ridge_row(max(repeats, 21)),
-    outer=_peers.outer_row(
-      problem, 10_000 if quick else 100_000, 10, SOLVE_STEPS, INNER_LR, 100, 0.5, peer_repeats
-    ),
+    U=U, quick=quick, solve_steps=SOLVE_STEPS, Ts=Ts, Vs=Vs, fits=fits,
+    jaxopt=[p for p in peers if p is not None], ridge=_peers.ridge_row(max(repeats, 21)),
+    outer=_peers.outer_row(problem, outer_V, 10, SOLVE_STEPS, INNER_LR, 100, 0.5, peer_repeats),
     environment=_common.environment(),
-  )
-  _common.write_json(out_dir / "bilevel_scaling.json", records, meta)
-  (out_dir / "bilevel_scaling.md").write_text(markdown(records, meta, Ts, Vs))
-  plot(records, out_dir / "bilevel_scaling.png")
-  return records
+  )  # fmt: skip
+  return records, meta
 
 
-def markdown(records, meta, Ts, Vs) -> str:
+QUICK_NOTE = (
+  "**--quick:** the sweeps stop at T = 100 and V = 10^5, where a call's fixed cost "
+  "(dispatch, small kernels) is still a large part of its time, so the time exponents "
+  "come out well below their asymptotic values; they are not a test of them. The full "
+  "run (`python -m benchmarks bilevel_scaling`, T up to 1000, V up to 10^6) is.\n"
+)
+
+
+def markdown(records, meta) -> str:
   lines = [
-    "# One hypergradient: time and peak memory vs T and vs dim(v)",
-    "",
+    "# One hypergradient: time and peak memory vs T and vs dim(v)\n",
     f"u in R^{meta['U']}; implicit methods use {meta['solve_steps']} solve steps. "
     "Time: median after compiling. Memory: XLA compiled memory analysis. Problems: "
     "`separable` (strongly convex, diagonal Hessian), `mlp` (8 -> H -> 1 tanh network, "
-    "dim(v) = 10H + 1).",
-    "",
-    "## Fitted growth exponents (the asymptotic exponent in parentheses)",
-    "",
+    "dim(v) = 10H + 1).\n",
+    "## Fitted growth exponents (the asymptotic exponent in parentheses)\n",
     "Least-squares slopes in log-log over T >= 10 and the upper half of the V sweep. "
-    "Memory in T is fitted on the temporaries (the arguments do not grow with T).",
-    "",
+    "Memory in T is fitted on the temporaries (the arguments do not grow with T).\n",
+    *([QUICK_NOTE] if meta["quick"] else []),
   ]
-  if meta.get("quick"):
-    lines += [
-      "**--quick:** the sweeps stop at T = 100 and V = 10^5, where a call's fixed cost "
-      "(dispatch, small kernels) is still a large part of its time, so the time exponents "
-      "come out well below their asymptotic values; they are not a test of them. The full "
-      "run (`python -m benchmarks bilevel_scaling`, T up to 1000, V up to 10^6) is.",
-      "",
-    ]
-  rows = []
-  for k in PROBLEMS:
-    for m in METHODS:
-      fit = meta["fits"][f"{k}/{m}"]
-      keys = ("time_T", "time_V", "memory_T", "memory_V")
-      rows.append([k, m] + [f"{fit[q]:.2f} ({e})" for q, e in zip(keys, EXPECTED[m], strict=True)])
+  keys = ("time_T", "time_V", "memory_T", "memory_V")
+  rows = [
+    [k, m]
+    + [f"{meta['fits'][f'{k}/{m}'][q]:.2f} ({e})" for q, e in zip(keys, EXPECTED[m], strict=True)]
+    for k in PROBLEMS
+    for m in METHODS
+  ]
   header = ["problem", "method", "time ~ T^", "time ~ V^", "memory ~ T^", "memory ~ V^"]
-  lines += [_common.markdown_table(header, rows), ""]
+  lines.append(_common.markdown_table(header, rows) + "\n")
+  cell = lambda r: f"{r['seconds'] * 1e3:.2f} ms / {r['peak_bytes'] / 2**20:.2f} MiB"
   for k in PROBLEMS:
-    for sweep, values in (("T", Ts), ("V", Vs)):
-      rows = []
-      for m in METHODS:
-        mine = [r for r in records if (r["problem"], r["method"], r["sweep"]) == (k, m, sweep)]
-        by = {r["T"] if sweep == "T" else r["V_target"]: r for r in mine}
-        cells = [
-          f"{by[x]['seconds'] * 1e3:.2f} ms / {by[x]['peak_bytes'] / 2**20:.2f} MiB" for x in values
-        ]
-        rows.append([m] + cells)
-      title = "vs T (V ≈ 10^4)" if sweep == "T" else "vs V (T = 10)"
+    for sweep, size, values, title in (
+      ("T", "T", meta["Ts"], "vs T (V ≈ 10^4)"), ("V", "V_target", meta["Vs"], "vs V (T = 10)")
+    ):  # fmt: skip
+      by = {(r["method"], r[size]): r for r in records if (r["problem"], r["sweep"]) == (k, sweep)}
+      rows = [[m] + [cell(by[m, x]) for x in values] for m in METHODS]
+      header = ["method"] + [f"{sweep} = {x}" for x in values]
       lines += [
-        f"## {k}: time / peak memory {title}",
-        "",
-        _common.markdown_table(["method"] + [f"{sweep} = {x}" for x in values], rows),
-        "",
+        f"## {k}: time / peak memory {title}\n",
+        _common.markdown_table(header, rows) + "\n",
       ]
-  lines += peer_markdown(meta)
-  env = meta["environment"]
-  lines += [f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}.", ""]
-  return "\n".join(lines)
+  return "\n".join(lines + peer_markdown(meta) + [_bilevel.measured_on(meta)])
 
 
 def peer_markdown(meta) -> list[str]:
   """The jaxopt comparisons: one hypergradient, the ridge example, the whole outer loop."""
   if not meta["jaxopt"]:
-    return ['jaxopt is not installed: `pip install -e ".[peers]"` adds the peer timing.', ""]
+    return ['jaxopt is not installed: `pip install -e ".[peers]"` adds the peer timing.\n']
   ms = lambda x: f"{x * 1e3:.2f}"
+  header = ["problem", "V", "jaxopt (ms)", "ours CG (ms)", "ours plain (ms)", "jaxopt / ours",
+            "jaxopt error", "ours error", "ours plain error"]  # fmt: skip
   rows = [
-    [
-      p["problem"],
-      p["V"],
-      ms(p["jaxopt_seconds"]),
-      ms(p["cg_seconds"]),
-      ms(p["cg_plain_seconds"]),
-      f"{p['jaxopt_seconds'] / p['cg_seconds']:.2f}",
-      f"{p['jaxopt_error']:.1e}",
-      f"{p['cg_error']:.1e}",
-      f"{p['cg_plain_error']:.1e}",
-    ]
+    [p["problem"], p["V"], *(ms(p[f"{k}_seconds"]) for k in ("jaxopt", "cg", "cg_plain")),
+     f"{p['jaxopt_seconds'] / p['cg_seconds']:.2f}",
+     *(f"{p[f'{k}_error']:.1e}" for k in ("jaxopt", "cg", "cg_plain"))]
     for p in meta["jaxopt"]
-  ]
-  lines = [
-    "## Peer: jaxopt implicit differentiation (custom_root + CG), T = 10",
-    "",
+  ]  # fmt: skip
+  r, o = meta["ridge"], meta["outer"]
+  ridge = {
+    "jaxopt": "jaxopt custom_root, closed form", "ours_closed_form": "ours, solve=closed form",
+    "ours_lbfgs": "ours, inner=optax.lbfgs(), tol=1e-6",
+    "ours_2000_steps": "ours, 2,000 gradient steps",
+  }  # fmt: skip
+  return [
+    "## Peer: jaxopt implicit differentiation (custom_root + CG), T = 10\n",
     f"The same inner loop; at most {meta['solve_steps']} CG iterations each (jaxopt runs "
     "all of them, ours stops at its tolerance 1e-6); ours with its minimum-norm fallback "
     "(the default, `CG(10)`) and plain (`CG(10, fallback=False)`). Errors: relative to the "
     "implicit hypergradient in float64 with 2,000 CG iterations. Times: medians of "
-    "alternating runs.",
-    "",
-    _common.markdown_table(
-      [
-        "problem",
-        "V",
-        "jaxopt (ms)",
-        "ours CG (ms)",
-        "ours plain (ms)",
-        "jaxopt / ours",
-        "jaxopt error",
-        "ours error",
-        "ours plain error",
-      ],
-      rows,
-    ),
-    "",
-  ]
-  r = meta["ridge"]
-  names = [
-    ("jaxopt", "jaxopt custom_root, closed form"),
-    ("ours_closed_form", "ours, solve=closed form"),
-    ("ours_lbfgs", "ours, inner=optax.lbfgs(), tol=1e-6"),
-    ("ours_2000_steps", "ours, 2,000 gradient steps"),
-  ]
-  lines += [
-    f"## Peer: jaxopt's ridge example ({r['n']} × {r['d']}), d(validation loss)/d(l2)",
-    "",
+    "alternating runs.\n",
+    _common.markdown_table(header, rows) + "\n",
+    f"## Peer: jaxopt's ridge example ({r['n']} × {r['d']}), d(validation loss)/d(l2)\n",
     "The lower problem solved in closed form (`solve=`), by L-BFGS, or by the fixed-T loop; "
-    "the derivative by `CG(20)`. Error: against autodiff of the closed form in float64.",
-    "",
+    "the derivative by `CG(20)`. Error: against autodiff of the closed form in float64.\n",
     _common.markdown_table(
       ["forward solve", "ms", "jaxopt / this", "relative error"],
-      [
-        [
-          label,
-          ms(r[f"{k}_seconds"]),
-          f"{r['jaxopt_seconds'] / r[f'{k}_seconds']:.2f}",
-          f"{r[f'{k}_error']:.1e}",
-        ]
-        for k, label in names
-      ],
-    ),
-    "",
-  ]
-  o = meta["outer"]
-  lines += [
-    f"## Peer: the whole outer loop ({o['outer_steps']} SGD steps on u, separable, V = {o['V']})",
-    "",
+      [[label, ms(r[f"{k}_seconds"]), f"{r['jaxopt_seconds'] / r[f'{k}_seconds']:.2f}",
+        f"{r[f'{k}_error']:.1e}"] for k, label in ridge.items()],
+    ) + "\n",
+    f"## Peer: the whole outer loop ({o['outer_steps']} SGD steps on u, separable, V = {o['V']})\n",
     f"Both warm-start v (T = {o['T']} steps from the previous answer); jaxopt's CG starts "
     "from 0 every step, ours from the previous adjoint; both stop at a relative residual of "
-    f"1e-4. Upper loss f(u, v*(u)) from {o['start_loss']:.4f}.",
-    "",
+    f"1e-4. Upper loss f(u, v*(u)) from {o['start_loss']:.4f}.\n",
     _common.markdown_table(
       ["loop", "seconds", "final upper loss"],
-      [
-        ["jaxopt (custom_root)", f"{o['jaxopt_seconds']:.3f}", f"{o['jaxopt_loss']:.6f}"],
-        ["ours (bilevel.solver)", f"{o['ours_seconds']:.3f}", f"{o['ours_loss']:.6f}"],
-      ],
-    ),
-    "",
-  ]
-  return lines
+      [[f"{name} ({how})", f"{o[f'{name}_seconds']:.3f}", f"{o[f'{name}_loss']:.6f}"]
+       for name, how in (("jaxopt", "custom_root"), ("ours", "bilevel.solver"))],
+    ) + "\n",
+  ]  # fmt: skip
 
 
-def plot(records, path: Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
+def plot(records):
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(2, 4, figsize=(18, 7))
-  for i, k in enumerate(PROBLEMS):
-    for j, (sweep, key) in enumerate((("T", "T"), ("V", "V"))):
-      col = 2 * i + j
-      for m in METHODS:
-        rs = sorted(
-          (r for r in records if (r["problem"], r["method"], r["sweep"]) == (k, m, sweep)),
-          key=lambda r: r[key],
-        )
-        xs = [r[key] for r in rs]
-        axes[0, col].loglog(xs, [r["seconds"] for r in rs], "o-", label=m)
-        axes[1, col].loglog(xs, [r["peak_bytes"] for r in rs], "o-", label=m)
-      axes[0, col].set(title=f"{k}: vs {key}", xlabel=key, ylabel="seconds")
-      axes[1, col].set(xlabel=key, ylabel="peak bytes")
+  panels = [(k, key) for k in PROBLEMS for key in ("T", "V")]
+  for (top, bottom), (k, key) in zip(axes.T, panels, strict=True):
+    for m in METHODS:
+      rs = [r for r in records if (r["problem"], r["method"], r["sweep"]) == (k, m, key)]
+      rs = sorted(rs, key=lambda r: r[key])
+      xs = [r[key] for r in rs]
+      top.loglog(xs, [r["seconds"] for r in rs], "o-", label=m)
+      bottom.loglog(xs, [r["peak_bytes"] for r in rs], "o-", label=m)
+    top.set(title=f"{k}: vs {key}", xlabel=key, ylabel="seconds")
+    bottom.set(xlabel=key, ylabel="peak bytes")
   axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
 
 
 def main(args) -> None:
   """``python -m benchmarks bilevel_scaling``."""
-  run_suite(args.out, quick=args.quick, repeats=1 if args.quick else 3)
+  records, meta = run_suite(args.quick, repeats=1 if args.quick else 3)
+  _common.publish(
+    args.out, "bilevel_scaling", records, meta, markdown(records, meta), plot(records)
+  )
