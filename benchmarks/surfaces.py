@@ -1,35 +1,11 @@
-"""The 2D-surface study of the K-beam paper (Hamm & Noh, ICML 2018, Table 1).
+"""The 2D-surface study of the K-beam paper (Hamm & Noh, ICML 2018, Table 1): error
+``|u_T - u*|`` of GDA, alternating, optimistic GDA, extragradient and K-beam (K = 1..10,
+every rule); protocols, ``--paper`` and ``--spread`` in docs/pages/benchmarks/surfaces.md.
 
 ``python -m benchmarks surfaces [--quick | --paper] [--protocol clean|authors|both]
-[--spread N] [--out results]``
-
-Box ``|u|, |v| <= 0.5`` (projected after every step), step ``0.1/sqrt(t)`` for both
-players (``optax.sgd`` with a schedule), 100 trials, ``u0`` and the beams uniform in
-``[-0.45, 0.45]``; GD and Alt-GD start from the first beam. Error ``|u_T - u*|``.
-
-One compiled ``Program`` per state structure serves every surface, contender, beam count
-and iteration count (run-time arguments; see ``Program``); trials run vmapped, ``trials``
-per call, and the long-run means reuse the same programs block by block.
-
-Protocols (``--protocol``):
-
-* ``clean``: 1000 updates; Alt-GD takes its min step first (then it is K-beam with
-  K = 1); every method starts from the same fresh draws.
-* ``authors``: what the authors' own 2D code does: 999 updates; Alt-GD takes its max
-  step first; K = 2, 5, 10 run in that order on one beam array that each updates in
-  place, so K = 5 starts its first two beams where K = 2 left them and K = 10 its first
-  five where K = 5 left them (K = 1 starts fresh).
-
-The full run adds optimistic GDA, extragradient, the ε-rules (ε = 0.01) and two more
-surfaces, times every method alone (median of repeats), and plots trial 0. ``--paper``
-runs only the paper's six methods on the four published surfaces at 100 trials, without
-the repeats and the plot, and reports the whole wall time (compilation included) next to
-``benchmarks/numpy_reference.py`` timed in the same run on the same draws. ``--spread N``
-adds, per protocol, the mean over N trials (N / trials calls of the same program) and
-the spread of the trials-sized means (default: 10,000 in the full run, none in
-``--paper``).
-
-Writes ``surfaces.json``, ``surfaces.md`` and (not with ``--paper``) ``surfaces.png``.
+[--spread N] [--out results]`` writes ``surfaces.json``, ``surfaces.md`` and (not with
+``--paper``) ``surfaces.png``. One compiled program per state structure serves every
+surface, contender, K and protocol (run-time arguments), trials vmapped.
 """
 
 from __future__ import annotations
@@ -53,9 +29,7 @@ from benchmarks import _common, _surfaces_report, numpy_reference
 from kbeam_jax import minimax
 from kbeam_jax.tasks import surfaces
 
-INIT_RANGE = 0.45
-EPSILON = 0.01
-MAX_K = 10
+INIT_RANGE, EPSILON, MAX_K = 0.45, 0.01, 10
 RULES = _common.kbeam_rules(EPSILON)  # name -> rule value; Contender.rule names one
 PAPER_SURFACES = tuple(surfaces.PUBLISHED)
 
@@ -138,8 +112,7 @@ def make_solver(f, branch) -> kbeam_jax.Solver:
   """The branch's solver on ``f``: ``optax.sgd(schedule)`` for both players, in the box."""
   build, options = branch
   opt = optax.sgd(schedule)
-  box = dict(project_u=surfaces.project, project_v=surfaces.project)
-  return build(f, opt, opt, **box, **dict(options))
+  return build(f, opt, opt, project_u=surfaces.project, project_v=surfaces.project, **dict(options))
 
 
 def trial_program(f, program: Program, branches):
@@ -162,14 +135,12 @@ class Programs:
   contenders and protocols."""
 
   def __init__(self, names: list[str], method_list: list[Contender], protocols: list[Protocol]):
-    self.names = names
+    self.names, self.compiled, self.compile_seconds = names, {}, {}
     self.branches: dict[Program, list[Any]] = {}
     for program, branch in dict.fromkeys(
       (m.program, m.branch(p)) for m in method_list for p in protocols
     ):
       self.branches.setdefault(program, []).append(branch)
-    self.compiled: dict[Program, Any] = {}
-    self.compile_seconds: dict[str, float] = {}
 
   def compile(self, trials: int, seed: int = 0) -> None:
     """Compiles every program for ``trials`` trials per call, and the initial draws, in
@@ -181,10 +152,6 @@ class Programs:
     def lower(program):
       fn = jax.vmap(trial_program(f, program, self.branches[program]), (None,) * 4 + (0,) * 3)
       return jax.jit(fn).lower(*indices, *draws).compile()
-
-    def timed(job, *inputs):
-      start = time.perf_counter()
-      return jax.block_until_ready(job(*inputs)), time.perf_counter() - start
 
     with concurrent.futures.ThreadPoolExecutor(len(self.branches) + 1) as pool:
       futures = {p: pool.submit(timed, lower, p) for p in self.branches}
@@ -205,10 +172,17 @@ class Programs:
     out, carried = {}, beams0
     for m in method_list:
       carry = protocol.carry_beams and m.carried
-      start = carried if carry else beams0
-      out[m.name], followers = self.call(surface, m, protocol, keys, u0, start)
+      out[m.name], followers = self.call(
+        surface, m, protocol, keys, u0, carried if carry else beams0
+      )
       carried = followers if carry else carried
     return jax.block_until_ready(out)
+
+
+def timed(job: Callable[..., Any], *inputs: Any) -> tuple[Any, float]:
+  """``(output, seconds)`` of ``job(*inputs)``, waited for."""
+  start = time.perf_counter()
+  return jax.block_until_ready(job(*inputs)), time.perf_counter() - start
 
 
 def draw_inits(seed: int, trials: int, block: int = 0):
@@ -252,33 +226,13 @@ def trajectory_program(names: list[str], protocol: Protocol, contenders: list[Co
 
 
 def run_study(
-  out_dir: Path,
-  *,
-  trials: int,
-  num_iters: int = 1000,
-  seed: int = 0,
-  repeats: int = 3,
-  names: list[str] | None = None,
-  numpy_baseline: bool = True,
-  paper: bool = False,
-  protocols: tuple[str, ...] = ("clean",),
-  spread: int = 0,
-) -> list[dict[str, Any]]:
-  """Runs the study, writes the reports, returns the records.
-
-  Args:
-    out_dir: output folder.
-    trials: trials per call (and of the main tables).
-    num_iters: updates of the clean protocol (the authors' protocol has its own, 999).
-    seed: seed of the initial draws.
-    repeats: timed runs per method (full mode; ``--paper`` times its one run).
-    names: surfaces (default: all six; ``paper``: the four published ones).
-    numpy_baseline: time ``numpy_reference`` on the same draws.
-    paper: only the paper's six methods, no per-method repeats, no plot.
-    protocols: ``"clean"`` and/or ``"authors"``, each with its own table.
-    spread: trials of the long-run means and of the spread of trials-sized means (a
-      multiple of ``trials``; 0: none).
-  """
+  out_dir: Path, *, trials: int, num_iters: int = 1000, seed: int = 0, repeats: int = 3,
+  names: list[str] | None = None, numpy_baseline: bool = True, paper: bool = False,
+  protocols: tuple[str, ...] = ("clean",), spread: int = 0,
+) -> list[dict[str, Any]]:  # fmt: skip
+  """Runs the study (``num_iters``: the clean protocol's updates; ``repeats``: timed runs
+  per method, none with ``paper``; ``names``: default all six surfaces, the published four
+  with ``paper``; ``spread``: a multiple of ``trials``), publishes it, returns the records."""
   wall_start = time.perf_counter()
   names = names or list(PAPER_SURFACES if paper else surfaces.SURFACES)
   if spread % trials:
@@ -292,77 +246,51 @@ def run_study(
   draws = draw_inits(seed, trials)
   finals, seconds = {}, {}
   for name in tqdm(names, desc="surfaces", unit="surface", leave=False):
-    start = time.perf_counter()
-    finals[name] = programs.run_protocol(name, method_list, main, *draws)
-    seconds[name] = {"all": time.perf_counter() - start}
+    finals[name], all_seconds = timed(programs.run_protocol, name, method_list, main, *draws)
+    seconds[name] = {"all": all_seconds}
     for m in [] if paper else method_list:
-      call = lambda m=m, name=name: programs.call(name, m, main, *draws)
-      seconds[name][m.name] = statistics.median(_seconds(call) for _ in range(max(1, repeats)))
+      runs = [timed(programs.call, name, m, main, *draws)[1] for _ in range(max(1, repeats))]
+      seconds[name][m.name] = statistics.median(runs)
   jax_seconds = time.perf_counter() - wall_start
 
   records = []
   for name in names:
     for m in method_list:
       err = errors(name, finals[name][m.name])
+      more = {"seconds": seconds[name][m.name]} if m.name in seconds[name] else {}
       records.append(
-        dict(
-          surface=name,
-          method=m.name if m.rule is None else f"kbeam_{m.rule}",
-          name=m.name,
-          K=m.K,
-          rule=m.rule,
-          epsilon=getattr(RULES.get(m.rule), "epsilon", 0.0),
-          protocol=main.name,
-          error_mean=float(err.mean()),
-          error_std=float(err.std()),
-          trials=trials,
-          iterations=main.num_iters,
-          **({"seconds": seconds[name][m.name]} if m.name in seconds[name] else {}),
-        )
-      )
+        dict(surface=name, method=m.name if m.rule is None else f"kbeam_{m.rule}", name=m.name,
+             K=m.K, rule=m.rule, epsilon=getattr(RULES.get(m.rule), "epsilon", 0.0),
+             protocol=main.name, error_mean=float(err.mean()), error_std=float(err.std()),
+             trials=trials, iterations=main.num_iters, **more)
+      )  # fmt: skip
+  # six_methods_seconds: the paper's six methods per surface, one timed call each (the median
+  # of the repeats in the full run; in --paper, the one run of the six)
   timing = dict(
-    jax_seconds=jax_seconds,
-    compile_seconds=programs.compile_seconds,
-    programs=len(programs.compiled),
-    surfaces_seconds={n: seconds[n]["all"] for n in names},
-    # The paper's six methods' run time per surface: one timed call each (the median of the
-    # repeats in the full run; in --paper, the one run of the six).
-    six_methods_seconds={
-      n: seconds[n]["all"] if paper else sum(seconds[n][m] for m in six) for n in names
-    },
-  )
+    jax_seconds=jax_seconds, compile_seconds=programs.compile_seconds,
+    programs=len(programs.compiled), surfaces_seconds={n: seconds[n]["all"] for n in names},
+    six_methods_seconds={n: seconds[n]["all"] if paper else sum(seconds[n][m] for m in six)
+                         for n in names},
+  )  # fmt: skip
   if numpy_baseline and main.name == "clean":
     timing |= numpy_reference.compare(names, finals, *draws[1:], main.num_iters, errors)
   meta = dict(
-    trials=trials,
-    iterations=main.num_iters,
-    seed=seed,
-    epsilon=EPSILON,
-    max_k=MAX_K,
-    step="0.1/sqrt(t)",
-    box=surfaces.BOUND,
-    paper=paper,
-    protocols=[p.name for p in protos],
-    spread=spread,
-    protocol_tables=long_runs(programs, names, protos, seed, trials, spread),
-    compilation_cache=jax.config.jax_compilation_cache_dir,
-    environment=_common.environment(),
+    trials=trials, iterations=main.num_iters, seed=seed, epsilon=EPSILON, max_k=MAX_K,
+    step="0.1/sqrt(t)", box=surfaces.BOUND, paper=paper, protocols=[p.name for p in protos],
+    spread=spread, protocol_tables=long_runs(programs, names, protos, seed, trials, spread),
+    compilation_cache=jax.config.jax_compilation_cache_dir, environment=_common.environment(),
     timing=timing,
-  )
-  paths = None
+  )  # fmt: skip
+  figure = None
   if not paper:  # trial 0 of GD, Alt-GD (min step first) and K-beam K = 5
     shown = [m for m in methods(paper=True) if m.name in ("gd", "alt_gd", "kbeam_5")]
     traj = trajectory_program(names, PROTOCOLS["clean"]._replace(num_iters=main.num_iters), shown)
     keys, u0, beams0 = draws
     paths = {n: traj(np.int32(i), keys[0], u0[0], beams0[0]) for i, n in enumerate(names)}
-  _surfaces_report.write(out_dir, records, meta, paths)
+    figure = _surfaces_report.plot(paths)
+  text = _surfaces_report.markdown(records, meta)
+  _common.publish(out_dir, "surfaces", records, meta, text, figure)
   return records
-
-
-def _seconds(fn: Callable[[], Any]) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start
 
 
 def long_runs(programs, names, protos, seed, trials, spread) -> list[dict[str, Any]]:
@@ -380,46 +308,27 @@ def long_runs(programs, names, protos, seed, trials, spread) -> list[dict[str, A
         means = np.array([b[m].mean() for b in blocks])
         every = np.concatenate([b[m] for b in blocks])
         tables.append(
-          dict(
-            protocol=proto.name,
-            surface=name,
-            name=m,
-            error_mean=float(blocks[0][m].mean()),
-            error_std=float(blocks[0][m].std()),
-            long_trials=int(every.size),
-            long_error_mean=float(every.mean()),
-            block_trials=trials,
-            block_mean_min=float(means.min()),
-            block_mean_median=float(np.median(means)),
-            block_mean_max=float(means.max()),
-            blocks_at_or_below_published=int(np.sum(means <= published + 5e-4)),
-            blocks=int(len(blocks)),
-            published=published,
-          )
-        )
+          dict(protocol=proto.name, surface=name, name=m, error_mean=float(blocks[0][m].mean()),
+               error_std=float(blocks[0][m].std()), long_trials=int(every.size),
+               long_error_mean=float(every.mean()), block_trials=trials,
+               block_mean_min=float(means.min()), block_mean_median=float(np.median(means)),
+               block_mean_max=float(means.max()),
+               blocks_at_or_below_published=int(np.sum(means <= published + 5e-4)),
+               blocks=int(len(blocks)), published=published)
+        )  # fmt: skip
   return tables
 
 
 def main(args) -> None:
   """``python -m benchmarks surfaces``: the full study, ``--paper`` or ``--quick``."""
-  protocol = getattr(args, "protocol", "clean")
-  paper = getattr(args, "paper", False)
-  trials = args.trials or (10 if args.quick else 100)
-  spread = getattr(args, "spread", None)
+  trials, spread = args.trials, args.spread
   if spread is None:
-    spread = 0 if paper else (20 * trials if args.quick else 10_000)
+    spread = 0 if args.paper else (20 * trials if args.quick else 10_000)
   if spread % trials:  # whole calls of the trials-sized program
     rounded = -(-spread // trials) * trials
     print(f"surfaces: --spread {spread} rounded up to {rounded}, a multiple of --trials {trials}")
     spread = rounded
-  run_study(
-    args.out,
-    trials=trials,
-    num_iters=1000,
-    seed=args.seed,
-    repeats=1 if args.quick else 3,
-    names=["seesaw", "anti_saddle"] if args.quick else None,
-    paper=paper,
-    protocols=("clean", "authors") if protocol == "both" else (protocol,),
-    spread=spread,
-  )
+  protocols = ("clean", "authors") if args.protocol == "both" else (args.protocol,)
+  names = ["seesaw", "anti_saddle"] if args.quick else None
+  run_study(args.out, trials=trials, seed=args.seed, repeats=1 if args.quick else 3, names=names,
+            paper=args.paper, protocols=protocols, spread=spread)  # fmt: skip
