@@ -1,57 +1,54 @@
-"""The cost of a K-beam step under each direction rule, beside rule ``best``.
+"""The cost of a K-beam step under each direction rule, beside rule ``best``; and one K-beam
+step of the MoG GAN's generator taken from linen and from the NNX patterns.
 
-``python -m benchmarks kbeam_rules [--quick] [--out results]``
-
-Two problems, K = 10 beams, every rule in the same process:
-
-* ``scalar_2d``: the anti-saddle ``-u² + v² + 2uv`` on the box, step ``0.1/√t``, ε = 0.01
-  (the 2D study's setting): one trial, and 100 trials vmapped;
-* ``gan``: the MoG GAN's generator against 10 discriminators (MLPs 128-128), batch 128,
-  Adam, ε = 0.01: one trial.
-
-Each configuration compiles ``steps`` steps of every rule in one loop first, then times
-the rules in turns (``repeats`` rounds) and reports the median time per step, its
-difference from rule ``best`` and the ratio to it. The ε-rules solve their simplex
-problems exactly (``simplex_qp``); ``kiwiel`` adds its Armijo line search.
-
-A second table times the same K-beam step taken from linen and from the NNX patterns
-(``benchmarks/_flax_paths.py``). Writes ``kbeam_rules.json``, ``.md`` and ``.png``.
+``python -m benchmarks kbeam_rules [--quick] [--out results]`` writes ``kbeam_rules.json``,
+``.md`` and ``.png``. Rules (K = 10, ε = 0.01) on ``scalar_2d`` (the anti-saddle, 1 and 100
+trials) and ``gan`` (10 discriminators); flax paths (K = 4): ``linen``, ``nnx functional``,
+``nnx.Optimizer`` under ``nnx.jit`` and ``nnx.cached_partial``. Everything compiled first,
+then timed in turns (median per step).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from tqdm.auto import tqdm
 
-from benchmarks import _common, _flax_paths
+from benchmarks import _common
 from kbeam_jax import data, minimax, nn
 from kbeam_jax.tasks import gan_mog, surfaces
 
-K, EPSILON = 10, 0.01
+K, EPSILON, NUM_CRITICS, BATCH = 10, 0.01, 4, 128
 RULES = _common.kbeam_rules(EPSILON)  # name -> rule value
-# Measured before the exact QP (300 projected-gradient iterations per solve).
-BEFORE = {"scalar_2d min_norm": "388 µs vs 0.1 µs for best", "gan kiwiel": "2.09x best"}
 
 
-def _compile(fn, args) -> tuple[Any, float]:
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  return compiled, time.perf_counter() - start
+def in_turns(calls: dict[str, Callable[[], Any]], repeats: int, desc: str):
+  """``{name: (median seconds, output)}`` of every call, timed in turns (``repeats`` rounds,
+  so that a change of machine load hits every call alike)."""
+  times, outs = {name: [] for name in calls}, {}
+  for _ in tqdm(range(repeats), desc=desc, leave=False):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      outs[name] = jax.block_until_ready(call())
+      times[name].append(time.perf_counter() - start)
+  return {name: (statistics.median(t), outs[name]) for name, t in times.items()}
 
 
-def scalar_2d(rule: str, trials: int, steps: int):
-  """``(compiled loop, args)`` of ``steps`` K-beam steps on the anti-saddle."""
-  f = surfaces.get("anti_saddle").f
+def scalar_2d(rule: str, steps: int, trials: int):
+  """``(loop, args)`` of ``steps`` K-beam steps on the anti-saddle, ``trials`` vmapped."""
   sgd = optax.sgd(lambda c: 0.1 / jnp.sqrt(c + 1.0))
   box = dict(project_u=surfaces.project, project_v=surfaces.project)
-  solver = minimax.kbeam(f, sgd, sgd, rule=RULES[rule], **box)
+  solver = minimax.kbeam(surfaces.get("anti_saddle").f, sgd, sgd, rule=RULES[rule], **box)
 
   def one(key, u0, beams0):
     state = solver.init(key, u0, beams0, num_beams=K)
@@ -75,153 +72,174 @@ def gan(rule: str, steps: int):
   solver = minimax.kbeam(f, optax.adam(1e-3, b1=0.5), optax.adam(1e-4, b1=0.5), rule=RULES[rule])
   state = solver.init(jax.random.key(2), nnx.as_pure(u), beams, num_beams=K)
 
-  def loop(state, key):
-    def body(s, k):
-      k_x, k_z = jax.random.split(k)
-      x, z = data.sample_mog(k_x, 128), gan_mog.sample_noise(k_z, 128)
-      s, info = solver.step(s, x, z)
-      return s, info.step_scale
+  def body(s, k):
+    k_x, k_z = jax.random.split(k)
+    s, info = solver.step(s, data.sample_mog(k_x, BATCH), gan_mog.sample_noise(k_z, BATCH))
+    return s, info.step_scale
 
-    return jax.lax.scan(body, state, jax.random.split(key, steps))
-
+  loop = lambda state, key: jax.lax.scan(body, state, jax.random.split(key, steps))
   return loop, (state, jax.random.key(3))
 
 
-def measure(make, steps: int, repeats: int, desc: str) -> dict[str, dict[str, Any]]:
-  """Compiles every rule's loop, then times them in turns (``repeats`` rounds, so that a
-  change of machine load hits every rule alike); median time per step."""
-  from tqdm.auto import tqdm
-
-  compiled, rows = {}, {}
-  for rule in tqdm(RULES, desc=f"{desc}: compile", leave=False):
+def rule_records(problem, setting, make, steps, repeats) -> list[dict[str, Any]]:
+  """Every rule's loop compiled first, then timed in turns: time per step beside best's."""
+  calls, compile_s = {}, {}
+  for rule in tqdm(RULES, desc=f"kbeam_rules {problem}, {setting}: compile", leave=False):
     fn, args = make(rule, steps)
-    compiled[rule], compile_s = _compile(fn, args)
-    rows[rule] = {"compile_s": compile_s, "times": [], "args": args}
-  for _ in tqdm(range(repeats), desc=f"{desc}: time", leave=False):
-    for rule in RULES:
-      start = time.perf_counter()
-      out = jax.block_until_ready(compiled[rule](*rows[rule]["args"]))
-      rows[rule]["times"].append(time.perf_counter() - start)
-      rows[rule]["out"] = out
-  return {
-    rule: {
-      "seconds_per_step": statistics.median(r["times"]) / steps,
-      "compile_s": r["compile_s"],
-      **(
-        {"mean_step_scale": float(jnp.mean(r["out"][1]))}
-        if make is gan and rule == "kiwiel"
-        else {}
-      ),
-    }
-    for rule, r in rows.items()
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s[rule] = time.perf_counter() - start
+    calls[rule] = functools.partial(compiled, *args)
+  timed = in_turns(calls, repeats, f"kbeam_rules {problem}, {setting}: time")
+  best = timed["best"][0] / steps
+  records = []
+  for rule, (seconds, out) in timed.items():
+    s = seconds / steps
+    scale = {"mean_step_scale": float(jnp.mean(out[1]))} if make is gan and rule == "kiwiel" else {}
+    records.append(
+      dict(problem=problem, setting=setting, rule=rule, K=K, us_per_step=1e6 * s,
+           us_more_than_best=1e6 * (s - best), ratio_to_best=s / best, compile_s=compile_s[rule],
+           **scale)
+    )  # fmt: skip
+  return records
+
+
+class LinenGenerator(linen.Module):
+  """``gan_mog.Generator`` in linen: ``z → 128 tanh → 128 tanh → 2``."""
+
+  @linen.compact
+  def __call__(self, z):
+    h = jnp.tanh(linen.Dense(gan_mog.HIDDEN)(z))
+    return linen.Dense(2)(jnp.tanh(linen.Dense(gan_mog.HIDDEN)(h)))
+
+
+def flax_paths() -> dict[str, Callable[[], Any]]:
+  """``{name: step}``, each ``step()`` one K-beam update returning the new parameters."""
+  k_x, k_z = jax.random.split(jax.random.key(0))
+  x, z = data.sample_mog(k_x, BATCH), gan_mog.sample_noise(k_z, BATCH)
+  d_def, beams = nn.stack_modules(gan_mog.Discriminator, jax.random.key(1), NUM_CRITICS)
+  beams = nnx.as_pure(beams)
+  critic = lambda v, h: nnx.merge(d_def, v)(h)
+  loss = lambda v, fake: (
+    jnp.mean(-jax.nn.softplus(-critic(v, x))) + jnp.mean(-jax.nn.softplus(critic(v, fake)))
+  )
+  tx = optax.chain(
+    minimax.scale_by_kbeam(optax.adam(1e-4, b1=0.5), beams), optax.adam(1e-3, b1=0.5)
+  )
+
+  def driver(f, params):
+    @jax.jit
+    def step(params, opt_state):
+      updates, opt_state = tx.update(None, opt_state, params, minimax_fn=f)
+      return optax.apply_updates(params, updates), opt_state
+
+    box = {"p": params, "s": tx.init(params)}
+
+    def call():
+      box["p"], box["s"] = step(box["p"], box["s"])
+      return box["p"]
+
+    return call
+
+  lg = LinenGenerator()
+  paths = {"linen": driver(lambda p, v: loss(v, lg.apply(p, z)), lg.init(jax.random.key(2), z))}
+  g_def, params = nnx.split(gan_mog.Generator(nnx.Rngs(2)), nnx.Param)
+  f_nnx = lambda p, v: loss(v, nnx.merge(g_def, p)(z))
+  paths["nnx functional"] = driver(f_nnx, nnx.as_pure(params))
+
+  @nnx.jit
+  def nnx_step(module, optimizer):
+    nn.update_without_grads(optimizer, module, minimax_fn=f_nnx)
+
+  for name, bind in (("nnx.jit", functools.partial), ("cached_partial", nnx.cached_partial)):
+    module = gan_mog.Generator(nnx.Rngs(2))
+    step = bind(nnx_step, module, nnx.Optimizer(module, tx, wrt=nnx.Param))
+    paths[f"nnx.Optimizer, {name}"] = lambda step=step, m=module: (step(), m.out.kernel[...])[1]
+  return paths
+
+
+def flax_records(steps: int, repeats: int) -> list[dict[str, Any]]:
+  """Median ms per step of every flax path and its ratio to linen's."""
+  paths = flax_paths()
+  for call in [*paths.values()] * 2:  # compile, and run once more
+    jax.block_until_ready(call())
+  loops = {
+    name: lambda call=call: [call() for _ in range(steps)][-1] for name, call in paths.items()
   }
+  timed = {k: s / steps for k, (s, _) in in_turns(loops, repeats, "kbeam_rules flax paths").items()}
+  return [
+    dict(path=k, K=NUM_CRITICS, ms_per_step=1e3 * s, ratio_to_linen=s / timed["linen"])
+    for k, s in timed.items()
+  ]
 
 
 def run_suite(out_dir: Path, *, quick: bool = False) -> list[dict[str, Any]]:
   repeats = 3 if quick else 7
-  configs = [
-    ("scalar_2d", "1 trial", lambda r, n: scalar_2d(r, 1, n), 200 if quick else 1000),
-    ("scalar_2d", "100 trials", lambda r, n: scalar_2d(r, 100, n), 100 if quick else 1000),
-    ("gan", "1 trial", gan, 5 if quick else 30),
+  configs = [  # problem, setting, loop maker, steps (full, --quick)
+    ("scalar_2d", "1 trial", functools.partial(scalar_2d, trials=1), (1000, 200)),
+    ("scalar_2d", "100 trials", functools.partial(scalar_2d, trials=100), (1000, 100)),
+    ("gan", "1 trial", gan, (30, 5)),
   ]
-  records = []
-  for problem, setting, make, steps in configs:
-    rows = measure(make, steps, repeats, f"kbeam_rules {problem}, {setting}")
-    best = rows["best"]["seconds_per_step"]
-    for rule, row in rows.items():
-      records.append(
-        dict(
-          problem=problem,
-          setting=setting,
-          rule=rule,
-          K=K,
-          us_per_step=1e6 * row["seconds_per_step"],
-          us_more_than_best=1e6 * (row["seconds_per_step"] - best),
-          ratio_to_best=row["seconds_per_step"] / best,
-          compile_s=row["compile_s"],
-          **({"mean_step_scale": row["mean_step_scale"]} if "mean_step_scale" in row else {}),
-        )
-      )
-  records += _flax_paths.measure(20 if quick else 100, repeats)
+  records = [r for p, s, make, n in configs for r in rule_records(p, s, make, n[quick], repeats)]
+  records += flax_records(20 if quick else 100, repeats)
   meta = {"epsilon": EPSILON, "K": K, "quick": quick, "environment": _common.environment()}
-  _common.write_json(out_dir / "kbeam_rules.json", records, meta)
-  (out_dir / "kbeam_rules.md").write_text(markdown(records, meta))
-  plot(records, out_dir / "kbeam_rules.png")
+  _common.publish(out_dir, "kbeam_rules", records, meta, markdown(records, meta), plot(records))
   return records
 
 
-def plot(records: list[dict[str, Any]], path: Path) -> None:
+def plot(records: list[dict[str, Any]]):
   """Time per step of every rule beside ``best``'s, one group of bars per setting."""
-  import matplotlib
-
-  matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  records = [r for r in records if "rule" in r]
-  settings = list(dict.fromkeys((r["problem"], r["setting"]) for r in records))
+  ratio = {
+    (r["problem"], r["setting"], r["rule"]): r["ratio_to_best"] for r in records if "rule" in r
+  }
+  settings = list(dict.fromkeys(key[:2] for key in ratio))
   fig, ax = plt.subplots(figsize=(7, 3.5))
   width = 0.8 / len(RULES)
   for i, rule in enumerate(RULES):
-    ratios = [
-      next(r["ratio_to_best"] for r in records if (r["problem"], r["setting"]) == s and
-           r["rule"] == rule)
-      for s in settings
-    ]  # fmt: skip
-    ax.bar([j + i * width for j in range(len(settings))], ratios, width, label=rule)
+    bars = [ratio[s + (rule,)] for s in settings]
+    ax.bar([j + i * width for j in range(len(settings))], bars, width, label=rule)
   ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))])
   ax.set_xticklabels([f"{p}\n{s}" for p, s in settings])
-  ax.set_yscale("log")
-  ax.set_ylabel("time per step / best's")
+  ax.set(
+    yscale="log", ylabel="time per step / best's", title=f"K-beam step time per rule (K = {K})"
+  )
   ax.axhline(1.0, color="gray", lw=0.8)
   ax.legend(fontsize=8)
-  ax.set_title(f"K-beam step time per rule (K = {K})")
-  _common.save_figure(fig, path)
+  return fig
 
 
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+  rows = [
+    [r["problem"], r["setting"], r["rule"], f"{r['us_per_step']:.2f}",
+     f"{r['us_more_than_best']:+.2f}", f"{r['ratio_to_best']:.2f}x",
+     f"{r['mean_step_scale']:.2f}" if "mean_step_scale" in r else ""]
+    for r in records if "rule" in r
+  ]  # fmt: skip
   flax_rows = [
     [r["path"], f"{r['ms_per_step']:.3f}", f"{r['ratio_to_linen']:.2f}x"]
     for r in records
     if "path" in r
   ]
-  records = [r for r in records if "rule" in r]
-  rows = [
-    [
-      r["problem"],
-      r["setting"],
-      r["rule"],
-      f"{r['us_per_step']:.2f}",
-      f"{r['us_more_than_best']:+.2f}",
-      f"{r['ratio_to_best']:.2f}x",
-      f"{r['mean_step_scale']:.2f}" if "mean_step_scale" in r else "",
-    ]
-    for r in records
-  ]
+  header = ["problem", "setting", "rule", "µs / step", "vs best (µs)", "vs best", "kiwiel scale"]
   env = meta["environment"]
-  return (
-    "\n\n".join(
-      [
-        f"# K-beam step time per rule (K = {meta['K']}, ε = {meta['epsilon']})",
-        _common.markdown_table(
-          ["problem", "setting", "rule", "µs / step", "vs best (µs)", "vs best", "kiwiel scale"],
-          rows,
-        ),
-        "Median over repeated runs of a compiled loop, per step; `kiwiel scale` is the mean "
-        "accepted line-search scale on the GAN step (1 = the first trial point passed). "
-        "Targets: `min_norm` on the scalar 2D problem within 20 µs of `best` (before the "
-        f"exact QP: {BEFORE['scalar_2d min_norm']}), `kiwiel` at most 1.5x `best` on the GAN "
-        f"step (before: {BEFORE['gan kiwiel']}).",
-        f"## The same K-beam step from linen and NNX (GAN generator, K = "
-        f"{_flax_paths.NUM_CRITICS} discriminators, rule best)",
-        _common.markdown_table(["path", "ms / step", "vs linen"], flax_rows),
-        "One call from Python per step, timed in turns, median. `nnx functional` splits the "
-        "module once and jits plain arrays; `nnx.jit` walks the "
-        "module and optimizer graph on every call, `nnx.cached_partial` once.",
-        f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}.",
-      ]
-    )
-    + "\n"
-  )
+  return "\n\n".join([
+    f"# K-beam step time per rule (K = {meta['K']}, ε = {meta['epsilon']})",
+    _common.markdown_table(header, rows),
+    "Median over repeated runs of a compiled loop, per step; `kiwiel scale` is the mean "
+    "accepted line-search scale on the GAN step (1 = the first trial point passed). "
+    "Targets: `min_norm` on the scalar 2D problem within 20 µs of `best` (before the "
+    "exact QP: 388 µs vs 0.1 µs for best), `kiwiel` at most 1.5x `best` on the GAN step "
+    "(before: 2.09x best).",
+    f"## The same K-beam step from linen and NNX (GAN generator, K = {NUM_CRITICS} "
+    "discriminators, rule best)",
+    _common.markdown_table(["path", "ms / step", "vs linen"], flax_rows),
+    "One call from Python per step, timed in turns, median. `nnx functional` splits the "
+    "module once and jits plain arrays; `nnx.jit` walks the module and optimizer graph on "
+    "every call, `nnx.cached_partial` once.",
+    f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}.",
+  ]) + "\n"  # fmt: skip
 
 
 def main(args) -> None:
