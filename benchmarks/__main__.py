@@ -179,14 +179,6 @@ SUITES = {
 ALL = [name for name, suite in SUITES.items() if not suite.data]
 
 
-VALUE_HELP = {  # the help of the options that take a value only some suites use
-  "photos": "a directory of photographs for the MNIST-M patches (default: scikit-learn's "
-  "sample images)",
-  "devices": "device counts to time the K-beam step on, e.g. 1,2,8 (virtual CPU devices when "
-  "there is no accelerator: they show the numbers agree, not the speed-up)",
-}
-
-
 def _count(flag: str, least: int = 1):
   def parse(text: str) -> int:
     try:
@@ -213,23 +205,67 @@ def _epilog(names: list[str]) -> str:
   return "\n".join(lines)
 
 
+HELP = {  # every option's help, {} filled in per suite
+  "--quick": "few trials and iterations: a smoke check for CI",
+  "--out": "output folder, created if missing (default: results)",
+  "--seed": "first random seed (default: 0)",
+  "--compile-cache": "folder of JAX's persistent compilation cache (default "
+  f"$KBEAM_JAX_COMPILE_CACHE or {DEFAULT_COMPILE_CACHE})",
+  "--no-compile-cache": "compile everything afresh, cache nothing",
+  "--trials": "trials (seeds) per method (default {})",
+  "--iters": "training iterations (default {})",
+  "--resume": "checkpoint every training run in --out and continue from the checkpoints there "
+  "(a run interrupted and resumed ends with the numbers of a straight run); without it "
+  "nothing is checkpointed",
+  "--photos": "a directory of photographs for the MNIST-M patches (default: scikit-learn's "
+  "sample images)",
+  "--devices": "device counts to time the K-beam step on, e.g. 1,2,8 (virtual CPU devices when "
+  "there is no accelerator: they show the numbers agree, not the speed-up)",
+  "--paper": "only the paper's six methods on its four surfaces, 100 trials, timed end to end "
+  "beside the NumPy reference loop",
+  "--spread": "trials of the long-run means and the spread of 100-trial means (default "
+  "10,000; 0 with --paper)",
+  "--protocol": "{}",
+}
+
+
+def _options(names: list[str]) -> list[tuple[str, dict]]:
+  """The options the suites ``names`` take, as ``(flag, add_argument keywords)``."""
+  uses = lambda field: [n for n in names if getattr(SUITES[n], field)]
+  default = lambda field: "; ".join(
+    f"{n}: {_default(getattr(SUITES[n], field))}" for n in uses(field)
+  )
+  flag = dict(action="store_true")
+  table = [
+    ("--quick", True, flag), ("--out", True, dict(type=Path, default=Path("results"))),
+    ("--seed", True, dict(type=_count("--seed", 0), default=0)),
+    ("--compile-cache", True, dict(type=Path, default=None)), ("--no-compile-cache", True, flag),
+    ("--trials", uses("trials"), dict(type=_count("--trials"), fill=default("trials"))),
+    ("--iters", uses("iters"), dict(type=_count("--iters"), fill=default("iters"))),
+    ("--resume", uses("resume"), flag), ("--photos", uses("photos"), dict(type=Path)),
+    ("--devices", uses("devices"), dict(type=_devices)), ("--paper", uses("study"), flag),
+    ("--spread", uses("study"), dict(type=_count("--spread", 0))),
+  ]  # fmt: skip
+  for suite in (SUITES[n] for n in uses("protocols")):  # one suite takes --protocol
+    choices = suite.protocols
+    fill = f"{suite.protocol_help} (default: {choices[0]})"
+    table.append(("--protocol", True, dict(choices=choices, default=choices[0], fill=fill)))
+  keywords = lambda name, fill=None, **kw: dict(kw, help=HELP[name].format(fill))
+  return [(name, keywords(name, **kw)) for name, taken, kw in table if taken]
+
+
 def _parser() -> argparse.ArgumentParser:
+  prog = "kbeam-benchmarks" if Path(sys.argv[0]).name == "kbeam-benchmarks" else None
   parser = argparse.ArgumentParser(
-    prog="kbeam-benchmarks"
-    if Path(sys.argv[0]).name == "kbeam-benchmarks"
-    else "python -m benchmarks",
+    prog=prog or "python -m benchmarks",
     description="Run a benchmark suite: it prints a table and writes SUITE.json, SUITE.md "
     "and SUITE.png to --out. `python -m benchmarks SUITE --help` shows one suite's options, "
     "run times and data. Data files are read from the folder $KBEAM_JAX_DATA names (e.g. "
     "KBEAM_JAX_DATA=/path/to/data); nothing is downloaded.",
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  sub = parser.add_subparsers(
-    dest="suite",
-    metavar="SUITE",
-    required=True,
-    title="suites (run time of a full run on 2 CPU cores; SUITE --help for more)",
-  )
+  title = "suites (run time of a full run on 2 CPU cores; SUITE --help for more)"
+  sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True, title=title)
   for name in [*SUITES, "all"]:
     names = ALL if name == "all" else [name]
     if name == "all":
@@ -238,92 +274,15 @@ def _parser() -> argparse.ArgumentParser:
       suite = SUITES[name]
       data = suite.data.split(" (")[0] if suite.data else "none"
       full = re.sub(r" \(.*?\)", "", suite.time.split(";")[0])
-      short = f"{suite.title}; {full}; data: {data}"
-      long = suite.description
+      short, long = f"{suite.title}; {full}; data: {data}", suite.description
     p = sub.add_parser(
-      name,
-      help=short,
-      description=f"python -m benchmarks {name}: {long}.",
-      epilog=_epilog(names),
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-      "--quick", action="store_true", help="few trials and iterations: a smoke check for CI"
-    )
-    p.add_argument(
-      "--out",
-      type=Path,
-      default=Path("results"),
-      help="output folder, created if missing (default: results)",
-    )
-    p.add_argument(
-      "--seed", type=_count("--seed", 0), default=0, help="first random seed (default: 0)"
-    )
-    p.add_argument(
-      "--compile-cache",
-      type=Path,
-      default=None,
-      help=f"folder of JAX's persistent compilation cache (default $KBEAM_JAX_COMPILE_CACHE "
-      f"or {DEFAULT_COMPILE_CACHE})",
-    )
-    p.add_argument(
-      "--no-compile-cache", action="store_true", help="compile everything afresh, cache nothing"
-    )
-    p.set_defaults(
-      trials=None,
-      iters=None,
-      resume=False,
-      photos=None,
-      devices=None,
-      paper=False,
-      protocol=None,
-      spread=None,
-    )
-    uses = {a: [n for n in names if getattr(SUITES[n], a)] for a in ("trials", "iters", "resume")}
-    if uses["trials"]:
-      defaults = "; ".join(f"{n}: {_default(SUITES[n].trials)}" for n in uses["trials"])
-      p.add_argument(
-        "--trials", type=_count("--trials"), help=f"trials (seeds) per method (default {defaults})"
-      )
-    if uses["iters"]:
-      defaults = "; ".join(f"{n}: {_default(SUITES[n].iters)}" for n in uses["iters"])
-      p.add_argument(
-        "--iters", type=_count("--iters"), help=f"training iterations (default {defaults})"
-      )
-    if uses["resume"]:
-      p.add_argument(
-        "--resume",
-        action="store_true",
-        help="checkpoint every training run in --out and continue from the checkpoints there "
-        "(a run interrupted and resumed ends with the numbers of a straight run); without it "
-        "nothing is checkpointed",
-      )
-    for field, flag, parse in (("photos", "--photos", Path), ("devices", "--devices", _devices)):
-      if any(getattr(SUITES[n], field) for n in names):
-        p.add_argument(flag, type=parse, default=None, help=VALUE_HELP[field])
-    if any(SUITES[n].study for n in names):
-      p.add_argument(
-        "--paper",
-        action="store_true",
-        help="only the paper's six methods on its four surfaces, 100 trials, timed end to end "
-        "beside the NumPy reference loop",
-      )
-      p.add_argument(
-        "--spread",
-        type=_count("--spread", 0),
-        default=None,
-        help="trials of the long-run means and the spread of 100-trial means (default "
-        "10,000; 0 with --paper)",
-      )
-    protocols = [SUITES[n] for n in names if SUITES[n].protocols]
-    if protocols:
-      (suite,) = protocols  # one suite per parser takes --protocol
-      p.add_argument(
-        "--protocol",
-        choices=suite.protocols,
-        default=suite.protocols[0],
-        help=f"{suite.protocol_help} (default: {suite.protocols[0]})",
-      )
+      name, help=short, description=f"python -m benchmarks {name}: {long}.",
+      epilog=_epilog(names), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.set_defaults(trials=None, iters=None, resume=False, photos=None, devices=None,
+                   paper=False, protocol=None, spread=None)  # fmt: skip
+    for flag, options in _options(names):
+      p.add_argument(flag, **options)
   return parser
 
 
