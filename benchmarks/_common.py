@@ -33,6 +33,20 @@ def compile_and_time(
   return out, compile_seconds, statistics.median(times)
 
 
+def in_turns(calls: dict[str, Callable[[], Any]], repeats: int, desc: str | None = None):
+  """``{name: (median seconds, output)}`` of every (compiled, warmed-up) call, timed in
+  turns: ``repeats`` rounds, so that a change of machine load hits every call alike."""
+  from tqdm.auto import tqdm
+
+  times, outs = {name: [] for name in calls}, {}
+  for _ in tqdm(range(max(repeats, 1)), desc=desc, leave=False, disable=desc is None):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      outs[name] = jax.block_until_ready(call())
+      times[name].append(time.perf_counter() - start)
+  return {name: (statistics.median(t), outs[name]) for name, t in times.items()}
+
+
 def environment() -> dict[str, str]:
   """The machine and versions a figure was measured on."""
   device = jax.devices()[0]
@@ -170,6 +184,23 @@ def train_in_chunks(
     "chunks_run": len(times),
   }
   return state, history, timing
+
+
+def keyed_steps(step: Callable[..., tuple[Any, Any]], num_steps: int):
+  """``((state, key), *args) -> ((state, key), infos)``: ``num_steps`` of
+  ``step(state, k, *args) -> (state, info)`` in one ``lax.scan``, each step with a key of its
+  own to draw its batch (``key, k = split(key)``, then ``split(k, num_steps)``). The
+  suites' chunk for steps on fresh random batches (``kbeam_jax.run`` hands every step the
+  same arguments)."""
+
+  def chunk(carry, *args):
+    state, key = carry
+    key, k = jax.random.split(key)
+    keys = jax.random.split(k, num_steps)
+    state, infos = jax.lax.scan(lambda s, k: step(s, k, *args), state, keys)
+    return (state, key), infos
+
+  return chunk
 
 
 def mnist_data(make_data: Callable[..., Any], seed: int, cfg: dict[str, Any], keys: Sequence[str]):
