@@ -9,8 +9,6 @@ measured against a float64 reference, never assumed. ``None`` when jaxopt is not
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import _common
 from kbeam_jax import bilevel
 
 
@@ -34,13 +33,8 @@ def alternate(programs: dict[str, Any], args: tuple, repeats: int) -> dict[str, 
   """Median seconds of each compiled program, the programs run in turn ``repeats`` times."""
   for c in programs.values():
     jax.block_until_ready(c(*args))
-  times: dict[str, list[float]] = {k: [] for k in programs}
-  for _ in range(max(repeats, 1)):
-    for k, c in programs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(c(*args))
-      times[k].append(time.perf_counter() - start)
-  return {k: statistics.median(v) for k, v in times.items()}
+  calls = {k: functools.partial(c, *args) for k, c in programs.items()}
+  return {k: t for k, (t, _) in _common.in_turns(calls, repeats).items()}
 
 
 def compare(programs: dict[str, Callable], args: tuple, repeats: int, score: Callable, name: str):

@@ -11,7 +11,6 @@ then timed in turns (median per step).
 from __future__ import annotations
 
 import functools
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,18 +29,6 @@ from kbeam_jax.tasks import gan_mog, surfaces
 
 K, EPSILON, NUM_CRITICS, BATCH = 10, 0.01, 4, 128
 RULES = _common.kbeam_rules(EPSILON)  # name -> rule value
-
-
-def in_turns(calls: dict[str, Callable[[], Any]], repeats: int, desc: str):
-  """``{name: (median seconds, output)}`` of every call, timed in turns (``repeats`` rounds,
-  so that a change of machine load hits every call alike)."""
-  times, outs = {name: [] for name in calls}, {}
-  for _ in tqdm(range(repeats), desc=desc, leave=False):
-    for name, call in calls.items():
-      start = time.perf_counter()
-      outs[name] = jax.block_until_ready(call())
-      times[name].append(time.perf_counter() - start)
-  return {name: (statistics.median(t), outs[name]) for name, t in times.items()}
 
 
 def scalar_2d(rule: str, steps: int, trials: int):
@@ -90,7 +77,7 @@ def rule_records(problem, setting, make, steps, repeats) -> list[dict[str, Any]]
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s[rule] = time.perf_counter() - start
     calls[rule] = functools.partial(compiled, *args)
-  timed = in_turns(calls, repeats, f"kbeam_rules {problem}, {setting}: time")
+  timed = _common.in_turns(calls, repeats, f"kbeam_rules {problem}, {setting}: time")
   best = timed["best"][0] / steps
   records = []
   for rule, (seconds, out) in timed.items():
@@ -166,7 +153,9 @@ def flax_records(steps: int, repeats: int) -> list[dict[str, Any]]:
   loops = {
     name: lambda call=call: [call() for _ in range(steps)][-1] for name, call in paths.items()
   }
-  timed = {k: s / steps for k, (s, _) in in_turns(loops, repeats, "kbeam_rules flax paths").items()}
+  timed = {
+    k: s / steps for k, (s, _) in _common.in_turns(loops, repeats, "kbeam_rules flax paths").items()
+  }
   return [
     dict(path=k, K=NUM_CRITICS, ms_per_step=1e3 * s, ratio_to_linen=s / timed["linen"])
     for k, s in timed.items()
