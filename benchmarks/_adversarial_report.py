@@ -1,7 +1,4 @@
-"""The adversarial_defense suite's report and figure, for every protocol, from the records
-and the run's ``meta`` alone: a table per η (published cells in parentheses), the
-cat-and-mouse sequence at each of ``cat_etas``, the accuracies along training at each of
-``curve_etas``, and the protocol's goal."""
+"""The adversarial_defense suite's report and figure, from the records and ``meta`` alone."""
 
 from __future__ import annotations
 
@@ -14,33 +11,24 @@ COLUMNS = {"clean": "clean", "fgsm": "FGSM", "pgd40": "PGD-40",
            "readapted": "re-adapted attacker", "own_beams": "own beams"}  # fmt: skip
 PAPER_ETAS = (0.3, 0.4, 0.5, 0.6)
 BASELINES = ("none", "fgsm", "pgd")  # the defenses K = 5 must beat (the default goal)
-# Hamm & Mehra 2017, Table 5 (MNIST): test error at η = 0.3, 0.4, 0.5, 0.6 under FGSM
-# against the current classifier (FGSM-curr, our fgsm) and under an attacker network
-# trained against the current classifier (AttNet-curr, our readapted). Only the cells
-# quoted in our notes; the others are left blank rather than guessed.
+# Hamm & Mehra 2017, Table 5 (MNIST): test error at PAPER_ETAS under FGSM-curr (our fgsm) and
+# AttNet-curr (our readapted); only the cells quoted in our notes.
 PAPER_TABLE5 = {
   ("minimax_k5", "fgsm"): (0.218, 0.238, 0.342, 0.299),
   ("minimax_k5", "readapted"): (0.020, 0.552, 1.000, 1.000),
   ("minimax_k1", "readapted"): (0.104, None, None, None),
   ("fgsm", "readapted"): (0.965, None, None, None),
 }
-# Published accuracies, (defense, attack, η) -> (accuracy, source). Madry et al. 2018
-# (Table 1, MNIST, η = 0.3, white-box PGD): their large CNN after 100k iterations of PGD-40
-# adversarial training, shown for scale only; H&M: Table 5 above as 1 - test error.
-PUBLISHED = {
-  ("pgd", "pgd40", 0.3): (0.89, "Madry"),
-  **{
-    (defense, attack, eta): (1 - error, "H&M")
-    for (defense, attack), errors in PAPER_TABLE5.items()
-    for eta, error in zip(PAPER_ETAS, errors, strict=True)
-    if error is not None
-  },
-}
+# (defense, attack, η) -> (published accuracy, source): Madry et al. 2018, Table 1 (for scale
+# only), and Table 5 above as 1 - test error.
+PUBLISHED = {("pgd", "pgd40", 0.3): (0.89, "Madry"), **{
+  (defense, attack, eta): (1 - error, "H&M") for (defense, attack), errors in PAPER_TABLE5.items()
+  for eta, error in zip(PAPER_ETAS, errors, strict=True) if error is not None
+}}  # fmt: skip
 
 
 def lookup(records: Records, defense: str, eta: float, attack: str) -> float | None:
-  """The accuracy under ``attack`` of ``defense`` trained at ``eta`` (``none``: evaluated
-  at ``eta``), or None if the records hold none."""
+  """The accuracy under ``attack`` of ``defense`` trained (``none``: evaluated) at ``eta``."""
   for r in records:
     if r["defense"] == defense and r["attack"] == attack and r["train_eta"] in (None, eta):
       if attack == "clean" or r["eta"] == eta:
@@ -53,10 +41,7 @@ def _fmt(a: float | None) -> str:
 
 
 def goal(records: Records, protocol: str, etas: list[float]) -> str:
-  """The protocol's goal, met or not. Default: K = 5 beats none / FGSM / PGD adversarial
-  training against the re-adapted attacker at every η and keeps clean accuracy >= 98%;
-  paper: at η = 0.3 K = 5 keeps >= 95% against the re-adapted attacker (AttNet-curr) and
-  >= 98% clean accuracy."""
+  """The protocol's goal, met or not."""
   ours = lambda eta, attack: lookup(records, "minimax_k5", eta, attack)
   if protocol == "paper":
     readapted, clean = ours(0.3, "readapted"), ours(0.3, "clean")
@@ -77,7 +62,6 @@ def goal(records: Records, protocol: str, etas: list[float]) -> str:
 
 
 def report(records: Records, meta: dict[str, Any]) -> str:
-  """The Markdown report of a run."""
   cfg = meta["config"]
   layers = "-".join(["784"] + ["300"] * cfg["attacker_layers"] + ["784"])
   sections = [
@@ -104,11 +88,8 @@ def report(records: Records, meta: dict[str, Any]) -> str:
     return ours if pub is None else f"{ours} ({pub[0]:.3f} {pub[1]})"
 
   for eta in cfg["etas"]:
-    rows = [[d, *(cell(d, eta, a) for a in COLUMNS)] for d in defenses]
-    sections += [
-      f"## Accuracy at η = {eta}",
-      _common.markdown_table(["defense", *COLUMNS.values()], rows),
-    ]
+    cells = {h: lambda d, a=a, e=eta: cell(d, e, a) for a, h in COLUMNS.items()}
+    sections += [f"## Accuracy at η = {eta}", _common.table(defenses, {"defense": str, **cells})]
   sections.append(
     "In parentheses, published accuracies: Madry, Madry et al. 2018 (a large CNN after "
     "100k iterations of PGD adversarial training; for scale, our runs are far shorter); "
@@ -118,33 +99,24 @@ def report(records: Records, meta: dict[str, Any]) -> str:
     cat = [r for r in records if r["defense"] == "cat_and_mouse" and r["eta"] == eta]
     seq = [r for r in cat if r["mover"] in ("attacker", "classifier")]
     final = {r["attack"]: r["accuracy"] for r in cat if r["mover"] == "final"}
-    sections += [
-      f"## Cat and mouse at η = {eta} ({cfg['cat_steps']} steps per move)",
-      _common.markdown_table(
-        ["move", "who moved", "accuracy against the current attacker"],
-        [[r["move"], f"{r['mover']} (round {r['round']})", _fmt(r["accuracy"])] for r in seq],
-      ),
-      f"The last classifier: clean {_fmt(final.get('clean'))}, against a fresh re-adapted "
-      f"attacker {_fmt(final.get('readapted'))}.",
-    ]
+    head = f"## Cat and mouse at η = {eta} ({cfg['cat_steps']} steps per move)"
+    sections += [head, _common.table(seq, {
+      "move": lambda r: r["move"], "who moved": lambda r: f"{r['mover']} (round {r['round']})",
+      "accuracy against the current attacker": lambda r: _fmt(r["accuracy"]),
+    }), f"The last classifier: clean {_fmt(final.get('clean'))}, against a fresh re-adapted "
+      f"attacker {_fmt(final.get('readapted'))}."]  # fmt: skip
   for eta in cfg["curve_etas"]:
     points = [c for c in meta["curves"] if c["eta"] == eta]
-    sections += [
-      f"## Along training at η = {eta} (accuracy)",
-      _common.markdown_table(
-        ["defense", "steps", *COLUMNS.values()],
-        [[c["defense"], c["steps"], *(_fmt(c.get(a)) for a in COLUMNS)] for c in points],
-      ),
-    ]
+    sections += [f"## Along training at η = {eta} (accuracy)", _common.table(points, {
+      "defense": lambda c: c["defense"], "steps": lambda c: c["steps"],
+      **{h: lambda c, a=a: _fmt(c.get(a)) for a, h in COLUMNS.items()},
+    })]  # fmt: skip
   if "minimax_k5" in defenses:
     sections.append(goal(records, cfg["protocol"], cfg["etas"]))
   return "\n\n".join(sections)
 
 
 def plot(records: Records, meta: dict[str, Any]):
-  """Accuracy against η under the re-adapted attacker, PGD-40 and FGSM (published cells as
-  crosses), the cat-and-mouse sequence at each of ``cat_etas``, and the accuracy along
-  training at each of ``curve_etas``."""
   import matplotlib.pyplot as plt
 
   cfg = meta["config"]
@@ -168,13 +140,11 @@ def plot(records: Records, meta: dict[str, Any]):
   for ax, eta in zip(axes[n - len(cfg["curve_etas"]) :], cfg["curve_etas"], strict=True):
     for i, defense in enumerate(defenses):
       pts = [c for c in meta["curves"] if c["defense"] == defense and c["eta"] == eta]
-      steps = [c["steps"] for c in pts]
-      if pts:
-        ax.plot(steps, [c["readapted"] for c in pts], marker="o", color=f"C{i}",
-                label=f"{defense} vs re-adapted")  # fmt: skip
-      if pts and "own_beams" in pts[0]:
-        ax.plot(steps, [c["own_beams"] for c in pts], ls="--", color=f"C{i}",
-                label=f"{defense} vs own beams")  # fmt: skip
+      for key, what, style in (("readapted", "re-adapted", {"marker": "o"}),
+                               ("own_beams", "own beams", {"ls": "--"})):  # fmt: skip
+        if pts and key in pts[0]:
+          ax.plot([c["steps"] for c in pts], [c[key] for c in pts], color=f"C{i}",
+                  label=f"{defense} vs {what}", **style)  # fmt: skip
     ax.set(xlabel="defense steps", ylabel="test accuracy", title=f"along training, η = {eta}",
            ylim=(0, 1))  # fmt: skip
     ax.legend(fontsize=7)
@@ -194,10 +164,7 @@ def plot_cat_and_mouse(ax: Any, records: Records, eta: float, defenses: list[str
     acc = lookup(records, defense, eta, "readapted")
     if acc is not None and defense != "none":
       ax.axhline(acc, ls=":", lw=1, color=f"C{i}", label=f"{defense} vs re-adapted")
-  ax.set(
-    xlabel="move (A: attacker retrained, C: classifier retrained)",
-    ylabel="accuracy against the latest attacker",
-    title=f"cat and mouse, η = {eta}",
-    ylim=(0, 1),
-  )
+  ax.set(xlabel="move (A: attacker retrained, C: classifier retrained)",
+         ylabel="accuracy against the latest attacker", title=f"cat and mouse, η = {eta}",
+         ylim=(0, 1))  # fmt: skip
   ax.legend(fontsize=7)

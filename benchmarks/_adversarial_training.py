@@ -1,11 +1,6 @@
-"""The adversarial_defense suite's config, its trainers and defenses (values), and the one chunk
-program that drives any trainer.
-
-A trainer is ``cfg -> kbeam_jax.Solver`` whose solver starts with ``init(key, u)`` and steps
-with ``step(state, x, y, eta, key, other) -> (state, value)``: ``key`` feeds a random attack
-(PGD's start), ``other`` is the frozen opponent (the attacker of the classifier's
-cat-and-mouse moves, the classifier of an attacker's training).
-"""
+"""The adversarial_defense suite's config, trainers, defenses and chunk program. A trainer is
+``cfg -> kbeam_jax.Solver``: ``init(key, u)``, ``step(state, x, y, eta, key, other) -> (state,
+value)``, ``key`` for a random attack (PGD's start), ``other`` the frozen opponent."""
 
 from __future__ import annotations
 
@@ -19,14 +14,15 @@ import jax.numpy as jnp
 import optax
 
 import kbeam_jax
+from benchmarks import _common
 from benchmarks._adversarial_report import PAPER_ETAS
 from kbeam_jax import games, minimax, nn
 from kbeam_jax.tasks import adversarial
 
 
 def classifier_training(attack: str, cfg: Config, *, decay: bool = False) -> kbeam_jax.Solver:
-  """Gradient play (Adam) on the classifier's loss on the images of ``attack`` (clean, fgsm,
-  pgd, or network against ``other``); ``decay``: cosine decay to a tenth over clean_steps."""
+  """Adam on the classifier's loss on the images of ``attack`` (``network``: ``other``'s);
+  ``decay``: cosine decay to a tenth over clean_steps."""
   classifier, attacker = adversarial.graphdefs(attacker_layers=cfg.attacker_layers)
   images = adversarial.attacks(classifier, attacker, pgd_steps=cfg.pgd_steps)[attack]
   loss = adversarial.classification_loss(classifier)
@@ -41,32 +37,25 @@ def classifier_training(attack: str, cfg: Config, *, decay: bool = False) -> kbe
 
 
 def attacker_training(cfg: Config) -> kbeam_jax.Solver:
-  """Gradient play (Adam ``attacker_lr``): an attacker network ascending the game value (no
-  saturation penalty) against the frozen classifier ``other``."""
+  """An attacker network ascending the game value (no saturation penalty) against ``other``."""
   game = adversarial.objective(*adversarial.graphdefs(attacker_layers=cfg.attacker_layers))
   loss = lambda p, x, y, eta, u: -game(u, p[0], x, y, eta)
   play = games.gradient_play([loss], optax.adam(cfg.attacker_lr))
 
   def step(state, x, y, eta, key, u):
-    del key
     state, info = play.step(state, x, y, eta, u)
     return state, -info.losses[0]
 
   return kbeam_jax.Solver(lambda key, v: play.init((v,)), step)
 
 
-def minimax_solver(cfg: Config) -> kbeam_jax.Solver:
-  """``minimax.kbeam`` on ``adversarial.objective``, Adam for the classifier and every beam."""
+def minimax_training(num_beams: int, cfg: Config) -> kbeam_jax.Solver:
+  """``minimax.kbeam`` (Adam for the classifier and every beam) against ``num_beams`` fresh
+  attackers; value: the strongest beam's."""
   classifier, attacker = adversarial.graphdefs(attacker_layers=cfg.attacker_layers)
   f = adversarial.objective(classifier, attacker, penalty=cfg.penalty)
   leader, follower = optax.adam(cfg.lr), optax.adam(cfg.beam_lr)
-  return minimax.kbeam(f, leader, follower, ascent_steps=cfg.ascent_steps, rule=cfg.rule)
-
-
-def minimax_training(num_beams: int, cfg: Config) -> kbeam_jax.Solver:
-  """``minimax_solver`` against ``num_beams`` fresh attacker networks; its value is the game
-  value at the strongest beam."""
-  solver = minimax_solver(cfg)
+  solver = minimax.kbeam(f, leader, follower, ascent_steps=cfg.ascent_steps, rule=cfg.rule)
   make = functools.partial(adversarial.Attacker, layers=cfg.attacker_layers)
 
   def init(key, u):
@@ -74,7 +63,6 @@ def minimax_training(num_beams: int, cfg: Config) -> kbeam_jax.Solver:
     return solver.init(k_solver, u, nn.stack_modules(make, k_beams, num_beams)[1], num_beams)
 
   def step(state, x, y, eta, key, other):
-    del key, other
     state, info = solver.step(state, x, y, eta)
     return state, jnp.max(info.values)
 
@@ -87,15 +75,14 @@ VERSUS: Trainer = functools.partial(classifier_training, "network")  # the cat a
 
 
 class Defense(NamedTuple):
-  """A defense: its name in the records, its trainer of the clean classifier (None: the clean
-  classifier itself) and its number of attacker beams (evaluated as ``own_beams``)."""
+  """A defense: its name, its trainer of the clean classifier (None: the clean classifier
+  itself) and its number of attacker beams (evaluated as ``own_beams``)."""
 
   name: str
   trainer: Trainer | None = None
   num_beams: int = 0
 
-  def trained(self, state: Any) -> tuple[Any, Any]:
-    """The classifier and the beams (None without) in a state of ``trainer``."""
+  def trained(self, state: Any) -> tuple[Any, Any]:  # the classifier, the beams (or None)
     return (state.u, state.beams) if self.num_beams else (state.players[0], None)
 
 
@@ -106,7 +93,6 @@ PGD = Defense("pgd", functools.partial(classifier_training, "pgd"))
 
 @functools.cache
 def minimax_defense(num_beams: int) -> Defense:
-  """The minimax defense against K = ``num_beams`` attacker networks (one value per K)."""
   if num_beams < 1:
     raise ValueError(f"K (the number of attacker beams) must be >= 1, got {num_beams}.")
   return Defense(f"minimax_k{num_beams}", functools.partial(minimax_training, num_beams), num_beams)
@@ -145,10 +131,7 @@ class Config(NamedTuple):
   protocol: str = "default"  # names the outputs and the goal: adversarial_defense[_paper].*
 
 
-# The paper's protocol (--protocol paper): Hamm & Mehra's Table 5 at η = 0.3 to 0.6, every
-# attacker their AttNet 784-300-300-784 ("three layers" read as three layers of weights),
-# 2,500 defense steps (where our η = 0.3 curve saw the re-adapted accuracy level off),
-# evaluated along training at η = 0.3.
+# --protocol paper: Hamm & Mehra's Table 5, every attacker their AttNet 784-300-300-784.
 PAPER = dict(
   etas=PAPER_ETAS, defenses=(NONE, FGSM, minimax_defense(1), minimax_defense(5)),
   attacker_layers=2, defense_steps=2500, cat_etas=(), curve_etas=(0.3,), protocol="paper",
@@ -161,8 +144,8 @@ QUICK_PAPER = dict(QUICK, defense_steps=20, curve_every=10)  # one point along t
 
 
 def config(quick: bool = False, iters: int | None = None, protocol: str = "default") -> Config:
-  """The run of ``protocol`` (default or paper); ``quick``: a smoke check (tiny steps, not a
-  result); ``iters``: the defense steps (segments and chunks made to divide them)."""
+  """The run of ``protocol``; ``quick``: a smoke check, not a result; ``iters``: the defense
+  steps (segments and chunks made to divide them)."""
   if protocol not in ("default", "paper"):
     raise ValueError(f"protocol must be 'default' or 'paper', got {protocol!r}.")
   cfg = Config(**PAPER) if protocol == "paper" else Config()
@@ -175,14 +158,12 @@ def config(quick: bool = False, iters: int | None = None, protocol: str = "defau
 
 
 def check_config(cfg: Config) -> None:
-  """Raises on sizes or defenses the suite cannot run, before anything trains."""
   for eta in cfg.etas + cfg.cat_etas:
     adversarial.check_eta(eta)
   for d in cfg.defenses:
     if not isinstance(d, Defense):
-      raise TypeError(
-        f"defenses are Defense values (NONE, FGSM, PGD, minimax_defense(K)), got {d!r}."
-      )
+      what = "Defense values (NONE, FGSM, PGD, minimax_defense(K))"
+      raise TypeError(f"defenses are {what}, got {d!r}.")
   steps = ("clean_steps", "defense_steps", "attacker_steps", "cat_steps")
   curved, chunk, every, tests = bool(cfg.curve_etas), cfg.chunk, cfg.curve_every, cfg.test_size
   checks = [  # (failed, message)
@@ -200,14 +181,13 @@ def check_config(cfg: Config) -> None:
   for failed, message in checks:
     if failed:
       raise ValueError(message + ".")
-  minimax_solver(cfg)  # the rule, ascent_steps and the step sizes, checked now
+  minimax_training(1, cfg)  # the rule, ascent_steps and the step sizes, checked now
 
 
 @functools.cache
 def chunk_fn(trainer: Trainer, cfg: Config):
-  """``(carry, x, y, eta, other) -> (carry, mean value)``: ``cfg.chunk`` steps of
-  ``trainer(cfg)`` in one jitted ``lax.scan`` over the steps' keys (not ``kbeam_jax.run``:
-  each step draws its batch from ``(x, y)`` and its attack's key); ``carry = (state, key)``."""
+  """``(carry, x, y, eta, other) -> (carry, mean value)``, ``carry = (state, key)``:
+  ``cfg.chunk`` steps of ``trainer(cfg)``, each on a random batch of ``(x, y)``."""
   solver = trainer(cfg)
 
   def step(state, key, x_all, y_all, eta, other):
@@ -215,13 +195,10 @@ def chunk_fn(trainer: Trainer, cfg: Config):
     i = jax.random.randint(k_batch, (cfg.batch,), 0, x_all.shape[0])
     return solver.step(state, x_all[i], y_all[i], eta, k_attack, other)
 
-  @jax.jit
-  def chunk(carry, x_all, y_all, eta, other):
-    state, key = carry
-    key, k = jax.random.split(key)
-    state, values = jax.lax.scan(
-      lambda s, k: step(s, k, x_all, y_all, eta, other), state, jax.random.split(k, cfg.chunk)
-    )
-    return (state, key), jnp.mean(values)
+  chunk = _common.keyed_steps(step, cfg.chunk)
 
-  return chunk
+  def mean_chunk(carry, *args):
+    carry, values = chunk(carry, *args)
+    return carry, jnp.mean(values)
+
+  return jax.jit(mean_chunk)

@@ -2,13 +2,10 @@
 
 ``python -m benchmarks adversarial_defense [--quick] [--iters N] [--resume] [--protocol paper]``
 
-MNIST, L∞ perturbations of size η: a classifier trained on clean digits, then defended at
-each η by nothing, FGSM or PGD adversarial training, or the game against K = 1 and K = 5
-attacker networks (``minimax.kbeam``), each trainer a ``kbeam_jax.Solver``
-(``_adversarial_training``). Every final classifier is evaluated clean, under FGSM, PGD-40
-and a re-adapted attacker network (the minimax defenses also against their own beams),
-then the cat-and-mouse sequence; ``--protocol paper`` is Hamm & Mehra's Table 5. Writes
-``adversarial_defense[_paper].json``, ``.md`` and ``.png``.
+MNIST classifiers defended by nothing, FGSM or PGD adversarial training, or the game against
+K = 1 and K = 5 attacker networks, evaluated clean, under FGSM, PGD-40 and a re-adapted
+attacker network; then the cat-and-mouse sequence. Writes
+``adversarial_defense[_paper].{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,27 +41,21 @@ from kbeam_jax.tasks import adversarial
 def load(data_dir: str | None, cfg: Config) -> dict[str, np.ndarray]:
   """Training and test digits as float32 ``(N, 28, 28, 1)`` in [0, 1] and int32 labels."""
   train, test = data.load_mnist("train", data_dir), data.load_mnist("test", data_dir)
-  n = train.images.shape[0] if cfg.train_size is None else cfg.train_size
-  if test.images.shape[0] < max(cfg.test_size, cfg.pgd_test):
-    raise ValueError(
-      f"need {max(cfg.test_size, cfg.pgd_test)} MNIST test images, found {test.images.shape[0]}."
-    )
+  need, n = max(cfg.test_size, cfg.pgd_test), cfg.train_size
+  if test.images.shape[0] < need:
+    raise ValueError(f"need {need} MNIST test images, found {test.images.shape[0]}.")
   return {
     "x_train": adversarial.to_images(train.images[:n]),
     "y_train": train.labels[:n].astype(np.int32),
     "x_test": adversarial.to_images(test.images[: cfg.test_size]),
     "y_test": test.labels[: cfg.test_size].astype(np.int32),
-  }
-
-
-# --- The one training driver ---------------------------------------------------------------
+  }  # fmt: skip
 
 
 @dataclasses.dataclass
 class Study:
-  """What every training and evaluation of a run shares: the config, the digits (device
-  arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``), the seed, the checkpoints' folder
-  (None: none) and whether to resume from them, and the trainings run so far."""
+  """What a run's trainings and evaluations share: the config, the digits as device arrays,
+  the seed, the checkpoints' folder (None: none), ``resume``, and the trainings so far."""
 
   cfg: Config
   d: dict[str, jax.Array]
@@ -79,28 +69,21 @@ def train(
   s: Study, trainer: Trainer, name: str, state: Any, key: jax.Array, eta: float, steps: int,
   other: Any = None,
 ) -> Any:  # fmt: skip
-  """The state after ``steps`` of ``trainer`` from ``state`` (``trainer(cfg).init(key, u)``),
-  run in checkpointed chunks against the frozen opponent ``other``."""
+  """The state after ``steps`` of ``trainer`` from ``state`` against the frozen ``other``."""
   chunk = chunk_fn(trainer, s.cfg)
   other = jnp.zeros(()) if other is None else other
   args = (s.d["x_train"], s.d["y_train"], jnp.float32(eta), other)
+  ckpt = None if s.out_dir is None else s.out_dir / "checkpoints" / name
   (state, _), _, timing = _common.train_in_chunks(
-    lambda carry: chunk(carry, *args),
-    (state, key),
-    steps // s.cfg.chunk,
-    checkpoint=None if s.out_dir is None else s.out_dir / "checkpoints" / name,
-    resume=s.resume,
-    desc=name,
-  )
+    lambda carry: chunk(carry, *args), (state, key), steps // s.cfg.chunk, checkpoint=ckpt,
+    resume=s.resume, desc=name,
+  )  # fmt: skip
   s.runs.append({"name": name, "steps": steps, "train_s": timing["run_s"]})
   return state
 
 
-# --- Evaluation ---------------------------------------------------------------------------
-
-
 @functools.cache
-def _counters(pgd_steps: int, attacker_layers: int) -> dict[str, Callable]:
+def _counters(pgd_steps: int, attacker_layers: int) -> dict[str, Any]:
   """Jitted ``correct(u, x, y, eta, key, v)`` counts under every attack (compiled once)."""
   classifier, attacker = adversarial.graphdefs(attacker_layers=attacker_layers)
 
@@ -111,20 +94,18 @@ def _counters(pgd_steps: int, attacker_layers: int) -> dict[str, Callable]:
 
     return jax.jit(count)
 
-  table = adversarial.attacks(classifier, attacker, pgd_steps=pgd_steps)
-  return {name: counter(attack) for name, attack in table.items()}
+  attacks = adversarial.attacks(classifier, attacker, pgd_steps=pgd_steps)
+  return {name: counter(attack) for name, attack in attacks.items()}
 
 
 def accuracy(
   s: Study, attack: str, u: Any, eta: float, *, v: Any = None, key: Any = None, n: int | None = None
 ) -> float:
-  """Accuracy of the classifier ``u`` on the first ``n`` (None: all) test digits under
-  ``attack`` at ``eta`` (``clean``, ``fgsm``, ``pgd`` or ``network`` with the attacker ``v``)."""
+  """Accuracy of ``u`` on the first ``n`` (None: all) test digits under ``attack`` at ``eta``
+  (``clean``, ``fgsm``, ``pgd`` or ``network`` with the attacker ``v``)."""
   fn = _counters(s.cfg.pgd_steps, s.cfg.attacker_layers)[attack]
-  x, y = s.d["x_test"][:n], s.d["y_test"][:n]
-  key = jax.random.key(0) if key is None else key
-  v = jnp.zeros(()) if v is None else v
-  b, correct = s.cfg.eval_batch, 0
+  x, y, b, correct = s.d["x_test"][:n], s.d["y_test"][:n], s.cfg.eval_batch, 0
+  key, v = jax.random.key(0) if key is None else key, jnp.zeros(()) if v is None else v
   for i in range(0, len(x), b):
     key, k = jax.random.split(key)
     correct += int(fn(u, x[i : i + b], y[i : i + b], eta, k, v))
@@ -142,14 +123,12 @@ def readapted_attacker(s: Study, u: Any, eta: float, name: str) -> Any:
 
 
 def evaluate(s: Study, u: Any, eta: float, name: str, beams: Any = None) -> dict[str, float]:
-  """Accuracies of ``u`` at ``eta``: clean, FGSM, PGD-40, re-adapted attacker, and the
-  minimax defense's own final beams (the worst of them) if ``beams`` is given."""
-  key = jax.random.key(s.seed + 2000)
+  """Accuracies of ``u`` at ``eta``: clean, FGSM, PGD-40, re-adapted attacker, and the worst
+  of the minimax defense's own final ``beams`` if given."""
   acc = {
-    "clean": accuracy(s, "clean", u, eta),
-    "fgsm": accuracy(s, "fgsm", u, eta),
-    "pgd40": accuracy(s, "pgd", u, eta, key=key, n=s.cfg.pgd_test),
-  }
+    "clean": accuracy(s, "clean", u, eta), "fgsm": accuracy(s, "fgsm", u, eta),
+    "pgd40": accuracy(s, "pgd", u, eta, key=jax.random.key(s.seed + 2000), n=s.cfg.pgd_test),
+  }  # fmt: skip
   v = readapted_attacker(s, u, eta, f"{name}_readapted")
   acc["readapted"] = accuracy(s, "network", u, eta, v=v)
   if beams is not None:
@@ -158,30 +137,21 @@ def evaluate(s: Study, u: Any, eta: float, name: str, beams: Any = None) -> dict
   return acc
 
 
-# --- The study --------------------------------------------------------------------------
-
-
 def show(what: str, acc: dict[str, float]) -> None:
-  """One progress line: ``what`` and its accuracies."""
   print(f"[adversarial_defense] {what}: " + ", ".join(f"{a} {v:.4f}" for a, v in acc.items()))
 
 
-def defend(
-  s: Study, defense: Defense, u0: Any, key: jax.Array, eta: float
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-  """Trains ``defense`` from the clean classifier ``u0`` at ``eta`` (``defense_steps``) and
-  evaluates it: ``(accuracies, curve)``. At an η of ``curve_etas`` it trains in
-  segments of ``curve_every`` steps and evaluates after each: the curve's points
-  ``{"defense", "eta", "steps", ... accuracies}``, the last one the final evaluation."""
+def defend(s: Study, defense: Defense, u0: Any, key: jax.Array, eta: float):
+  """``(accuracies, curve)`` of ``defense`` trained from ``u0`` at ``eta``; at an η of
+  ``curve_etas`` trained in segments of ``curve_every`` steps, evaluated after each."""
   name, cfg = f"adv_{defense.name}_eta{eta}", s.cfg
   if defense.trainer is None:
     acc = evaluate(s, u0, eta, name)
     show(f"{defense.name} η={eta}", acc)
     return acc, []
-  state = defense.trainer(cfg).init(key, u0)
+  state, curve = defense.trainer(cfg).init(key, u0), []
   curved = eta in cfg.curve_etas
   segments = cfg.defense_steps // cfg.curve_every if curved else 1
-  curve = []
   for i in range(segments):
     steps = (i + 1) * cfg.defense_steps // segments
     tag, k = (f"{name}_to{steps}", jax.random.fold_in(key, i)) if curved else (name, key)
@@ -227,8 +197,8 @@ def run_suite(
   out_dir: Path, cfg: Config | None = None, *, seed: int = 0, resume: bool = False,
   data_dir: str | None = None, d: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-  """Trains and evaluates every defense at every η, runs the cat-and-mouse sequence, writes
-  the report; returns the records. ``d`` (as ``load`` returns it) replaces MNIST."""
+  """Every defense at every η, then the cat-and-mouse sequence; writes the report and returns
+  the records. ``d`` (as ``load`` returns it) replaces MNIST."""
   cfg = Config() if cfg is None else cfg
   check_config(cfg)
   start = time.perf_counter()
@@ -236,29 +206,25 @@ def run_suite(
   s = Study(cfg, jax.tree.map(jnp.asarray, d), seed, out_dir, resume)
   k_init, k_clean, k_defense = jax.random.split(jax.random.key(seed), 3)
   state = CLEAN(cfg).init(k_init, adversarial.init_classifier(k_init))
-  state = train(s, CLEAN, "adv_none", state, k_clean, cfg.etas[0], cfg.clean_steps)
-  u0, records, curves = state.players[0], [], []
+  u0 = train(s, CLEAN, "adv_none", state, k_clean, cfg.etas[0], cfg.clean_steps).players[0]
+  records, curves = [], []
   for eta in cfg.etas:
     for defense in cfg.defenses:
       acc, curve = defend(s, defense, u0, k_defense, eta)
       curves += curve
-      for attack, value in acc.items():
-        records.append({
-          "defense": defense.name, "train_eta": None if defense.trainer is None else eta,
-          "attack": attack, "eta": None if attack == "clean" else eta, "accuracy": value,
-          "test_images": cfg.pgd_test if attack == "pgd40" else cfg.test_size,
-        })  # fmt: skip
+      records += [{
+        "defense": defense.name, "train_eta": None if defense.trainer is None else eta,
+        "attack": attack, "eta": None if attack == "clean" else eta, "accuracy": value,
+        "test_images": cfg.pgd_test if attack == "pgd40" else cfg.test_size,
+      } for attack, value in acc.items()]  # fmt: skip
   for eta in cfg.cat_etas:
     records += cat_and_mouse(s, u0, eta)
   meta = {
     "config": {**cfg._asdict(), "defenses": [x.name for x in cfg.defenses], "rule": repr(cfg.rule)},
-    "seed": seed,
-    "wall_s": time.perf_counter() - start,
-    "train_images": int(d["x_train"].shape[0]),
-    "runs": s.runs,
-    "curves": curves,
+    "seed": seed, "wall_s": time.perf_counter() - start,
+    "train_images": int(d["x_train"].shape[0]), "runs": s.runs, "curves": curves,
     "environment": _common.environment(),
-  }
+  }  # fmt: skip
   text, fig = _adversarial_report.report(records, meta), _adversarial_report.plot(records, meta)
   name = "adversarial_defense" + ("_paper" if cfg.protocol == "paper" else "")
   _common.publish(out_dir, name, records, meta, text, fig)
@@ -266,7 +232,6 @@ def run_suite(
 
 
 def main(args) -> None:
-  """``--quick``: a smoke check of every step (tiny training; not a result)."""
   run_suite(
     args.out, config(args.quick, args.iters, args.protocol), seed=args.seed, resume=args.resume
   )
