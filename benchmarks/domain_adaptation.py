@@ -198,13 +198,10 @@ def main(args) -> None:
     state, _ = init_state(f"kbeam_{K}", jax.random.key(args.seed))
     opt = optax.sgd(LR, momentum=MOMENTUM)
     make = lambda mesh: parallel.kbeam(da.objective(), opt, opt, mesh=mesh)
-    counts = (1,) + tuple(c for c in args.devices if c != 1)
-    steps = 2 if args.quick else 5
-    rows = _devices.device_scaling(
-      counts, K, make, state, lambda k: sample_batch(d, k), steps=steps
-    )
-    what = f"Domain adaptation, K = {K}, batch {BATCH} per domain"
-    _devices.device_report("domain_adaptation", rows, args.out, what)
+    steps, what = 2 if args.quick else 5, f"Domain adaptation, K = {K}, batch {BATCH} per domain"
+    sample = lambda k: sample_batch(d, k)
+    _devices.study("domain_adaptation", what, args.out, args.devices, K, make, state, sample,
+                   steps=steps)  # fmt: skip
     return
   run_suite(
     args.out, num_iters=args.iters, seed=args.seed, test_size=500 if args.quick else 10_000,

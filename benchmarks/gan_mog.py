@@ -186,14 +186,11 @@ def run_suite(
 
 def main(args) -> None:
   """``python -m benchmarks gan_mog``; ``--quick``: Alt-GDA, K = 1 and 5."""
-  K = 10
-  if args.devices:  # the K-beam step (K discriminators, batch 128) per device count
-    state, _ = init_trial(f"kbeam_{K}", jax.random.key(0))
-    counts = (1,) + tuple(c for c in args.devices if c != 1)
-    steps = 5 if args.quick else 20
-    rows = _devices.device_scaling(counts, K, lambda mesh: make_solver("kbeam_10", mesh), state,
-                                   batch, steps=steps)  # fmt: skip
-    _devices.device_report("gan_mog", rows, args.out, f"GAN on a MoG, K = {K}, batch {BATCH}")
+  if args.devices:  # the K-beam step (K = 10 discriminators, batch 128) per device count
+    state, _ = init_trial("kbeam_10", jax.random.key(0))
+    make = lambda mesh: make_solver("kbeam_10", mesh)
+    what, steps = f"GAN on a MoG, K = 10, batch {BATCH}", 5 if args.quick else 20
+    _devices.study("gan_mog", what, args.out, args.devices, 10, make, state, batch, steps=steps)
     return
   run_suite(
     args.out, trials=args.trials, num_iters=args.iters, seed=args.seed, resume=args.resume,
