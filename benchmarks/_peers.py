@@ -1,9 +1,6 @@
-"""jaxopt beside kbeam_jax, in the same process: the peer rows of ``bilevel_scaling``.
-
-Every comparison compiles both programs first, then times them alternately (``repeats``
-rounds, so that a change in the machine's load hits both) and reports medians; accuracy is
-measured against a float64 reference, never assumed. ``None`` when jaxopt is not installed
-(``pip install -e ".[peers]"``).
+"""jaxopt beside kbeam_jax, in the same process: the peer rows of ``bilevel_scaling``, each
+program compiled, then timed in turns (medians), its accuracy measured against a float64
+reference. ``None`` rows when jaxopt is not installed (``pip install -e ".[peers]"``).
 """
 
 from __future__ import annotations
@@ -20,31 +17,22 @@ import optax
 from benchmarks import _common
 from kbeam_jax import bilevel
 
-
-def _jaxopt():
-  try:
-    import jaxopt
-  except ImportError:
-    return None
-  return jaxopt
-
-
-def alternate(programs: dict[str, Any], args: tuple, repeats: int) -> dict[str, float]:
-  """Median seconds of each compiled program, the programs run in turn ``repeats`` times."""
-  for c in programs.values():
-    jax.block_until_ready(c(*args))
-  calls = {k: functools.partial(c, *args) for k, c in programs.items()}
-  return {k: t for k, (t, _) in _common.in_turns(calls, repeats).items()}
+try:
+  import jaxopt
+except ImportError:
+  jaxopt = None
 
 
 def compare(programs: dict[str, Callable], args: tuple, repeats: int, score: Callable, name: str):
-  """Compiles every program for ``args`` and times them alternately; returns
+  """Compiles every program for ``args``, runs each once, then times them in turns; returns
   ``{"<k>_seconds": median, "<k>_<name>": score(output)}`` for each program ``k``."""
   compiled = {k: jax.jit(fn).lower(*args).compile() for k, fn in programs.items()}
-  seconds = alternate(compiled, args, repeats)
+  for c in compiled.values():
+    jax.block_until_ready(c(*args))
+  timed = _common.in_turns({k: functools.partial(c, *args) for k, c in compiled.items()}, repeats)
   row = {}
   for k, c in compiled.items():
-    row |= {f"{k}_seconds": seconds[k], f"{k}_{name}": score(c(*args))}
+    row |= {f"{k}_seconds": timed[k][0], f"{k}_{name}": score(c(*args))}
   return row
 
 
@@ -57,7 +45,7 @@ def _wide(tree):
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
 
-def _peer_inner(jaxopt, g, T: int, inner_lr: float, solve):
+def _peer_inner(g, T: int, inner_lr: float, solve):
   """jaxopt's ``custom_root`` around the same T descent steps on ``g`` (their own derivative
   rule unused), its linear system solved by ``solve``."""
   optimality = lambda v, u, *data: jax.grad(g, argnums=1)(u, v, *data)
@@ -75,12 +63,11 @@ def hypergradient_row(
   (``solve_steps`` iterations, all of them) against ``bilevel.CG`` (the default, with its
   minimum-norm fallback, and ``fallback=False``), both stopping at ``solve_steps``.
   Errors: against the same implicit hypergradient in float64 with 2,000 CG iterations."""
-  jaxopt = _jaxopt()
   if jaxopt is None:
     return None
   f, g, args = problem(kind, V)
   solve = functools.partial(jaxopt.linear_solve.solve_cg, maxiter=solve_steps, tol=0.0)
-  inner = _peer_inner(jaxopt, g, T, inner_lr, solve)
+  inner = _peer_inner(g, T, inner_lr, solve)
   hypergradient = functools.partial(bilevel.hypergradient, f, g, inner_steps=T, inner_lr=inner_lr)
   ours = lambda method: lambda *args: hypergradient(*args, method=method).grad
   programs = {
@@ -92,16 +79,6 @@ def hypergradient_row(
     reference = jax.jit(ours(bilevel.CG(2000, tol=1e-12)))(*_wide(args))
   row = dict(problem=kind, T=T, V=int(args[1].size))
   return row | compare(programs, args, repeats, _error(reference), "error")
-
-
-def ridge_data(n: int = 442, d: int = 10, seed: int = 0):
-  """A regression set the size of jaxopt's example (scikit-learn's diabetes, 442 × 10),
-  split in half: training for the lower problem, validation for the upper one."""
-  kx, kw, kn = jax.random.split(jax.random.key(seed), 3)
-  x = jax.random.normal(kx, (n, d))
-  y = x @ jax.random.normal(kw, (d,)) + 0.5 * jax.random.normal(kn, (n,))
-  h = n // 2
-  return x[:h], y[:h], x[h:], y[h:]
 
 
 def ridge_objective(l2, w, x, y):
@@ -119,10 +96,14 @@ def ridge_row(repeats: int) -> dict[str, Any] | None:
   """jaxopt's ridge hyperparameter example (closed-form inner solve, ``custom_root``) against
   ``argmin(..., solve=closed_form)``, and our built-in forward solves beside it: 2,000 fixed
   gradient steps (the only option before), and L-BFGS (``inner=optax.lbfgs()``, ``tol``)."""
-  jaxopt = _jaxopt()
   if jaxopt is None:
     return None
-  x_tr, y_tr, x_val, y_val = ridge_data()
+  # a regression set the size of jaxopt's (scikit-learn's diabetes, 442 × 10), split in half:
+  # training for the lower problem, validation for the upper one
+  kx, kw, kn = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (442, 10))
+  y = x @ jax.random.normal(kw, (10,)) + 0.5 * jax.random.normal(kn, (442,))
+  x_tr, y_tr, x_val, y_val = x[:221], y[:221], x[221:], y[221:]
   w0 = jnp.zeros(x_tr.shape[1])
   outer = lambda w: 0.5 * jnp.mean((x_val @ w - y_val) ** 2)
   optimality = lambda w, l2, x, y: jax.grad(ridge_objective, argnums=1)(l2, w, x, y)
@@ -158,13 +139,12 @@ def outer_row(
   ``bilevel.solver`` with the same inner steps and ``CG(solve_steps, tol=1e-4)``
   warm-started from the previous step's answer. Reports the time of the whole loop and the
   upper loss ``f(u, v*(u))`` it ends at (``v*`` solved to 1e-10 in float64)."""
-  jaxopt = _jaxopt()
   if jaxopt is None:
     return None
   f, g, args = problem("separable", V)
   opt = optax.sgd(upper_lr)
   solve = functools.partial(jaxopt.linear_solve.solve_cg, maxiter=solve_steps, tol=1e-4)
-  inner = _peer_inner(jaxopt, g, T, inner_lr, solve)
+  inner = _peer_inner(g, T, inner_lr, solve)
 
   def peer_loop(u, v, *data):
     def step(carry, _):

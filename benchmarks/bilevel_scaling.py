@@ -1,18 +1,15 @@
-"""Time and memory of one hypergradient vs T and vs the size of v, with fitted exponents.
+"""Time and memory of one hypergradient of each method vs T and vs the size of v, on a
+separable problem (v up to 10^6) and a tanh MLP, with growth exponents fitted in log-log
+beside the design's table, and jaxopt beside us (``_peers``).
 
 ``python -m benchmarks bilevel_scaling [--quick] [--out results]``
 
-Every method of ``bilevel.hypergradient`` on a separable strongly convex lower problem
-whose Hessian depends on v (so that v can reach 10^6 and RMD really needs the trajectory)
-and on a tanh MLP, compiled, then timed (median of repeats); peak memory from XLA's compiled
-memory analysis. Two sweeps: T in {1, 10, 100, 1000} at V = 10^4, and V in {10, ..., 10^6}
-at T = 10; growth exponents as least-squares slopes in log-log beside the design's table,
-and jaxopt beside us (``_peers``). Writes ``bilevel_scaling.json``, ``.md`` and ``.png``.
+Writes ``bilevel_scaling.json``, ``.md`` and ``.png``; docs/pages/benchmarks/bilevel_scaling.md
+has the results.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any
 
@@ -69,24 +66,21 @@ def mlp_problem(V: int, seed: int = 0):
   return f, g, (jnp.zeros(U), v0, x, y)
 
 
-def hypergradient_fn(method: str, T: int):
-  """``(f, g, u, v, *data) -> hypergradient`` of one method through ``bilevel.hypergradient``."""
-  value = _bilevel.bilevel_method(method, solve_steps=SOLVE_STEPS, solve_lr=0.2)
-
-  return lambda f, g, u, v, *data: (
-    bilevel.hypergradient(f, g, u, v, *data, method=value, inner_steps=T, inner_lr=INNER_LR).grad
-  )
-
-
 def measure(method: str, T: int, V: int, repeats: int, kind: str = "separable"):
-  """Compiled time and memory of one hypergradient of ``method`` on problem ``kind``."""
+  """Compiled time (run once, then the median of ``repeats``) and memory (XLA's compiled
+  memory analysis) of one hypergradient of ``method`` on problem ``kind``."""
   f, g, args = problem(kind, V)
+  method_ = _bilevel.bilevel_method(method, solve_steps=SOLVE_STEPS, solve_lr=0.2)
+  hypergradient = lambda u, v, *data: (
+    bilevel.hypergradient(f, g, u, v, *data, method=method_, inner_steps=T, inner_lr=INNER_LR).grad
+  )
   start = time.perf_counter()
-  compiled = jax.jit(functools.partial(hypergradient_fn(method, T), f, g)).lower(*args).compile()
+  compiled = jax.jit(hypergradient).lower(*args).compile()
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-  seconds = _peers.alternate({method: compiled}, args, repeats)[method]
+  jax.block_until_ready(compiled(*args))
+  seconds = _common.in_turns({method: lambda: compiled(*args)}, repeats)[method][0]
   return dict(
     problem=kind, method=method, T=T, V=int(args[1].size), V_target=V, U=U, seconds=seconds,
     compile_seconds=compile_s, peak_bytes=int(peak), temp_bytes=int(mem.temp_size_in_bytes),
@@ -109,15 +103,14 @@ def run_suite(quick: bool, repeats: int) -> tuple[list[dict[str, Any]], dict[str
     records.append(dict(measure(method, T, V, repeats, kind), sweep=sweep))
   fits = {}
   for k, m in ((k, m) for k in PROBLEMS for m in METHODS):
-    mine = [r for r in records if r["problem"] == k and r["method"] == m]
+    mine = [r for r in records if (r["problem"], r["method"]) == (k, m)]
     t = [r for r in mine if r["sweep"] == "T"][1:]  # fit over the larger sizes, where fixed
     v = [r for r in mine if r["sweep"] == "V"]  # overheads no longer dominate
     v = v[len(v) // 2 :]
-    fit = lambda rs, x, y: slope([r[x] for r in rs], [y(r) for r in rs])
+    fit = lambda rs, x, y, plus=0: slope([r[x] for r in rs], [r[y] + plus for r in rs])
     fits[f"{k}/{m}"] = dict(
-      time_T=fit(t, "T", lambda r: r["seconds"]), time_V=fit(v, "V", lambda r: r["seconds"]),
-      memory_T=fit(t, "T", lambda r: r["temp_bytes"] + 1),
-      memory_V=fit(v, "V", lambda r: r["peak_bytes"]),
+      time_T=fit(t, "T", "seconds"), time_V=fit(v, "V", "seconds"),
+      memory_T=fit(t, "T", "temp_bytes", 1), memory_V=fit(v, "V", "peak_bytes"),
     )  # fmt: skip
   peer_repeats = max(repeats, 7)
   peer_jobs = [(k, V) for k in PROBLEMS for V in Vs[-3:]]
@@ -170,12 +163,10 @@ def markdown(records, meta) -> str:
       ("T", "T", meta["Ts"], "vs T (V ≈ 10^4)"), ("V", "V_target", meta["Vs"], "vs V (T = 10)")
     ):  # fmt: skip
       by = {(r["method"], r[size]): r for r in records if (r["problem"], r["sweep"]) == (k, sweep)}
-      rows = [[m] + [cell(by[m, x]) for x in values] for m in METHODS]
-      header = ["method"] + [f"{sweep} = {x}" for x in values]
-      lines += [
-        f"## {k}: time / peak memory {title}\n",
-        _common.markdown_table(header, rows) + "\n",
-      ]
+      columns = {"method": str} | {
+        f"{sweep} = {x}": lambda m, x=x, by=by: cell(by[m, x]) for x in values
+      }
+      lines += [f"## {k}: time / peak memory {title}\n", _common.table(METHODS, columns) + "\n"]
   return "\n".join(lines + peer_markdown(meta) + [_bilevel.measured_on(meta)])
 
 
@@ -183,21 +174,22 @@ def peer_markdown(meta) -> list[str]:
   """The jaxopt comparisons: one hypergradient, the ridge example, the whole outer loop."""
   if not meta["jaxopt"]:
     return ['jaxopt is not installed: `pip install -e ".[peers]"` adds the peer timing.\n']
-  ms = lambda x: f"{x * 1e3:.2f}"
-  header = ["problem", "V", "jaxopt (ms)", "ours CG (ms)", "ours plain (ms)", "jaxopt / ours",
-            "jaxopt error", "ours error", "ours plain error"]  # fmt: skip
-  rows = [
-    [p["problem"], p["V"], *(ms(p[f"{k}_seconds"]) for k in ("jaxopt", "cg", "cg_plain")),
-     f"{p['jaxopt_seconds'] / p['cg_seconds']:.2f}",
-     *(f"{p[f'{k}_error']:.1e}" for k in ("jaxopt", "cg", "cg_plain"))]
-    for p in meta["jaxopt"]
-  ]  # fmt: skip
+  ms = lambda k: lambda p: f"{p[f'{k}_seconds'] * 1e3:.2f}"
+  error = lambda k: lambda p: f"{p[f'{k}_error']:.1e}"
+  hypergradient = {
+    "problem": lambda p: p["problem"], "V": lambda p: p["V"], "jaxopt (ms)": ms("jaxopt"),
+    "ours CG (ms)": ms("cg"), "ours plain (ms)": ms("cg_plain"),
+    "jaxopt / ours": lambda p: f"{p['jaxopt_seconds'] / p['cg_seconds']:.2f}",
+    "jaxopt error": error("jaxopt"), "ours error": error("cg"),
+    "ours plain error": error("cg_plain"),
+  }  # fmt: skip
   r, o = meta["ridge"], meta["outer"]
   ridge = {
     "jaxopt": "jaxopt custom_root, closed form", "ours_closed_form": "ours, solve=closed form",
     "ours_lbfgs": "ours, inner=optax.lbfgs(), tol=1e-6",
     "ours_2000_steps": "ours, 2,000 gradient steps",
   }  # fmt: skip
+  loops = {"jaxopt": "custom_root", "ours": "bilevel.solver"}
   return [
     "## Peer: jaxopt implicit differentiation (custom_root + CG), T = 10\n",
     f"The same inner loop; at most {meta['solve_steps']} CG iterations each (jaxopt runs "
@@ -205,24 +197,23 @@ def peer_markdown(meta) -> list[str]:
     "(the default, `CG(10)`) and plain (`CG(10, fallback=False)`). Errors: relative to the "
     "implicit hypergradient in float64 with 2,000 CG iterations. Times: medians of "
     "alternating runs.\n",
-    _common.markdown_table(header, rows) + "\n",
+    _common.table(meta["jaxopt"], hypergradient) + "\n",
     f"## Peer: jaxopt's ridge example ({r['n']} × {r['d']}), d(validation loss)/d(l2)\n",
     "The lower problem solved in closed form (`solve=`), by L-BFGS, or by the fixed-T loop; "
     "the derivative by `CG(20)`. Error: against autodiff of the closed form in float64.\n",
-    _common.markdown_table(
-      ["forward solve", "ms", "jaxopt / this", "relative error"],
-      [[label, ms(r[f"{k}_seconds"]), f"{r['jaxopt_seconds'] / r[f'{k}_seconds']:.2f}",
-        f"{r[f'{k}_error']:.1e}"] for k, label in ridge.items()],
-    ) + "\n",
+    _common.table(ridge, {
+      "forward solve": ridge.get, "ms": lambda k: ms(k)(r),
+      "jaxopt / this": lambda k: f"{r['jaxopt_seconds'] / r[f'{k}_seconds']:.2f}",
+      "relative error": lambda k: error(k)(r),
+    }) + "\n",
     f"## Peer: the whole outer loop ({o['outer_steps']} SGD steps on u, separable, V = {o['V']})\n",
     f"Both warm-start v (T = {o['T']} steps from the previous answer); jaxopt's CG starts "
     "from 0 every step, ours from the previous adjoint; both stop at a relative residual of "
     f"1e-4. Upper loss f(u, v*(u)) from {o['start_loss']:.4f}.\n",
-    _common.markdown_table(
-      ["loop", "seconds", "final upper loss"],
-      [[f"{name} ({how})", f"{o[f'{name}_seconds']:.3f}", f"{o[f'{name}_loss']:.6f}"]
-       for name, how in (("jaxopt", "custom_root"), ("ours", "bilevel.solver"))],
-    ) + "\n",
+    _common.table(loops, {
+      "loop": lambda k: f"{k} ({loops[k]})", "seconds": lambda k: f"{o[f'{k}_seconds']:.3f}",
+      "final upper loss": lambda k: f"{o[f'{k}_loss']:.6f}",
+    }) + "\n",
   ]  # fmt: skip
 
 

@@ -1,16 +1,11 @@
 """Synthetic bilevel problems: the penalty paper's two, one with a continuum of lower
-solutions and one with a badly scaled lower level.
+solutions and one with a badly scaled lower level; the final error of every method of
+``bilevel.solver`` and the penalty method for T in {1, 5, 10}, and error vs wall time.
 
 ``python -m benchmarks bilevel_synthetic [--quick] [--trials N] [--seed 0] [--out results]``
 
-``u, v`` in R^10 in the box ``[-5, 5]``, initial points uniform in it. Problems: ``sum`` and
-``difference`` (Mehra & Hamm, ACML 2021), ``continuum`` (a singular lower Hessian: a set of
-lower solutions, the optimistic one in closed form), ``scaled_default`` and ``scaled``
-(curvatures 1 to 100, default and documented step sizes). Every hypergradient method of
-``bilevel.solver`` and the penalty method (plain and augmented) with T in {1, 5, 10}, all
-trials vmapped in one compiled ``kbeam_jax.run``. Reported: the final error
-|(u, v) - (u*, v*)|, f - f* and error vs wall time. Writes ``bilevel_synthetic.json``,
-``.md`` and ``.png``; docs/pages/benchmarks/bilevel_synthetic.md explains the problems.
+Writes ``bilevel_synthetic.json``, ``.md`` and ``.png``; docs/pages/benchmarks/bilevel_synthetic.md
+explains the problems.
 """
 
 from __future__ import annotations
@@ -174,14 +169,12 @@ def markdown(records, meta) -> str:
     "(median of repeats). Last column: f(u, v) - f* at the end, mean over trials, T = 10 "
     "(below 0 where v is not yet a lower solution).\n",
   ]
-  header = ["method"] + [f"T = {T}" for T in TS] + ["f - f* (T = 10)"]
+  # the cells of the problem ``name`` of the loop below
+  columns = {"method": str} | {f"T = {T}": lambda m, T=T: _cell(by[name, m, T]) for T in TS}
+  columns["f - f* (T = 10)"] = lambda m: f"{by[name, m, 10]['upper_gap_mean']:.2e}"
   for name in PROBLEMS:
-    rows = [
-      [m] + [_cell(by[name, m, T]) for T in TS] + [f"{by[name, m, 10]['upper_gap_mean']:.2e}"]
-      for m in METHODS
-    ]
     note = [NOTES[name] + "\n"] if name in NOTES else []
-    lines += [f"## {name}\n", *note, _common.markdown_table(header, rows) + "\n"]
+    lines += [f"## {name}\n", *note, _common.table(METHODS, columns) + "\n"]
   return "\n".join(lines + [_bilevel.measured_on(meta)])
 
 

@@ -1,15 +1,12 @@
-"""Data denoising by importance learning (Mehra & Hamm, ACML 2021), on MNIST.
+"""Data denoising by importance learning (Mehra & Hamm, ACML 2021) on MNIST: per-sample
+weights on a training set with corrupted labels, learned by each bilevel method (and, in a
+three-level variant, with the L2 strength), judged by a classifier retrained on the kept
+points and by how well the dropped ones find the corrupted labels.
 
 ``python -m benchmarks denoising [--quick] [--trials N] [--seed 0] [--resume] [--out results]``
 
-Per-sample weights on a training set with corrupted labels, learned by the penalty method,
-ApproxGrad, RMD and the naive baseline (``kbeam_jax.tasks.denoising``) for a linear model
-(``logreg_50``) and a small CNN (``cnn_25``), and a three-level variant that also learns
-the L2 strength. Reported: test accuracy of a classifier retrained on the points with
-``w > 0.9`` plus the validation set (beside the noisy, clean and validation-only
-references), precision and recall of ``w <= 0.9`` at finding the corrupted points, wall
-time. Writes ``denoising.json``, ``denoising.md`` and ``denoising.png``; the settings are
-explained in docs/pages/benchmarks/denoising.md.
+Writes ``denoising.json``, ``.md`` and ``.png``; docs/pages/benchmarks/denoising.md explains
+the settings and the results.
 """
 
 from __future__ import annotations
@@ -29,10 +26,7 @@ from kbeam_jax.tasks import denoising
 METHODS = ("penalty", "approxgrad", "rmd", "naive")
 DATA_KEYS = ("num_train", "num_val", "noise", "num_test")  # denoising.make_data's, in CASES
 MODELS = {"softmax_regression": denoising.softmax_regression, "small_cnn": denoising.small_cnn}
-# Step sizes follow λ_max(∇²_vv g) ≈ 4 (linear model; descent below 2/λ, ApproxGrad's solve_lr
-# below 2/λ², the penalty method ρ·γ·λ² < 2); the penalty method gets Adam on v and 300 warm-up
-# steps for the ill-conditioned linear model only (measured: docs/pages/benchmarks/denoising.md).
-# cnn_25's solve_lr: descent at ρ = 0.1 is stable, so λ_max < 20 and 2/λ² > 0.005.
+# Step sizes (from λ_max(∇²_vv g)) and the penalty method's settings: the docs page.
 CASES: dict[str, dict[str, Any]] = {
   "logreg_50": dict(
     model="softmax_regression", noise=0.5, num_train=5000, num_val=5000, num_test=None,
@@ -50,10 +44,7 @@ CASES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 QUICK = dict(num_train=100, num_val=100, num_test=500, outer_steps=10, chunk=5, warmup=30)
 QUICK_FIT = dict(num_steps=30)
-# Three levels on one split: a regularization strength (level 1, by its loss on a second
-# validation half) over the importance weights (level 2, on the first half) over the
-# linear classifier (level 3), beside the two-level problem at the starting strength on
-# the same split. Both give the weights the same number of Adam steps (5 per outer step).
+# Weights over the classifier, and the L2 strength over both (two validation halves).
 THREE_LEVEL = dict(
   noise=0.5, num_train=1000, num_val=1000, num_test=None, outer_steps=100, chunk=10,
   level2_steps=5, level3_steps=30, inner_lr=0.3, upper_lr=0.1, l2_lr=0.1, l2=1e-3,
@@ -66,13 +57,22 @@ QUICK_THREE_LEVEL = dict(
 NOTE = "The paper's figures for these settings are not reliably known to us and are not quoted."
 
 
+def _kept(model, d, fit: dict[str, Any], u) -> dict[str, Any]:
+  """Test accuracy of a classifier retrained on the points whose weight (from ``u``) is above
+  the threshold, and how well the others find the corrupted labels."""
+  weights = np.asarray(denoising.importance_weights(u))
+  accuracy = denoising.retrained_accuracy(model, d, weights > denoising.THRESHOLD, **fit)
+  return dict(test_accuracy=accuracy, **denoising.detection(weights, d.corrupted))
+
+
 def run_case(case: str, cfg: dict[str, Any], seed: int, out_dir: Path, resume: bool):
   """All methods on one draw of the data; returns (records, {method: upper objective curve})."""
   d = _common.mnist_data(denoising.make_data, seed, cfg, DATA_KEYS)
   model, key = MODELS[cfg["model"]](), jax.random.key(seed)
   fit = dict(cfg["fit"], key=key)
-  masks = dict(noisy=np.ones_like(d.corrupted), oracle=~d.corrupted)
-  masks["validation_only"] = np.zeros_like(d.corrupted)
+  masks = dict(
+    noisy=np.ones_like(d.corrupted), oracle=~d.corrupted, validation_only=np.zeros_like(d.corrupted)
+  )
   references = {k: denoising.retrained_accuracy(model, d, m, **fit) for k, m in masks.items()}
   f, g = denoising.objectives(model)
   args, a0 = d.bilevel_args(), jnp.zeros(d.y_train.shape, jnp.float32)
@@ -84,13 +84,10 @@ def run_case(case: str, cfg: dict[str, Any], seed: int, out_dir: Path, resume: b
     state, curves[method], timing = _bilevel.train(
       solver, a0, v0, args, cfg, key=key, label=label, out_dir=out_dir, resume=resume
     )
-    weights = np.asarray(denoising.importance_weights(state.u))
-    accuracy = denoising.retrained_accuracy(model, d, weights > denoising.THRESHOLD, **fit)
     records.append(
       dict(
-        case=case, method=method, seed=seed, test_accuracy=accuracy,
-        **denoising.detection(weights, d.corrupted), upper_objective=curves[method][-1],
-        **timing, **references,
+        case=case, method=method, seed=seed, **_kept(model, d, fit, state.u),
+        upper_objective=curves[method][-1], **timing, **references,
       )
     )  # fmt: skip
   return records, curves
@@ -130,13 +127,11 @@ def run_three_level(cfg: dict[str, Any], seed: int, out_dir: Path, resume: bool)
       solver, u0, w0, args, cfg, key=key, label=label, out_dir=out_dir, resume=resume, steps=steps
     )
     two = name.startswith("two")
-    weights = np.asarray(denoising.importance_weights(state.u if two else state.v))
     records.append(
       dict(
         case="three_level", method=name, seed=seed,
         l2=float(cfg["l2"] if two else jnp.exp(state.u)),
-        test_accuracy=denoising.retrained_accuracy(model, d, weights > denoising.THRESHOLD, **fit),
-        **denoising.detection(weights, d.corrupted), seconds=timing["seconds"],
+        **_kept(model, d, fit, state.u if two else state.v), seconds=timing["seconds"],
         upper_objective=curve[-1],
       )
     )  # fmt: skip
@@ -160,8 +155,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
   }  # fmt: skip
   for case in CASES:  # meta["cases"] went through jax.tree.map, which sorts the keys
     cfg = meta["cases"][case]
-    rows = [r for r in records if r["case"] == case]
-    of = lambda m, k, rows=rows: [r[k] for r in rows if r["method"] == m]
+    of = lambda m, k, case=case: [r[k] for r in records if (r["case"], r["method"]) == (case, m)]
     ref = {k: _bilevel.summary(of(METHODS[0], k)) for k in ("noisy", "oracle", "validation_only")}
     table = [[m] + [cell(of(m, k)) for k, cell in columns.values()] for m in METHODS]
     lines += [
@@ -173,6 +167,12 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
       _common.markdown_table(["method", *columns], table) + "\n",
     ]
   three, cfg = [r for r in records if r["case"] == "three_level"], meta["three_level"]
+  cells = {  # header: (record key, format)
+    "levels": ("method", ""), "L2 strength": ("l2", ".2e"), "test acc.": ("test_accuracy", ".4f"),
+    "precision": ("precision", ".3f"), "recall": ("recall", ".3f"), "kept": ("kept", ""),
+    "seconds": ("seconds", ".1f"),
+  }  # fmt: skip
+  columns = {h: lambda r, k=k, s=s: format(r[k], s) for h, (k, s) in cells.items()}
   lines += [
     f"## Three levels: {cfg['noise']:.0%} noise, {cfg['num_train']} train, validation split "
     f"{cfg['num_val'] // 2} + {cfg['num_val'] // 2}, {cfg['outer_steps']} outer steps\n",
@@ -180,14 +180,10 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     "half, level 2 the importance weights on the first, level 3 the linear classifier "
     f"(nested argmin, CG); beside it the two-level problem at the starting strength "
     f"{cfg['l2']:g}. Retrained on the kept points plus both validation halves.\n",
-    _common.markdown_table(
-      ["levels", "L2 strength", "test acc.", "precision", "recall", "kept", "seconds"],
-      [[r["method"], f"{r['l2']:.2e}", f"{r['test_accuracy']:.4f}", f"{r['precision']:.3f}",
-        f"{r['recall']:.3f}", r["kept"], f"{r['seconds']:.1f}"] for r in three],
-    ) + "\n",
+    _common.table(three, columns) + "\n",
     meta["published_note"] + "\n",
     _bilevel.measured_on(meta),
-  ]  # fmt: skip
+  ]
   return "\n".join(lines)
 
 

@@ -1,15 +1,11 @@
-"""Training-data poisoning of a linear softmax classifier (Mehra & Hamm, ACML 2021), MNIST.
+"""Training-data poisoning of a linear softmax classifier (Mehra & Hamm, ACML 2021) on MNIST:
+poison points optimised by each bilevel method, untargeted and targeted (``SOURCE`` relabelled
+``TARGET``), judged by the classifier retrained on ``train ∪ poisons``.
 
 ``python -m benchmarks poisoning [--quick] [--trials N] [--seed 0] [--resume] [--out results]``
 
-The paper's untargeted attack and its targeted variant (poisons from class ``SOURCE``
-relabelled ``TARGET``) on ``kbeam_jax.tasks.poisoning``, with 1%, 2%, 3% and 6% of the
-training set as poison points optimised by the penalty method, ApproxGrad, RMD, the naive
-baseline and CG (ApproxGrad's system solved by CG). Reported per method and poison count:
-test accuracy (untargeted) or target misclassification rate (targeted) of the classifier
-retrained on ``train ∪ poisons``, beside the clean classifier and the label-flip attack
-the poisons start from; wall time. Writes ``poisoning.json``, ``poisoning.md`` and
-``poisoning.png``; the settings are explained in docs/pages/benchmarks/poisoning.md.
+Writes ``poisoning.json``, ``.md`` and ``.png``; docs/pages/benchmarks/poisoning.md explains
+the settings and the results.
 """
 
 from __future__ import annotations
@@ -36,9 +32,7 @@ CONFIG: dict[str, Any] = dict(
   penalty=dict(gamma=100.0, epsilon=0.1, max_gamma=100.0, lower_weight=1.0, warmup_steps=300),
   penalty_lower="adam", penalty_lr=1e-3, fit=dict(num_steps=300, lr=0.01),
 )  # fmt: skip
-# Step sizes (descent below 2/λ_max, ApproxGrad's solve_lr below 2/λ_max²) and the penalty
-# method's setting (Adam on v, 300 warm-up steps, γ = 100, λ = 1) are explained and measured
-# in docs/pages/benchmarks/poisoning.md.
+# Step sizes and the penalty method's settings: docs/pages/benchmarks/poisoning.md.
 QUICK = dict(
   num_train=200, num_val=200, num_test=500, poison_counts=(4, 12), outer_steps=10, chunk=5,
   warmup=30, fit=dict(num_steps=30, lr=0.01),
@@ -91,10 +85,10 @@ def run_trial(cfg: dict[str, Any], seed: int, out_dir: Path, resume: bool):
 
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
   cfg = meta["config"]
-  counts = cfg["poison_counts"]
-  of = lambda kind, m, n=None: [
-    r for r in records if (r["kind"], r["method"]) == (kind, m) and n in (None, r["num_poison"])
-  ]
+  of = lambda kind, m, key, n=None: [
+    r[key] for r in records
+    if (r["kind"], r["method"]) == (kind, m) and n in (None, r["num_poison"])
+  ]  # fmt: skip
   titles = {
     "untargeted": "Untargeted: test accuracy (lower is a stronger attack)",
     "targeted": f"Targeted {meta['source']} → {meta['target']}: target misclassification rate "
@@ -106,20 +100,19 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     f"l2 = {poisoning.L2}, {cfg['outer_steps']} outer steps, T = {cfg['inner_steps']}; seeds "
     f"{meta['seeds']}. Columns: number of poison points (fraction of the training set).\n",
   ]
+  counts = cfg["poison_counts"]
   header = ["method"] + [f"{n} ({n / cfg['num_train']:.0%})" for n in counts]
   for kind, key in KINDS.items():
     rows = [
-      [m] + [_bilevel.summary([r[key] for r in of(kind, m, n)]) for n in counts]
-      for m in BASELINES + METHODS
+      [m] + [_bilevel.summary(of(kind, m, key, n)) for n in counts] for m in BASELINES + METHODS
     ]
     lines += [f"## {titles[kind]}\n", _common.markdown_table(header, rows) + "\n"]
-  seconds = lambda kind, m: f"{np.median([r['seconds'] for r in of(kind, m)]):.2f}"
+  seconds = {
+    kind: lambda m, kind=kind: f"{np.median(of(kind, m, 'seconds')):.2f}" for kind in KINDS
+  }
   lines += [
     "## Wall time per attack (seconds, median over poison counts, after compiling)\n",
-    _common.markdown_table(
-      ["method", *KINDS], [[m] + [seconds(kind, m) for kind in KINDS] for m in METHODS]
-    )
-    + "\n",
+    _common.table(METHODS, {"method": str} | seconds) + "\n",
     meta["published_note"] + "\n",
     _bilevel.measured_on(meta),
   ]
