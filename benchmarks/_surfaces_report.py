@@ -43,7 +43,22 @@ def markdown(records: Records, meta: dict[str, Any]) -> str:
     parts += [_common.markdown_table(["surface"] + extra, rows)]
   for proto in meta["protocols"]:
     if rows := [r for r in meta["protocol_tables"] if r["protocol"] == proto]:
-      parts += _long_runs(proto, rows)
+      n, block, blocks = rows[0]["long_trials"], rows[0]["block_trials"], rows[0]["blocks"]
+      header = ["surface", "method", f"{n:,}-trial mean", "block means min / median / max",
+                "blocks <= published", "published"]  # fmt: skip
+      cells = [
+        [r["surface"], r["name"], f"{r['long_error_mean']:.3f}",
+         " / ".join(f"{r[f'block_mean_{k}']:.3f}" for k in ("min", "median", "max")),
+         f"{r['blocks_at_or_below_published']} of {r['blocks']}", f"{r['published']:.3f}"]
+        for r in rows
+      ]  # fmt: skip
+      parts += [
+        f"## Protocol '{proto}': {n:,}-trial means and the spread of {block}-trial means",
+        f"Each cell: mean over {n:,} trials / the {blocks} means of {block} trials (min, "
+        "median, max) / how many of those means are at or below the published mean / "
+        "published.",
+        _common.markdown_table(header, cells),
+      ]
   compiled = ", ".join(f"{k} {v:.2f} s" for k, v in t["compile_seconds"].items())
   parts += [
     "## Wall time\n\n"
@@ -56,24 +71,6 @@ def markdown(records: Records, meta: dict[str, Any]) -> str:
     parts += _numpy(names, t, meta["paper"])
   parts += [f"Measured on {env['device']} ({env['backend']}), jax {env['jax']}."]
   return "\n\n".join(parts) + "\n"
-
-
-def _long_runs(proto: str, rows: Records) -> list[str]:
-  n, block, blocks = rows[0]["long_trials"], rows[0]["block_trials"], rows[0]["blocks"]
-  header = ["surface", "method", f"{n:,}-trial mean", "block means min / median / max",
-            "blocks <= published", "published"]  # fmt: skip
-  cells = [
-    [r["surface"], r["name"], f"{r['long_error_mean']:.3f}",
-     " / ".join(f"{r[f'block_mean_{k}']:.3f}" for k in ("min", "median", "max")),
-     f"{r['blocks_at_or_below_published']} of {r['blocks']}", f"{r['published']:.3f}"]
-    for r in rows
-  ]  # fmt: skip
-  return [
-    f"## Protocol '{proto}': {n:,}-trial means and the spread of {block}-trial means",
-    f"Each cell: mean over {n:,} trials / the {blocks} means of {block} trials (min, "
-    "median, max) / how many of those means are at or below the published mean / published.",
-    _common.markdown_table(header, cells),
-  ]
 
 
 def _numpy(names: list[str], t: dict[str, Any], paper: bool) -> list[str]:

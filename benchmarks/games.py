@@ -30,8 +30,8 @@ BALDUZZI = "Balduzzi et al., ICML 2018 (SGA), Sec. 5"
 
 
 class Case(NamedTuple):
-  """A game: its solvers, the players' shapes (drawn standard normal), its metric (lower is
-  closer) and the tolerance at which a run counts as at the equilibrium."""
+  """A game: players' shapes drawn standard normal; a run ends at the equilibrium when its
+  metric is at most ``tol``; ``steps``: of a full run."""
 
   solvers: dict[str, kbeam_jax.Solver]
   shapes: list[tuple[int, ...]]
@@ -41,7 +41,7 @@ class Case(NamedTuple):
   metric_name: str
   published: dict[str, str]  # solver -> the literature's outcome
   source: str
-  steps: int
+  steps: int = 500
 
   def start(self, key: jax.Array, n: int) -> tuple:
     keys = jax.random.split(key, len(self.shapes))
@@ -49,8 +49,7 @@ class Case(NamedTuple):
 
 
 def naive_to_sos(losses, lr, alpha, gamma=1.0):
-  """Every Nash-learning solver at one step size (``alpha``: the lookahead step, ``gamma``:
-  consensus's weight)."""
+  """Every Nash-learning solver at step ``lr`` (lookahead ``alpha``, consensus ``gamma``)."""
   return {
     "naive": games.gradient_play(losses, optax.sgd(lr)),
     "consensus": games.consensus(losses, lr, gamma=gamma),
@@ -66,40 +65,38 @@ def norm(p):
   return jnp.sqrt(sum(jnp.sum(x**2) for x in p))
 
 
-def matching_pennies(steps):
+def matching_pennies():
   half = lambda p: norm([jax.nn.sigmoid(x) - 0.5 for x in p])
   published = dict(naive="cycles", sga="converges", consensus="converges", sos="converges")
   return Case(naive_to_sos(tasks.matching_pennies(), 1.0, 1.0), [(), ()], half, 0.01,
-              "mixed Nash p = (½, ½)", "|p - ½|", published, f"{LETCHER}; {BALDUZZI}",
-              steps)  # fmt: skip
+              "mixed Nash p = (½, ½)", "|p - ½|", published, f"{LETCHER}; {BALDUZZI}")  # fmt: skip
 
 
-def bilinear_game(steps):
+def bilinear_game():
   published = dict(naive="diverges", sga="converges", consensus="converges")
-  return Case(naive_to_sos(tasks.bilinear(), 0.1, 0.1), [(2,), (2,)], norm, 1e-3,
-              "Nash point 0", "|θ|", published, f"{BALDUZZI}; Mescheder et al., NeurIPS 2017",
-              steps)  # fmt: skip
+  return Case(naive_to_sos(tasks.bilinear(), 0.1, 0.1), [(2,), (2,)], norm, 1e-3, "Nash point 0",
+              "|θ|", published, f"{BALDUZZI}; Mescheder et al., NeurIPS 2017")  # fmt: skip
 
 
-def tandem(steps):
+def tandem():
   gap = lambda p: jnp.abs(p[0] + p[1] - 1.0)
   published = {"lola": "leaves x + y = 1", "sos": "converges", "lookahead": "converges"}
   # consensus at γ = 0.5: at γ = 1 its step lr(1 + 4γ)·4 = 2 sits on tandem's stability edge
   solvers = naive_to_sos(tasks.tandem(), 0.1, 0.1, gamma=0.5)
   return Case(solvers, [(), ()], gap, 1e-3, "fixed points x + y = 1", "|x + y - 1|",
-              published, LETCHER, steps)  # fmt: skip
+              published, LETCHER)  # fmt: skip
 
 
-def ipd(steps):
+def ipd():
   losses = tasks.ipd(0.96)
   per_step = lambda p: 0.04 * 0.5 * (losses[0](p) + losses[1](p))  # (1 - γ)·mean loss
   published = {"naive": "defect, ≈ 2", "lola": "cooperate, ≈ 1", "sos": "cooperate, ≈ 1"}
   return Case(naive_to_sos(losses, 1.0, 1.0), [(5,), (5,)], per_step, 1.2,
               "cooperation (loss per step < 1.2)", "loss per step", published,
-              f"Foerster et al., AAMAS 2018 (exact-value IPD); {LETCHER}", steps)  # fmt: skip
+              f"Foerster et al., AAMAS 2018 (exact-value IPD); {LETCHER}", 200)  # fmt: skip
 
 
-def leader_follower(steps):
+def leader_follower():
   losses, points = tasks.leader_follower()
   inner = dict(inner_steps=20, inner_lr=0.25)
   solvers = {"naive": games.gradient_play(losses, optax.sgd(0.2))}
@@ -109,10 +106,10 @@ def leader_follower(steps):
   published = {k: f"u = 1/2, leader loss {points['stackelberg_loss']:.4f}" for k in solvers}
   published["naive"] = f"Nash u = 2/3, leader loss {points['nash_loss']:.4f}"
   return Case(solvers, [(), ()], gap, 1e-3, "Stackelberg point u = 1/2", "|u - ½|", published,
-              "closed form; Fiez et al., ICML 2020", steps)  # fmt: skip
+              "closed form; Fiez et al., ICML 2020", 300)  # fmt: skip
 
 
-def three_level(steps):
+def three_level():
   """``min_x F(x) = ½|x - a|² + ½|y*(x) - c|²``, ``y*(x) = argmin_y ½|y - Ax|² +
   ½|z*(y) - d|²``, ``z*(y) = argmin_z ½|z - By|² + ½zᵀDz``: nested argmin, closed form."""
   rng = np.random.default_rng(0)
@@ -137,17 +134,11 @@ def three_level(steps):
   gap = lambda p: jnp.linalg.norm(p[0] - x_star)
   published = {k: "exact optimum (closed form)" for k in solvers}
   return Case(solvers, [(3,)], gap, 1e-6, "the optimum x*", "|x - x*|", published,
-              "closed form", steps)  # fmt: skip
+              "closed form", 100)  # fmt: skip
 
 
-CASES = {  # name: (game, steps of a full run)
-  "matching_pennies": (matching_pennies, 500),
-  "bilinear": (bilinear_game, 500),
-  "tandem": (tandem, 500),
-  "ipd": (ipd, 200),
-  "leader_follower": (leader_follower, 300),
-  "three_level": (three_level, 100),
-}
+CASES = dict(matching_pennies=matching_pennies, bilinear=bilinear_game, tandem=tandem, ipd=ipd,
+             leader_follower=leader_follower, three_level=three_level)  # fmt: skip
 
 
 def run_case(case: Case, solver: kbeam_jax.Solver, trials: int, seed: int, repeats: int):
@@ -174,7 +165,8 @@ def summarize(trajectory: np.ndarray, tol: float) -> dict[str, Any]:
 
 def run_suite(out_dir: Path, *, quick: bool = False, trials: int = 100, seed: int = 0):
   scale = 0.4 if quick else 1.0
-  cases = {g: make(max(20, int(n * scale))) for g, (make, n) in CASES.items()}
+  cases = {g: make() for g, make in CASES.items()}
+  cases = {g: c._replace(steps=max(20, int(c.steps * scale))) for g, c in cases.items()}
   jobs = [(g, s) for g, case in cases.items() for s in case.solvers]
   records, curves = [], {}
   for game, name in tqdm(jobs, desc="games", unit="run"):

@@ -24,6 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from benchmarks import _common
+from benchmarks import surfaces as surfaces_suite
 from kbeam_jax import data, minimax, nn
 from kbeam_jax.tasks import gan_mog, surfaces
 
@@ -32,20 +33,17 @@ RULES = _common.kbeam_rules(EPSILON)  # name -> rule value
 
 
 def scalar_2d(rule: str, steps: int, trials: int):
-  """``(loop, args)`` of ``steps`` K-beam steps on the anti-saddle, ``trials`` vmapped."""
-  sgd = optax.sgd(lambda c: 0.1 / jnp.sqrt(c + 1.0))
-  box = dict(project_u=surfaces.project, project_v=surfaces.project)
-  solver = minimax.kbeam(surfaces.get("anti_saddle").f, sgd, sgd, rule=RULES[rule], **box)
+  """``(loop, args)`` of ``steps`` K-beam steps on the anti-saddle (as in the surfaces
+  suite), ``trials`` vmapped."""
+  f = surfaces.get("anti_saddle").f
+  solver = surfaces_suite.make_solver(f, (minimax.kbeam, (("rule", RULES[rule]),)))
 
   def one(key, u0, beams0):
     state = solver.init(key, u0, beams0, num_beams=K)
     state = jax.lax.fori_loop(0, steps, lambda _, s: solver.step(s)[0], state)
     return state.u, state.beams
 
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-  keys = jax.random.split(k1, trials)
-  u0 = jax.random.uniform(k2, (trials,), minval=-0.45, maxval=0.45)
-  beams0 = jax.random.uniform(k3, (trials, K), minval=-0.45, maxval=0.45)
+  keys, u0, beams0 = surfaces_suite.draw_inits(0, trials)
   if trials == 1:
     return one, (keys[0], u0[0], beams0[0])
   return jax.vmap(one), (keys, u0, beams0)

@@ -1,10 +1,6 @@
-"""The 2D-surface study as a researcher would first write it: NumPy, one trial at a time.
-
-The baseline the JAX study is timed against: gradients by hand, a Python loop per trial
-over iterations and, for K-beam, over beams. The same algorithms as ``kbeam_jax.minimax``
-with ``optax.sgd`` at step ``0.1/sqrt(t)``, every iterate clipped to ``[-0.5, 0.5]``: GD,
-Alt-GD and K-beam with the ``best`` rule.
-"""
+"""The surfaces suite's NumPy baseline, as a researcher would first write it: gradients by
+hand, a Python loop per trial over iterations (and beams); GD, Alt-GD and K-beam (best),
+step ``0.1/sqrt(t)``, iterates clipped to the box."""
 
 from __future__ import annotations
 

@@ -4,15 +4,13 @@ every rule); protocols, ``--paper`` and ``--spread`` in docs/pages/benchmarks/su
 
 ``python -m benchmarks surfaces [--quick | --paper] [--protocol clean|authors|both]
 [--spread N] [--out results]`` writes ``surfaces.json``, ``surfaces.md`` and (not with
-``--paper``) ``surfaces.png``. One compiled program per state structure serves every
-surface, contender, K and protocol (run-time arguments), trials vmapped.
+``--paper``) ``surfaces.png``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,9 +33,8 @@ PAPER_SURFACES = tuple(surfaces.PUBLISHED)
 
 
 class Program(NamedTuple):
-  """Solvers whose states have one structure: one compiled program runs any of them (a
-  run-time branch index). K-beam's start from all the beams stacked (``K`` active), the
-  others from the first beam as their follower."""
+  """Solvers whose states have one structure, run by one compiled program (a run-time
+  branch index): K-beam from all the beams (``K`` active), the others from the first."""
 
   name: str  # as the timing report calls it
   stacked: bool
@@ -55,9 +52,8 @@ GDA, OGDA, KBEAM = Program("gda", False), Program("ogda", False), Program("kbeam
 
 
 class Contender(NamedTuple):
-  """One column of the study: a ``minimax`` solver factory with its options, the program
-  that runs it, its beam count, its K-beam rule's name, and whether the authors' protocol
-  runs it on the beams the previous such contender left (K = 2 -> 5 -> 10)."""
+  """One column of the study; ``carried``: the authors' protocol runs it on the beams the
+  previous such contender left (K = 2 -> 5 -> 10)."""
 
   name: str
   program: Program
@@ -68,7 +64,6 @@ class Contender(NamedTuple):
   carried: bool = False
 
   def branch(self, protocol: Protocol) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    """``(build, options)`` as ``protocol`` runs it: one branch of its program."""
     return self.build, self.options + protocol.options.get(self.build, ())
 
 
@@ -104,12 +99,10 @@ def methods(paper: bool = False) -> list[Contender]:
 
 
 def schedule(count: jax.Array) -> jax.Array:
-  """``0.1 / sqrt(t)`` at iteration ``t = count + 1``."""
   return 0.1 / jnp.sqrt(count + 1.0)
 
 
 def make_solver(f, branch) -> kbeam_jax.Solver:
-  """The branch's solver on ``f``: ``optax.sgd(schedule)`` for both players, in the box."""
   build, options = branch
   opt = optax.sgd(schedule)
   return build(f, opt, opt, project_u=surfaces.project, project_v=surfaces.project, **dict(options))
@@ -131,8 +124,7 @@ def trial_program(f, program: Program, branches):
 
 
 class Programs:
-  """The compiled programs of one study: one per ``Program``, for all its surfaces,
-  contenders and protocols."""
+  """The compiled programs of one study: one per ``Program``."""
 
   def __init__(self, names: list[str], method_list: list[Contender], protocols: list[Protocol]):
     self.names, self.compiled, self.compile_seconds = names, {}, {}
@@ -143,8 +135,7 @@ class Programs:
       self.branches.setdefault(program, []).append(branch)
 
   def compile(self, trials: int, seed: int = 0) -> None:
-    """Compiles every program for ``trials`` trials per call, and the initial draws, in
-    parallel threads (XLA compiles outside the GIL)."""
+    """Compiles every program and the initial draws in threads (XLA runs outside the GIL)."""
     f = surfaces.select(self.names)
     indices = (jax.ShapeDtypeStruct((), jnp.int32),) * 4  # surface, branch, num_iters, K
     draws = jax.eval_shape(lambda: draw_inits(seed, trials))
@@ -167,8 +158,7 @@ class Programs:
     return self.compiled[m.program](*map(np.int32, index), keys, u0, beams0)
 
   def run_protocol(self, surface: str, method_list, protocol: Protocol, keys, u0, beams0):
-    """``{name: u_T}`` of every method under ``protocol`` (the authors' carry-over and
-    Alt-GD order included)."""
+    """``{name: u_T}`` of every method under ``protocol`` (with the authors' carry-over)."""
     out, carried = {}, beams0
     for m in method_list:
       carry = protocol.carry_beams and m.carried
@@ -187,8 +177,7 @@ def timed(job: Callable[..., Any], *inputs: Any) -> tuple[Any, float]:
 
 def draw_inits(seed: int, trials: int, block: int = 0):
   """Keys, ``u0`` and ``MAX_K`` beams of ``trials`` trials; block 0 is the study's draw,
-  blocks 1, 2, ... (the long-run means) are independent further draws. One compiled
-  program for every seed and block."""
+  blocks 1, 2, ... (the long-run means) further draws; one program for every seed, block."""
   return _draw(np.int32(seed), np.int32(block), trials)
 
 
@@ -232,11 +221,14 @@ def run_study(
 ) -> list[dict[str, Any]]:  # fmt: skip
   """Runs the study (``num_iters``: the clean protocol's updates; ``repeats``: timed runs
   per method, none with ``paper``; ``names``: default all six surfaces, the published four
-  with ``paper``; ``spread``: a multiple of ``trials``), publishes it, returns the records."""
+  with ``paper``; ``spread``: rounded up to whole calls of ``trials``), publishes it, returns
+  the records."""
   wall_start = time.perf_counter()
   names = names or list(PAPER_SURFACES if paper else surfaces.SURFACES)
   if spread % trials:
-    raise ValueError(f"spread={spread} must be a multiple of trials={trials}.")
+    rounded = -(-spread // trials) * trials
+    print(f"surfaces: --spread {spread} rounded up to {rounded}, a multiple of --trials {trials}")
+    spread = rounded
   method_list, six = methods(paper), surfaces.PUBLISHED_METHODS
   protos = [PROTOCOLS[p] for p in protocols]
   protos = [p._replace(num_iters=num_iters) if p.name == "clean" else p for p in protos]
@@ -247,10 +239,9 @@ def run_study(
   finals, seconds = {}, {}
   for name in tqdm(names, desc="surfaces", unit="surface", leave=False):
     finals[name], all_seconds = timed(programs.run_protocol, name, method_list, main, *draws)
-    seconds[name] = {"all": all_seconds}
-    for m in [] if paper else method_list:
-      runs = [timed(programs.call, name, m, main, *draws)[1] for _ in range(max(1, repeats))]
-      seconds[name][m.name] = statistics.median(runs)
+    calls = {m.name: functools.partial(programs.call, name, m, main, *draws) for m in method_list}
+    per_method = _common.in_turns({} if paper else calls, repeats)
+    seconds[name] = {"all": all_seconds} | {m: s for m, (s, _) in per_method.items()}
   jax_seconds = time.perf_counter() - wall_start
 
   records = []
@@ -320,14 +311,9 @@ def long_runs(programs, names, protos, seed, trials, spread) -> list[dict[str, A
 
 
 def main(args) -> None:
-  """``python -m benchmarks surfaces``: the full study, ``--paper`` or ``--quick``."""
   trials, spread = args.trials, args.spread
   if spread is None:
     spread = 0 if args.paper else (20 * trials if args.quick else 10_000)
-  if spread % trials:  # whole calls of the trials-sized program
-    rounded = -(-spread // trials) * trials
-    print(f"surfaces: --spread {spread} rounded up to {rounded}, a multiple of --trials {trials}")
-    spread = rounded
   protocols = ("clean", "authors") if args.protocol == "both" else (args.protocol,)
   names = ["seesaw", "anti_saddle"] if args.quick else None
   run_study(args.out, trials=trials, seed=args.seed, repeats=1 if args.quick else 3, names=names,

@@ -302,7 +302,7 @@ def test_the_benchmark_reports_what_it_measured():
   tr = np.array([[1.0, 1.0, 1.0], [0.5, 1e-4, 1.0], [1e-4, 1e-5, 2.0]])  # (steps, runs)
   out = suite.summarize(tr, 1e-3)
   assert out["share"] == 2 / 3 and out["final_median"] == 1e-4 and out["steps_needed"] == 2.5
-  case = suite.tandem(60)
+  case = suite.tandem()._replace(steps=60)
   trajectory, seconds = suite.run_case(case, case.solvers["lola"], 8, 0, 1)
   assert trajectory.shape == (60, 8) and seconds > 0
   np.testing.assert_allclose(trajectory[-1], 1 / 3, atol=1e-4)  # LOLA's arrogant point
