@@ -50,22 +50,74 @@ class GDAInfo(NamedTuple):
   update_finite: jax.Array
 
 
+class _Players(NamedTuple):
+  """The objective, both optimizers and projections: what every GDA update reads."""
+
+  f: Callable[..., jax.Array]
+  leader: optax.GradientTransformation
+  follower: optax.GradientTransformation
+  project_u: Callable[[PyTree], PyTree]
+  project_v: Callable[[PyTree], PyTree]
+
+  def descend(self, grads: PyTree, state: GDAState) -> tuple[PyTree, Any]:
+    return _common.descend(self.leader, grads, state.leader_state, state.u, self.project_u)
+
+  def ascend(self, grads: PyTree, state: GDAState) -> tuple[PyTree, Any]:
+    return _common.ascend(self.follower, grads, state.follower_state, state.v, self.project_v)
+
+
+# The GDA updates: ``update(players, state, args) -> ((u, v, leader_state, follower_state),
+# (value, grad_u, grad_v))``, the value and gradients at the step's starting point.
+
+
+def _simultaneous(p: _Players, state: GDAState, args: tuple) -> tuple:
+  value, (gu, gv) = jax.value_and_grad(p.f, argnums=(0, 1))(state.u, state.v, *args)
+  (u, ls), (v, fs) = p.descend(gu, state), p.ascend(gv, state)
+  return (u, v, ls, fs), (value, gu, gv)
+
+
+def _alternating(p: _Players, state: GDAState, args: tuple) -> tuple:
+  # The same calls, in the same order, as kbeam's step with K = 1.
+  value = p.f(state.u, state.v, *args)
+  gu = jax.grad(p.f)(state.u, state.v, *args)
+  gv = jax.grad(p.f, argnums=1)(state.u, state.v, *args)
+  u, ls = p.descend(gu, state)
+  v, fs = p.ascend(jax.grad(p.f, argnums=1)(u, state.v, *args), state)
+  return (u, v, ls, fs), (value, gu, gv)
+
+
+def _alternating_max_first(p: _Players, state: GDAState, args: tuple) -> tuple:
+  value = p.f(state.u, state.v, *args)
+  gu = jax.grad(p.f)(state.u, state.v, *args)
+  gv = jax.grad(p.f, argnums=1)(state.u, state.v, *args)
+  v, fs = p.ascend(gv, state)
+  u, ls = p.descend(jax.grad(p.f)(state.u, v, *args), state)
+  return (u, v, ls, fs), (value, gu, gv)
+
+
+def _extragradient(p: _Players, state: GDAState, args: tuple) -> tuple:
+  value, (gu, gv) = jax.value_and_grad(p.f, argnums=(0, 1))(state.u, state.v, *args)
+  (u_half, _), (v_half, _) = p.descend(gu, state), p.ascend(gv, state)
+  gu_half, gv_half = jax.grad(p.f, argnums=(0, 1))(u_half, v_half, *args)
+  (u, ls), (v, fs) = p.descend(gu_half, state), p.ascend(gv_half, state)
+  return (u, v, ls, fs), (value, gu, gv)
+
+
 def _gda(
   f: Callable[..., jax.Array],
   leader: optax.GradientTransformation,
   follower: optax.GradientTransformation,
   project_u: Callable[[PyTree], PyTree] | None,
   project_v: Callable[[PyTree], PyTree] | None,
-  mode: str,
+  update: Callable[[_Players, GDAState, tuple], tuple],
 ) -> Solver:
-  """The GDA solvers; ``mode`` is ``simultaneous``, ``alternating`` (min step first),
-  ``alternating_max_first`` or ``extragradient``."""
+  """A GDA solver stepping by ``update`` (one of the updates above)."""
   check_optimizer("leader", leader)
   check_optimizer("follower", follower)
   f = scalar_output(f, "the objective f(u, v)")
-  project_u = checked_projection(project_u, "u")
-  project_v = checked_projection(project_v, "v")
-  value_and_grads = jax.value_and_grad(f, argnums=(0, 1))
+  players = _Players(
+    f, leader, follower, checked_projection(project_u, "u"), checked_projection(project_v, "v")
+  )
 
   def init(key: jax.Array, u: PyTree, v: PyTree) -> GDAState:
     del key  # the baselines are deterministic; the key keeps the API of kbeam
@@ -73,49 +125,8 @@ def _gda(
     check_float_leaves(v, "v")
     return GDAState(u, v, leader.init(u), follower.init(v), jnp.zeros([], jnp.int32))
 
-  def simultaneous(state, args):
-    value, (gu, gv) = value_and_grads(state.u, state.v, *args)
-    u, ls = _common.descend(leader, gu, state.leader_state, state.u, project_u)
-    v, fs = _common.ascend(follower, gv, state.follower_state, state.v, project_v)
-    return (u, v, ls, fs), (value, gu, gv)
-
-  def alternating(state, args):
-    # The same calls, in the same order, as kbeam's step with K = 1.
-    value = f(state.u, state.v, *args)
-    gu = jax.grad(f)(state.u, state.v, *args)
-    gv = jax.grad(f, argnums=1)(state.u, state.v, *args)
-    u, ls = _common.descend(leader, gu, state.leader_state, state.u, project_u)
-    gv_new = jax.grad(f, argnums=1)(u, state.v, *args)
-    v, fs = _common.ascend(follower, gv_new, state.follower_state, state.v, project_v)
-    return (u, v, ls, fs), (value, gu, gv)
-
-  def alternating_max_first(state, args):
-    value = f(state.u, state.v, *args)
-    gu = jax.grad(f)(state.u, state.v, *args)
-    gv = jax.grad(f, argnums=1)(state.u, state.v, *args)
-    v, fs = _common.ascend(follower, gv, state.follower_state, state.v, project_v)
-    gu_new = jax.grad(f)(state.u, v, *args)
-    u, ls = _common.descend(leader, gu_new, state.leader_state, state.u, project_u)
-    return (u, v, ls, fs), (value, gu, gv)
-
-  def extragradient(state, args):
-    value, (gu, gv) = value_and_grads(state.u, state.v, *args)
-    u_half, _ = _common.descend(leader, gu, state.leader_state, state.u, project_u)
-    v_half, _ = _common.ascend(follower, gv, state.follower_state, state.v, project_v)
-    gu_half, gv_half = jax.grad(f, argnums=(0, 1))(u_half, v_half, *args)
-    u, ls = _common.descend(leader, gu_half, state.leader_state, state.u, project_u)
-    v, fs = _common.ascend(follower, gv_half, state.follower_state, state.v, project_v)
-    return (u, v, ls, fs), (value, gu, gv)
-
-  update = {
-    "simultaneous": simultaneous,
-    "alternating": alternating,
-    "alternating_max_first": alternating_max_first,
-    "extragradient": extragradient,
-  }[mode]
-
   def step(state: GDAState, *args: Any) -> tuple[GDAState, GDAInfo]:
-    new, (value, gu, gv) = update(state, args)
+    new, (value, gu, gv) = update(players, state, args)
     finite = tree_all_finite(new[:2])
     old = (state.u, state.v, state.leader_state, state.follower_state)
     u, v, ls, fs = _common.tree_where(finite, new, old)
@@ -163,7 +174,7 @@ def simultaneous_gda(
   References:
     Arrow, Hurwicz & Uzawa, Studies in Linear and Non-linear Programming, 1958.
   """
-  return _gda(f, leader, follower, project_u, project_v, "simultaneous")
+  return _gda(f, leader, follower, project_u, project_v, _simultaneous)
 
 
 def alternating_gda(
@@ -197,8 +208,8 @@ def alternating_gda(
   """
   if order not in ("min_first", "max_first"):
     raise ValueError(f"order must be 'min_first' or 'max_first', got order={order!r}.")
-  mode = "alternating" if order == "min_first" else "alternating_max_first"
-  return _gda(f, leader, follower, project_u, project_v, mode)
+  update = _alternating if order == "min_first" else _alternating_max_first
+  return _gda(f, leader, follower, project_u, project_v, update)
 
 
 def optimistic_gda(
@@ -231,7 +242,7 @@ def optimistic_gda(
   """
   leader = optax.chain(optax.scale_by_optimistic_gradient(alpha, beta), leader)
   follower = optax.chain(optax.scale_by_optimistic_gradient(alpha, beta), follower)
-  return _gda(f, leader, follower, project_u, project_v, "simultaneous")
+  return _gda(f, leader, follower, project_u, project_v, _simultaneous)
 
 
 def extragradient(
@@ -262,4 +273,4 @@ def extragradient(
   References:
     Korpelevich, The extragradient method for finding saddle points, 1976.
   """
-  return _gda(f, leader, follower, project_u, project_v, "extragradient")
+  return _gda(f, leader, follower, project_u, project_v, _extragradient)
