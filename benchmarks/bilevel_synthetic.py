@@ -10,6 +10,7 @@ explains the problems.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -108,10 +109,12 @@ def run_method(name: str, method: str, T: int, num_iters: int):
   solver = _bilevel.bilevel_solver(method, p.f, p.g, cfg, upper, project, project)
   error = lambda s, _: jnp.sqrt(jnp.sum((s.u - p.u_star) ** 2) + jnp.sum((s.v - p.v_star) ** 2))
 
+  trace = lambda s, info: (error(s, info), jnp.any(getattr(info, "diverging", False)))
+
   def one(u0, v0):
     state = solver.init(jax.random.key(0), u0, v0)
-    state, errors = kbeam_jax.run(solver.step, state, num_iters, trace=error)
-    return errors, p.f(state.u, state.v)
+    state, (errors, diverging) = kbeam_jax.run(solver.step, state, num_iters, trace=trace)
+    return errors, diverging, p.f(state.u, state.v)
 
   return one
 
@@ -125,7 +128,10 @@ def run_suite(trials: int, num_iters: int, seed: int, repeats: int):
   jobs = [(p, m, T) for p in PROBLEMS for m in METHODS for T in TS]
   for name, method, T in tqdm(jobs, desc="bilevel_synthetic", unit="run"):
     fn = jax.vmap(run_method(name, method, T, num_iters))
-    (errors, values), compile_s, run_s = _common.compile_and_time(fn, u0, v0, repeats=repeats)
+    with warnings.catch_warnings():  # the steps kbeam_jax.run warns of go into the record
+      warnings.simplefilter("ignore", kbeam_jax.SolverWarning)
+      out, compile_s, run_s = _common.compile_and_time(fn, u0, v0, repeats=repeats)
+    errors, diverging, values = out
     errors = np.asarray(errors, np.float64)  # (trials, num_iters)
     p = problem(name)
     f_star = float(p.f(jnp.asarray(p.u_star), jnp.asarray(p.v_star)))
@@ -135,6 +141,8 @@ def run_suite(trials: int, num_iters: int, seed: int, repeats: int):
         problem=name, method=method, T=T, error_mean=float(np.mean(final)),
         error_std=float(np.std(final)), finite=int(np.sum(np.isfinite(final))),
         upper_gap_mean=float(np.mean(gap)), seconds=run_s, compile_seconds=compile_s,
+        diverging_trials=int(np.sum(np.any(diverging, axis=1))),
+        diverging_steps=int(np.max(np.sum(diverging, axis=1))),
         trials=trials, iterations=num_iters, seconds_per_iteration=run_s / num_iters,
       )
     )  # fmt: skip
@@ -175,6 +183,15 @@ def markdown(records, meta) -> str:
   for name in PROBLEMS:
     note = [NOTES[name] + "\n"] if name in NOTES else []
     lines += [f"## {name}\n", *note, _common.table(METHODS, columns) + "\n"]
+    flagged = [r for r in records if r["problem"] == name and r["diverging_trials"]]
+    if flagged:
+      lines.append(
+        "Flagged divergence (`info.diverging`: the inner or linear solve ran away; "
+        "`kbeam_jax.run` warns of it, recorded here instead): " + ", ".join(
+          f"{r['method']} T = {r['T']} in {r['diverging_trials']}/{r['trials']} trials "
+          f"(at most {r['diverging_steps']} of {r['iterations']} steps)" for r in flagged
+        ) + ".\n"
+      )  # fmt: skip
   return "\n".join(lines + [_bilevel.measured_on(meta)])
 
 

@@ -14,7 +14,7 @@ from benchmarks import _bilevel, bilevel_scaling, bilevel_synthetic
 def test_synthetic_methods_reach_the_solution(method):
   u0 = jnp.full((bilevel_synthetic.DIM,), 3.0)
   v0 = jnp.full((bilevel_synthetic.DIM,), -2.0)
-  errors, _ = jax.jit(bilevel_synthetic.run_method("sum", method, 5, 1500))(u0, v0)
+  errors, _, _ = jax.jit(bilevel_synthetic.run_method("sum", method, 5, 1500))(u0, v0)
   assert float(errors[-1]) < 1e-2 * float(errors[0])
 
 
@@ -26,7 +26,7 @@ def test_only_the_penalty_method_selects_the_solution_in_a_continuum():
   u0 = jax.random.uniform(ku, (bilevel_synthetic.DIM,), minval=-5.0, maxval=5.0)
   v0 = jax.random.uniform(kv, (bilevel_synthetic.DIM,), minval=-5.0, maxval=5.0)
   run = lambda m: jax.jit(bilevel_synthetic.run_method("continuum", m, 5, 2000))(u0, v0)
-  (cg, _), (penalty, _) = run("cg"), run("penalty_al")
+  (cg, *_), (penalty, *_) = run("cg"), run("penalty_al")
   assert float(penalty[-1]) < 0.2 < 2.0 < float(cg[-1])
 
 
@@ -45,10 +45,37 @@ def test_naive_gd_stalls_on_the_difference_problem():
   """``∇_u f = -2(u - v)`` vanishes at ``v = u``: without ``dv/du`` u never moves to 0."""
   u0 = jnp.full((bilevel_synthetic.DIM,), 3.0)
   v0 = jnp.full((bilevel_synthetic.DIM,), 3.0)
-  naive, _ = jax.jit(bilevel_synthetic.run_method("difference", "gd", 10, 300))(u0, v0)
-  rmd, _ = jax.jit(bilevel_synthetic.run_method("difference", "rmd", 10, 300))(u0, v0)
+  naive, *_ = jax.jit(bilevel_synthetic.run_method("difference", "gd", 10, 300))(u0, v0)
+  rmd, *_ = jax.jit(bilevel_synthetic.run_method("difference", "rmd", 10, 300))(u0, v0)
   assert float(naive[-1]) > 0.5 * float(naive[0])
   assert float(rmd[-1]) < 1e-3 * float(rmd[0])
+
+
+def test_synthetic_records_the_divergence_run_warns_of(monkeypatch):
+  """A case whose steps flag divergence is counted in its record and named in the report,
+  and no SolverWarning leaves the suite (the default inner step 0.1 is unstable on
+  ``scaled_default``, whose curvatures reach 100)."""
+  import warnings
+
+  monkeypatch.setattr(bilevel_synthetic, "METHODS", ("cg", "penalty"))
+  monkeypatch.setattr(bilevel_synthetic, "TS", (10,))
+  keep = ("sum", "scaled_default")
+  monkeypatch.setattr(
+    bilevel_synthetic, "PROBLEMS", {k: bilevel_synthetic.PROBLEMS[k] for k in keep}
+  )
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", kbeam_jax.SolverWarning)
+    records, _ = bilevel_synthetic.run_suite(2, 20, 0, repeats=1)
+  by = {(r["problem"], r["method"]): r for r in records}
+  assert by["scaled_default", "penalty"]["diverging_trials"] == 2
+  assert 0 < by["scaled_default", "penalty"]["diverging_steps"] <= 20
+  assert by["sum", "cg"]["diverging_trials"] == 0
+  meta = dict(
+    iterations=20, trials=2, outer_lr=0.05, inner_lr=0.1, penalty_lr=0.01, penalty_max_gamma=20.0,
+    box=5.0, environment=dict(device="cpu", backend="cpu", jax="0"),
+  )  # fmt: skip
+  text = bilevel_synthetic.markdown(records, meta)
+  assert "penalty T = 10 in 2/2 trials" in text and "cg T = 10 in" not in text
 
 
 def test_unknown_problem():
