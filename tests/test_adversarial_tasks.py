@@ -72,6 +72,16 @@ def test_gan_benchmark_resumes_to_the_same_numbers(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_gan_report_says_when_a_run_is_too_short_to_rank_the_methods():
+  record = dict(
+    method="kbeam_5", jsd=[[0.4, 0.5], [0.1, 0.2]], modes=[[3, 4], [4, 4]],
+    quality=[[0.1, 0.2], [0.2, 0.3]], iterations=[0, 8000], ms_per_iter_per_trial=3.0,
+  )  # fmt: skip
+  meta = dict(trials=2, num_iters=8000, seed=0, eval_every=2000, environment=dict(device="cpu"))
+  assert "--iters 10000" in gan_bench.report([record], meta)
+  assert "--iters 10000" not in gan_bench.report([record], meta | dict(num_iters=50_000))
+
+
 def test_gan_benchmark_methods_and_errors():
   for name, method in gan_bench.METHODS.items():
     assert isinstance(gan_bench.make_solver(name), kbeam_jax.Solver)
