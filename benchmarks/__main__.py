@@ -168,7 +168,8 @@ SUITES = {
     "eta = 0.1, 0.2, 0.3, and the cat-and-mouse sequence",
     "full 16 min; --protocol paper 45 min per seed (one core each); --quick under 2 min",
     MNIST,
-    iters="300 defense steps per eta, 2500 with --protocol paper (--quick: 10)",
+    iters="300 defense steps per eta, 2500 with --protocol paper (--quick: 10, and 20 with "
+    "--protocol paper)",
     resume=True,
     protocols=("default", "paper"),
     protocol_help="'paper' is Hamm & Mehra's Table 5: eta 0.3-0.6, FGSM adversarial "
@@ -224,7 +225,7 @@ HELP = {  # every option's help, {} filled in per suite
   "--paper": "only the paper's six methods on its four surfaces, 100 trials, timed end to end "
   "beside the NumPy reference loop",
   "--spread": "trials of the long-run means and the spread of 100-trial means (default "
-  "10,000; 0 with --paper)",
+  "10,000, 20 × --trials with --quick; 0 with --paper)",
   "--protocol": "{}",
 }
 

@@ -2,7 +2,7 @@
 ``|u_T - u*|`` of GDA, alternating, optimistic GDA, extragradient and K-beam (K = 1..10,
 every rule); protocols, ``--paper`` and ``--spread`` in docs/pages/benchmarks/surfaces.md.
 
-``python -m benchmarks surfaces [--quick | --paper] [--protocol clean|authors|both]
+``python -m benchmarks surfaces [--quick] [--paper] [--protocol clean|authors|both]
 [--spread N] [--out results]`` writes ``surfaces.json``, ``surfaces.md`` and (not with
 ``--paper``) ``surfaces.png``.
 """
