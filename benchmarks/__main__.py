@@ -32,8 +32,8 @@ class Suite:
   title: str  # one line for the listing in the main --help
   description: str
   # wall time on 2 CPU cores: full runs as measured for the reports in docs/pages/benchmarks/
-  # (idle machine); --quick as upper bounds, measured while other jobs loaded the machine
-  # (load average about 7)
+  # (idle machine; a range where a second, slower machine took longer); --quick as upper
+  # bounds, measured while other jobs loaded the machine (load average about 7)
   time: str
   data: str  # files read from KBEAM_JAX_DATA ("" for none)
   # --trials and --iters: the suite's defaults (full run, --quick), filled into the parsed
@@ -79,7 +79,7 @@ SUITES = {
     "time and memory of one hypergradient vs T and dim(v)",
     "time and memory of one hypergradient of each method against the inner steps T and "
     "dim(v), with fitted exponents",
-    "full 2 min (3.5 under load); --quick under 3 min",
+    "full 5 to 6 min; --quick under 3 min",
     "",
   ),
   "games": Suite(
@@ -88,7 +88,7 @@ SUITES = {
     "the tandem game, the iterated prisoner's dilemma, a leader-follower game, a three-level "
     "program), every solver from 100 random starts vmapped: share at the equilibrium, final "
     "metric, steps, time per step, beside the published outcome",
-    "full about 2 min; --quick under 1.5 min",
+    "full about 30 s; --quick under 1 min",
     "",
     trials=(100, 100),
   ),
@@ -108,7 +108,7 @@ SUITES = {
     "the cost of a K-beam step under each direction rule",
     "the cost of a K-beam step under each direction rule (best, random, min_norm, kiwiel) "
     "on the scalar 2D problem and a GAN-sized step, beside rule best",
-    "full about 1 min; --quick under 1 min",
+    "full 30 to 50 s; --quick under 1 min",
     "",
   ),
   "privacy": Suite(
