@@ -76,20 +76,23 @@ def _simultaneous(p: _Players, state: GDAState, args: tuple) -> tuple:
   return (u, v, ls, fs), (value, gu, gv)
 
 
-def _alternating(p: _Players, state: GDAState, args: tuple) -> tuple:
-  # The same calls, in the same order, as kbeam's step with K = 1.
+def _at_start(p: _Players, state: GDAState, args: tuple) -> tuple:
+  """``f`` and both partial gradients at the start by separate calls, in the order of
+  kbeam's step with K = 1 (so that alternating GDA matches it step for step)."""
   value = p.f(state.u, state.v, *args)
   gu = jax.grad(p.f)(state.u, state.v, *args)
-  gv = jax.grad(p.f, argnums=1)(state.u, state.v, *args)
+  return value, gu, jax.grad(p.f, argnums=1)(state.u, state.v, *args)
+
+
+def _alternating(p: _Players, state: GDAState, args: tuple) -> tuple:
+  value, gu, gv = _at_start(p, state, args)
   u, ls = p.descend(gu, state)
   v, fs = p.ascend(jax.grad(p.f, argnums=1)(u, state.v, *args), state)
   return (u, v, ls, fs), (value, gu, gv)
 
 
 def _alternating_max_first(p: _Players, state: GDAState, args: tuple) -> tuple:
-  value = p.f(state.u, state.v, *args)
-  gu = jax.grad(p.f)(state.u, state.v, *args)
-  gv = jax.grad(p.f, argnums=1)(state.u, state.v, *args)
+  value, gu, gv = _at_start(p, state, args)
   v, fs = p.ascend(gv, state)
   u, ls = p.descend(jax.grad(p.f)(state.u, v, *args), state)
   return (u, v, ls, fs), (value, gu, gv)
