@@ -107,9 +107,8 @@ def run_method(name: str, method: str, T: int, num_iters: int):
     penalty_lr=0.05 if adam else p.penalty_lr, penalty_lower="adam" if adam else "sgd",
   )  # fmt: skip
   solver = _bilevel.bilevel_solver(method, p.f, p.g, cfg, upper, project, project)
-  error = lambda s, _: jnp.sqrt(jnp.sum((s.u - p.u_star) ** 2) + jnp.sum((s.v - p.v_star) ** 2))
-
-  trace = lambda s, info: (error(s, info), jnp.any(getattr(info, "diverging", False)))
+  error = lambda s: jnp.sqrt(jnp.sum((s.u - p.u_star) ** 2) + jnp.sum((s.v - p.v_star) ** 2))
+  trace = lambda s, info: (error(s), jnp.any(getattr(info, "diverging", False)))
 
   def one(u0, v0):
     state = solver.init(jax.random.key(0), u0, v0)

@@ -122,6 +122,14 @@ def run_method(
   )  # fmt: skip
 
 
+SHORT_RUN_NOTE = (
+  "A short run: one trial's JSD still swings by about 0.1 between evaluations, so a few "
+  "trials only hint at the ordering. `python -m benchmarks gan_mog --trials 3 --iters 10000` "
+  "(every method, about 7 min on 2 CPU cores) separates K = 2, 5, 10 from GD and K = 1 "
+  "(docs/pages/benchmarks/gan_mog.md)."
+)
+
+
 def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
   final = lambda r, k: np.array(r[k][-1])
   jsd = lambda r: _common.mean_std(final(r, "jsd").mean(), final(r, "jsd").std())
@@ -146,14 +154,6 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     "iterations included.",
     *[SHORT_RUN_NOTE] * (meta["num_iters"] < 10_000),
   ])  # fmt: skip
-
-
-SHORT_RUN_NOTE = (
-  "A short run: one trial's JSD still swings by about 0.1 between evaluations, so a few "
-  "trials only hint at the ordering. `python -m benchmarks gan_mog --trials 3 --iters 10000` "
-  "(every method, about 7 min on 2 CPU cores) separates K = 2, 5, 10 from GD and K = 1 "
-  "(docs/pages/benchmarks/gan_mog.md)."
-)
 
 
 def plot(records: list[dict[str, Any]]):
