@@ -97,7 +97,8 @@ SUITES = {
     "the K-beam paper's GAN on a mixture of 7 Gaussians: JSD, modes covered and sample "
     "quality for GDA and K-beam K = 1, 2, 5, 10",
     "full (10 trials × 50,000 iterations) about 2 h (17 times the 7.4 min measured with "
-    "--trials 3 --iters 10000); --quick (Alt-GDA, K = 1 and 5; 3 × 8,000) about 1.5 min",
+    "--trials 3 --iters 10000); --quick (K = 1, i.e. alternating GDA, and K = 5; 3 × 8,000) "
+    "about 1.5 min",
     "",
     trials=(10, 3),
     iters=(50_000, 8_000),

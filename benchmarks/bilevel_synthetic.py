@@ -25,7 +25,7 @@ from benchmarks import _bilevel, _common
 DIM, BOX = 10, 5.0
 OUTER_LR, INNER_LR = 0.05, 0.1
 METHODS = ("gd", "rmd", "fmd", "approxgrad", "cg", "neumann", "penalty", "penalty_al")
-TS = (1, 5, 10)
+TS, QUICK_TS = (1, 5, 10), (1, 10)
 PENALTY_LR, MAX_GAMMA = OUTER_LR / 5, 20.0
 
 
@@ -118,13 +118,13 @@ def run_method(name: str, method: str, T: int, num_iters: int):
   return one
 
 
-def run_suite(trials: int, num_iters: int, seed: int, repeats: int):
-  """Every (problem, method, T); returns the records and the mean error curves."""
+def run_suite(trials: int, num_iters: int, seed: int, repeats: int, ts: tuple[int, ...] = TS):
+  """Every (problem, method, T in ``ts``); returns the records and the mean error curves."""
   ku, kv = jax.random.split(jax.random.key(seed))
   u0 = jax.random.uniform(ku, (trials, DIM), minval=-BOX, maxval=BOX)
   v0 = jax.random.uniform(kv, (trials, DIM), minval=-BOX, maxval=BOX)
   records, curves = [], {}
-  jobs = [(p, m, T) for p in PROBLEMS for m in METHODS for T in TS]
+  jobs = [(p, m, T) for p in PROBLEMS for m in METHODS for T in ts]
   for name, method, T in tqdm(jobs, desc="bilevel_synthetic", unit="run"):
     fn = jax.vmap(run_method(name, method, T, num_iters))
     with warnings.catch_warnings():  # the steps kbeam_jax.run warns of go into the record
@@ -167,6 +167,7 @@ def _cell(r) -> str:
 
 def markdown(records, meta) -> str:
   by = {(r["problem"], r["method"], r["T"]): r for r in records}
+  ts = sorted({r["T"] for r in records})
   lines = [
     f"# Synthetic bilevel problems: error |(u, v) - (u*, v*)| after {meta['iterations']}"
     f" outer steps (mean ± std over {meta['trials']} trials), and run time\n",
@@ -177,7 +178,7 @@ def markdown(records, meta) -> str:
     "(below 0 where v is not yet a lower solution).\n",
   ]
   # the cells of the problem ``name`` of the loop below
-  columns = {"method": str} | {f"T = {T}": lambda m, T=T: _cell(by[name, m, T]) for T in TS}
+  columns = {"method": str} | {f"T = {T}": lambda m, T=T: _cell(by[name, m, T]) for T in ts}
   columns["f - f* (T = 10)"] = lambda m: f"{by[name, m, 10]['upper_gap_mean']:.2e}"
   for name in PROBLEMS:
     note = [NOTES[name] + "\n"] if name in NOTES else []
@@ -198,9 +199,12 @@ def plot(records, curves):
   import matplotlib.pyplot as plt
 
   by = {(r["problem"], r["method"], r["T"]): r for r in records}
-  fig, axes = plt.subplots(len(PROBLEMS), len(TS), figsize=(4.5 * len(TS), 3.2 * len(PROBLEMS)))
+  ts = sorted({r["T"] for r in records})
+  fig, axes = plt.subplots(
+    len(PROBLEMS), len(ts), figsize=(4.5 * len(ts), 3.2 * len(PROBLEMS)), squeeze=False
+  )
   for row, name in zip(axes, PROBLEMS, strict=True):
-    for ax, T in zip(row, TS, strict=True):
+    for ax, T in zip(row, ts, strict=True):
       for method in METHODS:
         curve = curves[name, method, T]
         t = np.arange(1, len(curve) + 1) * by[name, method, T]["seconds_per_iteration"]
@@ -214,7 +218,8 @@ def plot(records, curves):
 def main(args) -> None:
   """``python -m benchmarks bilevel_synthetic``."""
   num_iters = 300 if args.quick else 2000
-  records, curves = run_suite(args.trials, num_iters, args.seed, repeats=1 if args.quick else 3)
+  ts = QUICK_TS if args.quick else TS
+  records, curves = run_suite(args.trials, num_iters, args.seed, 1 if args.quick else 3, ts)
   meta = dict(
     trials=args.trials, iterations=num_iters, outer_lr=OUTER_LR, inner_lr=INNER_LR,
     penalty_lr=PENALTY_LR, penalty_max_gamma=MAX_GAMMA, box=BOX, dim=DIM,

@@ -58,14 +58,13 @@ def test_synthetic_records_the_divergence_run_warns_of(monkeypatch):
   import warnings
 
   monkeypatch.setattr(bilevel_synthetic, "METHODS", ("cg", "penalty"))
-  monkeypatch.setattr(bilevel_synthetic, "TS", (10,))
   keep = ("sum", "scaled_default")
   monkeypatch.setattr(
     bilevel_synthetic, "PROBLEMS", {k: bilevel_synthetic.PROBLEMS[k] for k in keep}
   )
   with warnings.catch_warnings():
     warnings.simplefilter("error", kbeam_jax.SolverWarning)
-    records, _ = bilevel_synthetic.run_suite(2, 20, 0, repeats=1)
+    records, _ = bilevel_synthetic.run_suite(2, 20, 0, repeats=1, ts=(10,))
   by = {(r["problem"], r["method"]): r for r in records}
   assert by["scaled_default", "penalty"]["diverging_trials"] == 2
   assert 0 < by["scaled_default", "penalty"]["diverging_steps"] <= 20
