@@ -165,9 +165,14 @@ def _cell(r) -> str:
   return f"{_common.mean_std(r['error_mean'], r['error_std'])} ({r['seconds']:.3f} s)"
 
 
-def markdown(records, meta) -> str:
+def _by_case(records) -> tuple[dict[tuple[str, str, int], dict[str, Any]], list[int]]:
+  """The records by ``(problem, method, T)``, and the T values they hold (the columns)."""
   by = {(r["problem"], r["method"], r["T"]): r for r in records}
-  ts = sorted({r["T"] for r in records})
+  return by, sorted({T for _, _, T in by})
+
+
+def markdown(records, meta) -> str:
+  by, ts = _by_case(records)
   lines = [
     f"# Synthetic bilevel problems: error |(u, v) - (u*, v*)| after {meta['iterations']}"
     f" outer steps (mean ± std over {meta['trials']} trials), and run time\n",
@@ -198,8 +203,7 @@ def markdown(records, meta) -> str:
 def plot(records, curves):
   import matplotlib.pyplot as plt
 
-  by = {(r["problem"], r["method"], r["T"]): r for r in records}
-  ts = sorted({r["T"] for r in records})
+  by, ts = _by_case(records)
   fig, axes = plt.subplots(
     len(PROBLEMS), len(ts), figsize=(4.5 * len(ts), 3.2 * len(PROBLEMS)), squeeze=False
   )
