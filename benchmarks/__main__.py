@@ -97,11 +97,11 @@ SUITES = {
     "the K-beam paper's GAN on a mixture of 7 Gaussians: JSD, modes covered and sample "
     "quality for GDA and K-beam K = 1, 2, 5, 10",
     "full (10 trials × 50,000 iterations) about 2 h (17 times the 7.4 min measured with "
-    "--trials 3 --iters 10000); --quick (K = 1, i.e. alternating GDA, and K = 5; 3 × 6,000) "
-    "under 2 min",
+    "--trials 3 --iters 10000); --quick (K = 1, i.e. alternating GDA, and K = 5; 3 × 5,000) "
+    "under 1.5 min",
     "",
     trials=(10, 3),
-    iters=(50_000, 6_000),
+    iters=(50_000, 5_000),
     resume=True,
     devices=True,
   ),
@@ -289,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _default(value: tuple[int, int] | str) -> str:
-  """A suite's default as ``--help`` says it: ``(50_000, 6_000)`` -> ``50,000 (--quick: 6,000)``."""
+  """A suite's default as ``--help`` says it: ``(50_000, 5_000)`` -> ``50,000 (--quick: 5,000)``."""
   if isinstance(value, str):
     return value
   full, quick = value
