@@ -117,10 +117,10 @@ def test_upper_objective_decreases_in_the_box(tiny, method, targeted):
     project_u=poisoning.project_images,
     **inner,
   )
-  trace = lambda s, info: info.value
+  trace = lambda s, info: (info.value, info.diverging)
   run = jax.jit(lambda s: kbeam_jax.run(solver.step, s, outer_steps, *args, trace=trace))
-  state, values = run(solver.init(jax.random.key(0), u0, v0))
-  state_again, values_again = run(solver.init(jax.random.key(0), u0, v0))
+  state, (values, diverging) = run(solver.init(jax.random.key(0), u0, v0))
+  state_again, (values_again, _) = run(solver.init(jax.random.key(0), u0, v0))
   np.testing.assert_array_equal(state.u, state_again.u)
   np.testing.assert_array_equal(values, values_again)
   assert state.u.shape == (4, 784)
@@ -131,6 +131,11 @@ def test_upper_objective_decreases_in_the_box(tiny, method, targeted):
     np.testing.assert_array_equal(state.u, u0)
   else:
     assert after < before - 1e-3, (before, after)
+  if method == "penalty":
+    # |∇_v g| drifts up as the poisons move at the fixed γ = 100 (untargeted: 0.18 -> 0.56
+    # over the 100 steps, measured): the method's trade-off, which must not read as a
+    # run-away (it did before RUNAWAY_FACTOR: 90 of 100 steps flagged)
+    assert not np.asarray(diverging).any()
 
 
 def test_clean_classifier_and_target_rate(tiny):
