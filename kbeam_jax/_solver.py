@@ -101,7 +101,8 @@ _HEALTH = (
   ("update_finite", False, "were skipped: the leader's update was not finite (u and its "
    "optimizer state kept their values; info.num_nonfinite counts the beams left out)"),
   ("diverging", True, "flagged divergence (info.diverging): lower the inner step size, or "
-   "pass inner_lr='auto' for one set by the lower problem's curvature"),
+   "pass inner_lr='auto' for one set by the lower problem's curvature (bilevel.penalty: "
+   "cap max_gamma or raise gamma, as PenaltyInfo.diverging says)"),
   ("finite", False, "gave a non-finite hypergradient (info.finite is False)"),
   ("negative_curvature", True, "met negative curvature in CG's linear solve "
    "(info.negative_curvature): the Hessian of the lower objective in v is not positive "
