@@ -16,9 +16,10 @@ class Solver(NamedTuple):
   """A pure solver: ``state = init(key, ...)``, ``state, info = step(state, *args)``.
 
   Every solver of the package (K-beam, the GDA baselines, the bilevel hypergradient
-  solver and the penalty method) is one of these; ``init`` always takes a random key
-  first (deterministic solvers ignore it), ``step`` passes ``*args`` (a batch, say) to
-  the objectives, and ``kbeam_jax.run`` drives any of them.
+  solver, the penalty method and the game solvers) is one of these; ``init`` takes a
+  random key first (deterministic solvers ignore it), except the ``games`` solvers, whose
+  ``init(players)`` starts from the players given; ``step`` passes ``*args`` (a batch,
+  say) to the objectives, and ``kbeam_jax.run`` drives any of them.
   """
 
   init: Callable[..., Any]

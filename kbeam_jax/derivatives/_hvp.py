@@ -1,6 +1,8 @@
 """Hessian-vector products of ``g(u, v, *args)`` on pytrees, never forming a Hessian.
 
-Every second derivative in the package goes through these functions:
+The second derivatives the package names once, for its own solvers and for users (the
+unrolled methods, FMD included, and the games' solvers differentiate their loops and
+losses with ``jax.jvp``/``jax.vjp`` directly):
 
 * ``hvp_vv``   ``∇²_vv g · q``, forward-over-reverse (a ``jvp`` of ``∇_v g``);
 * ``hvp_uv``   ``∇²_uv g · q``, a ``vjp`` of ``∇_v g`` with respect to ``u``;
@@ -110,8 +112,9 @@ def jvp_grad_v(
 ) -> tuple[PyTree, PyTree]:
   """``∇_v g`` and its directional derivative ``∇²_vu g · du + ∇²_vv g · dv``.
 
-  Forward mode: one ``jvp`` of ``(u, v) ↦ ∇_v g(u, v)``. This is the product FMD
-  propagates, one column of ``dv/du`` per call (``vmap`` it over the columns).
+  Forward mode: one ``jvp`` of ``(u, v) ↦ ∇_v g(u, v)``: the product forward-mode
+  differentiation of gradient descent propagates, one column of ``dv/du`` per call
+  (``vmap`` it over the columns).
 
   Args:
     g: scalar function ``g(u, v, *args)``.

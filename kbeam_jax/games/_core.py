@@ -42,7 +42,8 @@ class GameInfo(NamedTuple):
 
   Attributes:
     losses: each player's loss, shape ``(N,)``.
-    grad_norms: ``|∇_i L_i|`` of each player, shape ``(N,)``.
+    grad_norms: ``|∇_i L_i|`` of each player, shape ``(N,)`` (for ``stackelberg``'s
+      leader: the norm of its hypergradient, the total derivative through the followers).
     status: solver-specific extras (``None`` for most; the Stackelberg leader's
       hypergradient status, CGD's linear-solve residual).
   """

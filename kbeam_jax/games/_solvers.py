@@ -281,14 +281,16 @@ def cgd(losses: Losses, lr: float, *, solve_steps: int = 50, tol: float = 1e-6) 
   Anandkumar's update, the Nash equilibrium of the players' local bilinear approximations:
   ``Δx = -η(I - η²D_xy f D_yx g)⁻¹(∇_x f - ηD_xy f ∇_y g)`` (and symmetrically), general sum.
   The block system ``(I + ηH_o) d = ξ`` is solved by GMRES (``jax.scipy``) on products with
-  ``H_o`` (Jacobian-vector products), to a relative residual ``tol`` in at most
-  ``solve_steps`` iterations; ``info.status`` is the achieved relative residual. The same
+  ``H_o`` (Jacobian-vector products), to a relative residual ``tol``, restarted every
+  ``min(solve_steps, 20)`` iterations for ``ceil(solve_steps / restart)`` cycles (so at
+  most ``solve_steps`` rounded up to a whole cycle: 60 for the default 50);
+  ``info.status`` is the achieved relative residual. The same
   formula serves N players.
 
   Args:
     losses: N functions ``losses[i](players, *args) -> scalar``.
     lr: η > 0, the step size (also the interaction's weight in the system).
-    solve_steps: the most GMRES iterations, >= 1.
+    solve_steps: the GMRES iteration budget, >= 1 (rounded up to whole restart cycles).
     tol: relative residual of the solve, > 0.
 
   Examples:

@@ -44,14 +44,14 @@ class KBeamInfo(NamedTuple):
   Attributes:
     values: ``(K,)`` the objective at every beam, ``f(u, v_k)``.
     best: index of the best (largest-value) beam.
-    eps_set_size: number of beams within ε of the best (rule ``best``: tied with it).
+    eps_set_size: number of beams within ε of the best (rule ``Best()``: tied with it).
     certificate: the ε-certificate, the norm of the minimum-norm element of the convex
       hull of the ε-set's gradients ``∇_u f(u, v_k)``; 0 means ``u`` is stationary for
-      ``max_k f(u, v_k)`` up to ε. Under rule ``best`` it is ``|∇_u f(u, v_best)|``,
+      ``max_k f(u, v_k)`` up to ε. Under rule ``Best()`` it is ``|∇_u f(u, v_best)|``,
       which does not go to 0 at a nonsmooth minimax point (two beams tied at the max
       with opposite gradients), unless ``certificate_epsilon`` asks for the
       ε-certificate. NaN when no beam was valid (nothing was measured), never 0.
-    step_scale: the line-search scale accepted by rule ``kiwiel`` (0 = null step);
+    step_scale: the line-search scale accepted by rule ``Kiwiel`` (0 = null step);
       1 for the other rules; 0 when the step was skipped.
     num_nonfinite: active beams left out of the best beam, the ε-set and the
       certificate because their value (for the ε-rules: or gradient) was not finite.

@@ -30,7 +30,7 @@ class ScaleByKBeamState(NamedTuple):
   """State of ``scale_by_kbeam``: the beams and what the last update saw.
 
   ``values``, ``best``, ``eps_set_size``, ``certificate`` and ``num_nonfinite`` are those
-  of the last ``update`` (see ``KBeamInfo``: under rule ``best`` the certificate is
+  of the last ``update`` (see ``KBeamInfo``: under rule ``Best()`` the certificate is
   ``|∇_u f(u, v_best)|``, not a stationarity measure, unless ``certificate_epsilon`` is
   set; NaN when no beam was valid); read them with
   ``optax.tree.get(opt_state, "certificate")``. ``last_finite`` says whether the last

@@ -169,7 +169,9 @@ def checkpoint_exists(path: str | os.PathLike) -> bool:
   """Whether ``path`` holds a complete checkpoint (a committed step) to load.
 
   A directory left by a run killed during its first save holds only a temporary folder:
-  that is not a checkpoint, so ``--resume`` starts from scratch.
+  that is not a checkpoint, so ``--resume`` starts from scratch. A plain file at ``path``
+  counts as present (True), so that ``load_checkpoint`` then says what is wrong with it
+  rather than a resume silently starting over.
   """
   path = Path(path)
   if not path.is_dir():
