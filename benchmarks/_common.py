@@ -14,6 +14,23 @@ import jax
 import numpy as np
 
 
+def compile_fn(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+  """``jax.jit(fn)`` compiled for ``args``, and the seconds that took."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def time_call(compiled: Callable[..., Any], *args: Any, repeats: int = 3) -> tuple[Any, float]:
+  """``(output, median seconds)`` of ``repeats`` calls of a compiled function."""
+  times, out = [], None
+  for _ in range(max(1, repeats)):
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return out, statistics.median(times)
+
+
 def compile_and_time(
   fn: Callable[..., Any], *args: Any, repeats: int = 3
 ) -> tuple[Any, float, float]:
@@ -22,15 +39,9 @@ def compile_and_time(
   Returns:
     ``(output, compile_seconds, median_run_seconds)``; compilation is not in the median.
   """
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_seconds = time.perf_counter() - start
-  times, out = [], None
-  for _ in range(max(1, repeats)):
-    start = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return out, compile_seconds, statistics.median(times)
+  compiled, compile_seconds = compile_fn(fn, *args)
+  out, seconds = time_call(compiled, *args, repeats=repeats)
+  return out, compile_seconds, seconds
 
 
 def in_turns(calls: dict[str, Callable[[], Any]], repeats: int, desc: str | None = None):

@@ -110,8 +110,9 @@ def run_method(
   if num_iters % eval_every:
     raise ValueError(f"num_iters={num_iters} must be a multiple of eval_every={eval_every}.")
   keys = jax.random.split(jax.random.key(seed), trials)
-  states = jax.vmap(lambda k: init_trial(method, k))(keys)
-  initial = jax.vmap(lambda s, k: evaluate(s.u, k))(states[0], jax.random.split(keys[0], trials))
+  states = jax.jit(jax.vmap(lambda k: init_trial(method, k)))(keys)  # one program, not op by op
+  evaluate_all = jax.jit(jax.vmap(lambda s, k: evaluate(s.u, k)))
+  initial = evaluate_all(states[0], jax.random.split(keys[0], trials))
   states, history, timing = _common.train_in_chunks(
     chunk_fn(method, eval_every), states, num_iters // eval_every, checkpoint=checkpoint,
     resume=resume, stop_after=stop_after, desc=method,
