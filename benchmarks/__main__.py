@@ -71,7 +71,7 @@ SUITES = {
     "synthetic bilevel problems (the penalty paper's two, a continuum of lower solutions, a "
     "badly scaled lower level): error of RMD, FMD, ApproxGrad, CG, Neumann and the penalty "
     "method after 2000 outer steps",
-    "full 2 min; --quick under 2.5 min (compilation dominates)",
+    "full 1.5 min; --quick under 1 min (compilation dominates)",
     "",
     trials=(20, 5),
   ),
