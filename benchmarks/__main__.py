@@ -8,6 +8,8 @@ measures, its run time on 2 CPU cores, the data it reads and the options it take
 JAX's persistent compilation cache is on: compiled programs are kept in
 ``~/.cache/kbeam_jax/jax`` (or ``$KBEAM_JAX_COMPILE_CACHE``, or ``--compile-cache DIR``)
 and a second run loads them instead of compiling; ``--no-compile-cache`` turns it off.
+JAX keeps no program that holds a host callback, so the programs that contain
+``kbeam_jax.run``'s warning (``run(..., warn=True)``, the default) compile again.
 ``--devices N`` (or a list ``1,2,8``) runs the suites that train networks on N devices;
 on a CPU it asks XLA for N virtual host devices, which show that the sharded programs
 give the same numbers, not how they scale (they share the same cores).
@@ -58,7 +60,7 @@ SUITES = {
     "2D minimax surfaces, GDA vs K-beam (K-beam paper, Table 1)",
     "the K-beam paper's 2D minimax surfaces (Table 1): error |u_T - u*| of GDA, alternating "
     "GDA, optimistic GDA, extragradient and K-beam K = 1..10 with every ε-rule",
-    "full 70 s; --quick (10 trials, 2 surfaces) under 1 min",
+    "full 80 s; --quick (10 trials, 2 surfaces) under 1 min",
     "",
     trials=(100, 10),
     study=True,
@@ -88,7 +90,7 @@ SUITES = {
     "the tandem game, the iterated prisoner's dilemma, a leader-follower game, a three-level "
     "program), every solver from 100 random starts vmapped: share at the equilibrium, final "
     "metric, steps, time per step, beside the published outcome",
-    "full about 30 s; --quick under 1 min",
+    "full about 40 s; --quick under 1 min",
     "",
     trials=(100, 100),
   ),

@@ -32,8 +32,13 @@ def run(
   num_steps: int,
   *args: Any,
   trace: Callable[[Any, Any], Any] | None = None,
+  warn: bool = True,
 ) -> tuple[Any, Any]:
   """Runs ``num_steps`` of ``step(state, *args)`` in one ``lax.scan``.
+
+  After the loop, one host callback warns (``SolverWarning``) of the steps whose info
+  flags trouble: skipped updates, divergence, non-finite hypergradients, negative
+  curvature; a clean run calls nothing, and vmapped runs share one callback.
 
   Args:
     step: a solver's ``step(state, *args) -> (state, info)``.
@@ -44,6 +49,10 @@ def run(
     *args: extra arguments passed unchanged to every step (a fixed batch, say).
     trace: ``trace(state, info) -> pytree`` picks what to record after each step;
       by default the ``info`` of every step is recorded.
+    warn: ``False`` leaves the callback out (then record the info fields you need with
+      ``trace``). JAX's persistent compilation cache never stores a program that holds a
+      host callback, so a program that is compiled again in every process (a long
+      training chunk, say) can pass ``warn=False`` to be cached.
 
   Returns:
     ``(final_state, trajectory)``, the trajectory stacked on a leading axis of size
@@ -60,6 +69,8 @@ def run(
     >>> us.shape
     (3,)
   """
+  if not isinstance(warn, bool):
+    raise TypeError(f"run: warn must be True or False, got {warn!r}.")
   if isinstance(num_steps, jax.Array):
     if trace is not None:
       raise ValueError(
@@ -76,7 +87,8 @@ def run(
       return new_state, counts + _flags(info)
 
     final, counts = jax.lax.fori_loop(0, num_steps, loop_body, (state, _no_flags()))
-    jax.debug.callback(_warn, counts, num_steps)
+    if warn:
+      _report(counts, num_steps)
     return final, None
   num_steps = check_steps("num_steps", num_steps)
 
@@ -87,8 +99,8 @@ def run(
     return (new_state, counts + _flags(info)), record
 
   (final, counts), trajectory = jax.lax.scan(body, (state, _no_flags()), length=num_steps)
-  if num_steps:
-    jax.debug.callback(_warn, counts, num_steps)
+  if num_steps and warn:
+    _report(counts, jnp.asarray(num_steps, jnp.int32))
   return final, trajectory
 
 
@@ -128,13 +140,39 @@ def _flags(info: Any) -> jax.Array:
   return jnp.stack(out)
 
 
+@jax.custom_batching.custom_vmap
+def _report(counts: jax.Array, num_steps: jax.Array) -> jax.Array:
+  """One host callback per run that warns of its flagged steps. Under ``vmap`` it stays
+  one callback for the whole batch (``jax.debug.callback`` alone is unrolled into one per
+  vmapped run: 100 trials took 190 times as long as without it)."""
+  warn = lambda: jax.debug.callback(_warn, counts, num_steps)
+  jax.lax.cond(jnp.any(counts > 0), warn, lambda: None)  # a clean run calls nothing
+  return counts
+
+
+@_report.def_vmap
+def _report_vmap(axis_size: int, in_batched: list[bool], counts, num_steps):
+  if not in_batched[0]:
+    counts = jnp.broadcast_to(counts, (axis_size, *counts.shape))
+  return _report(counts, num_steps), True
+
+
 def _warn(counts: Any, num_steps: Any) -> None:
-  """One ``SolverWarning`` per run, from the host, naming every kind of flagged step."""
+  """One ``SolverWarning`` per run (or per batch of vmapped runs), from the host, naming
+  every kind of flagged step."""
   import numpy as np
 
-  counts = np.asarray(counts).reshape(-1, len(_HEALTH)).sum(0)
-  parts = [f"{n} of {int(num_steps)} steps {msg}" for n, (_, _, msg) in zip(counts, _HEALTH,
-           strict=True) if n]  # fmt: skip
+  counts = np.asarray(counts).reshape(-1, len(_HEALTH))
+  steps, runs = int(np.max(num_steps)), counts.shape[0]
+  parts = []
+  for column, (_, _, msg) in zip(counts.T, _HEALTH, strict=True):
+    flagged = int(np.sum(column > 0))
+    if flagged and runs == 1:
+      parts.append(f"{int(column[0])} of {steps} steps {msg}")
+    elif flagged:
+      parts.append(
+        f"up to {int(column.max())} of {steps} steps in {flagged} of {runs} vmapped runs {msg}"
+      )
   if parts:
     warnings.warn("kbeam_jax.run: " + "; ".join(parts) + ".", SolverWarning, stacklevel=2)
 

@@ -33,3 +33,53 @@ def test_traced_step_count_refuses_a_trace_and_a_non_scalar():
     kbeam_jax.run(SOLVER.step, STATE, jnp.array([1, 2]))
   with pytest.raises(TypeError, match="scalar integer"):
     kbeam_jax.run(SOLVER.step, STATE, jnp.array(2.0))
+
+
+def _nan_beyond_half(u, v):
+  return jnp.where(u > 0.5, jnp.nan, -(u**2) + v**2 + 2 * u * v)
+
+
+def _run_from(u0):
+  solver = minimax.kbeam(_nan_beyond_half, optax.sgd(0.5), optax.sgd(0.05))
+  state = solver.init(jax.random.key(0), u0, jnp.zeros(3), num_beams=3)
+  return kbeam_jax.run(solver.step, state, 5, trace=lambda s, info: None)[0].u
+
+
+def test_vmapped_runs_warn_once_from_one_callback():
+  """Under vmap the run's warning stays one host callback for the whole batch
+  (``jax.debug.callback`` alone unrolls into one per run: 100 trials took 190 times as long),
+  and the one warning counts the flagged runs."""
+  fn = jax.jit(jax.vmap(_run_from))
+  u0 = jnp.array([0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0])
+  assert fn.lower(u0).as_text().count("callback") == 1
+  with pytest.warns(kbeam_jax.SolverWarning) as record:
+    jax.block_until_ready(fn(u0))
+  messages = [str(w.message) for w in record if issubclass(w.category, kbeam_jax.SolverWarning)]
+  assert len(messages) == 1
+  assert "up to 5 of 5 steps in 3 of 8 vmapped runs were skipped" in messages[0]
+
+
+def test_clean_runs_warn_of_nothing():
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", kbeam_jax.SolverWarning)
+    jax.block_until_ready(jax.jit(jax.vmap(jax.vmap(_run_from)))(jnp.zeros((2, 3))))
+
+
+def test_warn_false_leaves_the_callback_out():
+  """``warn=False``: no host callback in the program (so JAX's persistent cache can keep
+  it), no warning, the same final state."""
+  import warnings
+
+  solver = minimax.kbeam(_nan_beyond_half, optax.sgd(0.5), optax.sgd(0.05))
+  state = solver.init(jax.random.key(0), jnp.float32(1.0), jnp.zeros(3), num_beams=3)
+  quiet = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 5, warn=False)[0].u)
+  assert "callback" not in quiet.lower(state).as_text()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", kbeam_jax.SolverWarning)
+    u = quiet(state)
+  with pytest.warns(kbeam_jax.SolverWarning, match="5 of 5 steps were skipped"):
+    assert float(jax.jit(lambda s: kbeam_jax.run(solver.step, s, 5)[0].u)(state)) == float(u)
+  with pytest.raises(TypeError, match="warn must be True or False"):
+    kbeam_jax.run(solver.step, state, 5, warn="no")
