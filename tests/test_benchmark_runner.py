@@ -107,7 +107,7 @@ def test_main_help_lists_every_suite_with_time_and_data(capsys):
   for name in [*cli.SUITES, "all"]:
     assert re.search(rf"^\s+{name}\b", out, flags=re.M), name
   flat = " ".join(out.split())
-  assert "full 70 s; data: none" in flat and "data: genki/genki.mat" in flat
+  assert "full 80 s; data: none" in flat and "data: genki/genki.mat" in flat
 
 
 @pytest.mark.parametrize("name", sorted(cli.SUITES))
