@@ -13,6 +13,7 @@ per evaluation (JSD, modes covered, high-quality share on 10,000 samples).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -88,6 +89,17 @@ def evaluate(u: Any, key: jax.Array) -> dict[str, jax.Array]:
           "quality": quality}  # fmt: skip
 
 
+@functools.cache
+def _init_trials(method: str):
+  """``keys -> (solver states, data keys)`` of every trial, compiled once per method (not
+  run op by op)."""
+  return jax.jit(jax.vmap(lambda k: init_trial(method, k)))
+
+
+_evaluate_trials = jax.jit(jax.vmap(lambda s, k: evaluate(s.u, k)))
+
+
+@functools.cache
 def chunk_fn(method: str, num_iters: int):
   """``states -> (states, metrics)``: ``num_iters`` steps of every trial, then an evaluation."""
   step = make_solver(method).step
@@ -110,9 +122,8 @@ def run_method(
   if num_iters % eval_every:
     raise ValueError(f"num_iters={num_iters} must be a multiple of eval_every={eval_every}.")
   keys = jax.random.split(jax.random.key(seed), trials)
-  states = jax.jit(jax.vmap(lambda k: init_trial(method, k)))(keys)  # one program, not op by op
-  evaluate_all = jax.jit(jax.vmap(lambda s, k: evaluate(s.u, k)))
-  initial = evaluate_all(states[0], jax.random.split(keys[0], trials))
+  states = _init_trials(method)(keys)
+  initial = _evaluate_trials(states[0], jax.random.split(keys[0], trials))
   states, history, timing = _common.train_in_chunks(
     chunk_fn(method, eval_every), states, num_iters // eval_every, checkpoint=checkpoint,
     resume=resume, stop_after=stop_after, desc=method,
