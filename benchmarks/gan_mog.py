@@ -91,8 +91,9 @@ def evaluate(u: Any, key: jax.Array) -> dict[str, jax.Array]:
 
 @functools.cache
 def _init_trials(method: str):
-  """``keys -> (solver states, data keys)`` of every trial, compiled once per method (not
-  run op by op)."""
+  """``keys -> (solver states, data keys)`` of every trial, compiled once per method and
+  process (not run op by op); like ``chunk_fn``, so a second run of a method in the same
+  process records a ``compile_s`` near 0."""
   return jax.jit(jax.vmap(lambda k: init_trial(method, k)))
 
 

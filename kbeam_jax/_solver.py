@@ -38,7 +38,9 @@ def run(
 
   After the loop, one host callback warns (``SolverWarning``) of the steps whose info
   flags trouble: skipped updates, divergence, non-finite hypergradients, negative
-  curvature; a clean run calls nothing, and vmapped runs share one callback.
+  curvature. A clean run calls nothing; the runs of one ``vmap`` share one callback (per
+  device and per call of ``run``: under ``shard_map`` each flagged shard warns, and a
+  ``run`` inside a ``scan`` warns at every iteration that flags).
 
   Args:
     step: a solver's ``step(state, *args) -> (state, info)``.
@@ -50,9 +52,10 @@ def run(
     trace: ``trace(state, info) -> pytree`` picks what to record after each step;
       by default the ``info`` of every step is recorded.
     warn: ``False`` leaves the callback out (then record the info fields you need with
-      ``trace``). JAX's persistent compilation cache never stores a program that holds a
-      host callback, so a program that is compiled again in every process (a long
-      training chunk, say) can pass ``warn=False`` to be cached.
+      ``trace``; with an array ``num_steps`` the flags are then lost). JAX's persistent
+      compilation cache never stores a program that holds a host callback, so a program
+      that is compiled again in every process (a long training chunk, say) can pass
+      ``warn=False`` to be cached.
 
   Returns:
     ``(final_state, trajectory)``, the trajectory stacked on a leading axis of size
@@ -145,8 +148,8 @@ def _report(counts: jax.Array, num_steps: jax.Array) -> jax.Array:
   """One host callback per run that warns of its flagged steps. Under ``vmap`` it stays
   one callback for the whole batch (``jax.debug.callback`` alone is unrolled into one per
   vmapped run: 100 trials took 190 times as long as without it)."""
-  warn = lambda: jax.debug.callback(_warn, counts, num_steps)
-  jax.lax.cond(jnp.any(counts > 0), warn, lambda: None)  # a clean run calls nothing
+  call_warn = lambda: jax.debug.callback(_warn, counts, num_steps)
+  jax.lax.cond(jnp.any(counts > 0), call_warn, lambda: None)  # a clean run calls nothing
   return counts
 
 
@@ -163,7 +166,8 @@ def _warn(counts: Any, num_steps: Any) -> None:
   import numpy as np
 
   counts = np.asarray(counts).reshape(-1, len(_HEALTH))
-  steps, runs = int(np.max(num_steps)), counts.shape[0]
+  low, high, runs = int(np.min(num_steps)), int(np.max(num_steps)), counts.shape[0]
+  steps = f"{high}" if low == high else f"{low}–{high}"  # a vmapped num_steps
   parts = []
   for column, (_, _, msg) in zip(counts.T, _HEALTH, strict=True):
     flagged = int(np.sum(column > 0))

@@ -129,3 +129,19 @@ def test_chunked_training_is_one_uninterrupted_run(method, tmp_path):
   np.testing.assert_allclose(curve, info.value, rtol=1e-6)
   assert timing["outer_steps"] == 6 and timing["seconds"] >= 0
   assert not (tmp_path / "checkpoints").exists()  # checkpoints only with --resume
+
+
+@pytest.mark.parametrize("name", list(bilevel_synthetic.PROBLEMS))
+def test_each_problem_is_passed_exactly_as_a_quadratic(name):
+  """The programs see every problem as ``(H, b, c)``: objective and gradient agree with the
+  problem's own functions at a random point; a non-quadratic is refused."""
+  p = bilevel_synthetic.problem(name)
+  data = bilevel_synthetic.arguments(p)
+  u, v = jax.random.uniform(jax.random.key(7), (2, bilevel_synthetic.DIM), minval=-5, maxval=5)
+  for q, fn in ((data["f"], p.f), (data["g"], p.g)):
+    mine = lambda u, v, q=q: bilevel_synthetic.value(q, u, v)
+    np.testing.assert_allclose(mine(u, v), fn(u, v), rtol=1e-5, atol=1e-4)
+    for a, b in zip(jax.grad(mine, (0, 1))(u, v), jax.grad(fn, (0, 1))(u, v), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="not a quadratic"):
+    bilevel_synthetic.quadratic(lambda u, v: jnp.sum(u**4) + jnp.sum(v**2))

@@ -1,6 +1,8 @@
 """``kbeam_jax.run``: a static step count records the trajectory; a traced one serves every
 count from one compiled program."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,39 +41,67 @@ def _nan_beyond_half(u, v):
   return jnp.where(u > 0.5, jnp.nan, -(u**2) + v**2 + 2 * u * v)
 
 
-def _run_from(u0):
+def _run_from(u0, num_steps=5):
   solver = minimax.kbeam(_nan_beyond_half, optax.sgd(0.5), optax.sgd(0.05))
   state = solver.init(jax.random.key(0), u0, jnp.zeros(3), num_beams=3)
-  return kbeam_jax.run(solver.step, state, 5, trace=lambda s, info: None)[0].u
+  trace = None if isinstance(num_steps, jax.Array) else (lambda s, info: None)
+  return kbeam_jax.run(solver.step, state, num_steps, trace=trace)[0].u
+
+
+def _solver_warnings(record):
+  return [str(w.message) for w in record if issubclass(w.category, kbeam_jax.SolverWarning)]
 
 
 def test_vmapped_runs_warn_once_from_one_callback():
   """Under vmap the run's warning stays one host callback for the whole batch
-  (``jax.debug.callback`` alone unrolls into one per run: 100 trials took 190 times as long),
-  and the one warning counts the flagged runs."""
+  (``jax.debug.callback`` alone unrolls into one per run), and the one warning counts the
+  flagged runs."""
   fn = jax.jit(jax.vmap(_run_from))
   u0 = jnp.array([0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0])
   assert fn.lower(u0).as_text().count("callback") == 1
   with pytest.warns(kbeam_jax.SolverWarning) as record:
     jax.block_until_ready(fn(u0))
-  messages = [str(w.message) for w in record if issubclass(w.category, kbeam_jax.SolverWarning)]
-  assert len(messages) == 1
-  assert "up to 5 of 5 steps in 3 of 8 vmapped runs were skipped" in messages[0]
+  assert len(_solver_warnings(record)) == 1
+  assert "up to 5 of 5 steps in 3 of 8 vmapped runs were skipped" in _solver_warnings(record)[0]
 
 
-def test_clean_runs_warn_of_nothing():
-  import warnings
+def test_nested_vmaps_and_a_vmapped_step_count_warn_once():
+  fn = jax.jit(jax.vmap(jax.vmap(_run_from)))
+  u0 = jnp.array([[0.0, 1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 3.0]])
+  assert fn.lower(u0).as_text().count("callback") == 1
+  with pytest.warns(kbeam_jax.SolverWarning) as record:
+    jax.block_until_ready(fn(u0))
+  messages = _solver_warnings(record)
+  assert len(messages) == 1 and "in 3 of 8 vmapped runs" in messages[0]
+  steps = jax.jit(jax.vmap(_run_from))
+  with pytest.warns(kbeam_jax.SolverWarning, match="up to 7 of 2–7 steps in 2 of 2") as record:
+    jax.block_until_ready(steps(jnp.array([1.0, 2.0]), jnp.array([2, 7])))
+  assert len(_solver_warnings(record)) == 1
 
+
+def test_a_differentiated_flagged_run_warns_once():
+  with pytest.warns(kbeam_jax.SolverWarning, match="5 of 5 steps were skipped") as record:
+    jax.block_until_ready(jax.grad(lambda u: jnp.sum(_run_from(u)))(jnp.float32(1.0)))
+  assert len(_solver_warnings(record)) == 1
+
+
+def test_clean_runs_make_no_host_call(monkeypatch):
+  """A clean run calls nothing on the host (the callback sits behind a ``lax.cond``)."""
+  from kbeam_jax import _solver
+
+  calls = []
+  monkeypatch.setattr(_solver, "_warn", lambda *a: calls.append(a))
   with warnings.catch_warnings():
     warnings.simplefilter("error", kbeam_jax.SolverWarning)
     jax.block_until_ready(jax.jit(jax.vmap(jax.vmap(_run_from)))(jnp.zeros((2, 3))))
+    assert not calls
+    jax.block_until_ready(jax.jit(jax.vmap(_run_from))(jnp.array([0.0, 1.0])))
+  assert len(calls) == 1
 
 
 def test_warn_false_leaves_the_callback_out():
   """``warn=False``: no host callback in the program (so JAX's persistent cache can keep
   it), no warning, the same final state."""
-  import warnings
-
   solver = minimax.kbeam(_nan_beyond_half, optax.sgd(0.5), optax.sgd(0.05))
   state = solver.init(jax.random.key(0), jnp.float32(1.0), jnp.zeros(3), num_beams=3)
   quiet = jax.jit(lambda s: kbeam_jax.run(solver.step, s, 5, warn=False)[0].u)
