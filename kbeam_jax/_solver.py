@@ -95,15 +95,16 @@ def run(
     return final, None
   num_steps = check_steps("num_steps", num_steps)
 
-  def body(carry, _):
-    state, counts = carry
+  def body(state, _):
     new_state, info = _checked_step(step, state, args)
     record = info if trace is None else trace(new_state, info)
-    return (new_state, counts + _flags(info)), record
+    return new_state, (record, _flags(info))
 
-  (final, counts), trajectory = jax.lax.scan(body, (state, _no_flags()), length=num_steps)
+  # the flags as outputs, not a carry that starts from a constant: under shard_map with
+  # check_vma a carry must vary over the same axes in and out
+  final, (trajectory, flags) = jax.lax.scan(body, state, length=num_steps)
   if num_steps and warn:
-    _report(counts, jnp.asarray(num_steps, jnp.int32))
+    _report(jnp.sum(flags, axis=0), jnp.asarray(num_steps, jnp.int32))
   return final, trajectory
 
 

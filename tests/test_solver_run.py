@@ -113,3 +113,25 @@ def test_warn_false_leaves_the_callback_out():
     assert float(jax.jit(lambda s: kbeam_jax.run(solver.step, s, 5)[0].u)(state)) == float(u)
   with pytest.raises(TypeError, match="warn must be True or False"):
     kbeam_jax.run(solver.step, state, 5, warn="no")
+
+
+def test_run_inside_shard_map_with_vma_checks():
+  """The flag counts are scan outputs, not a carry started from a constant: a carry must
+  vary over the same mesh axes in and out under ``shard_map(check_vma=True)``."""
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((1,), ("d",))
+  solver = minimax.alternating_gda(
+    lambda u, v: -(u**2) + v**2 + 2 * u * v, optax.sgd(0.1), optax.sgd(0.1)
+  )
+
+  def per_shard(u0):
+    state = solver.init(jax.random.key(0), u0[0], 0.0 * u0[0])
+    return kbeam_jax.run(solver.step, state, 5, trace=lambda s, info: None)[0].u[None]
+
+  fn = jax.shard_map(per_shard, mesh=mesh, in_specs=P("d"), out_specs=P("d"), check_vma=True)
+  x = jax.device_put(jnp.array([0.1]), jax.NamedSharding(mesh, P("d")))
+  alone = solver.init(jax.random.key(0), jnp.float32(0.1), jnp.float32(0.0))
+  np.testing.assert_allclose(
+    jax.jit(fn)(x)[0], kbeam_jax.run(solver.step, alone, 5, trace=lambda s, info: None)[0].u
+  )
