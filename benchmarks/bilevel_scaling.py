@@ -10,7 +10,6 @@ has the results.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
@@ -74,9 +73,7 @@ def measure(method: str, T: int, V: int, repeats: int, kind: str = "separable"):
   hypergradient = lambda u, v, *data: (
     bilevel.hypergradient(f, g, u, v, *data, method=method_, inner_steps=T, inner_lr=INNER_LR).grad
   )
-  start = time.perf_counter()
-  compiled = jax.jit(hypergradient).lower(*args).compile()
-  compile_s = time.perf_counter() - start
+  compiled, compile_s = _common.compile_fn(hypergradient, *args)
   mem = compiled.memory_analysis()
   peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
   jax.block_until_ready(compiled(*args))

@@ -11,7 +11,6 @@ then timed in turns (median per step).
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,9 +70,7 @@ def rule_records(problem, setting, make, steps, repeats) -> list[dict[str, Any]]
   calls, compile_s = {}, {}
   for rule in tqdm(RULES, desc=f"kbeam_rules {problem}, {setting}: compile", leave=False):
     fn, args = make(rule, steps)
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s[rule] = time.perf_counter() - start
+    compiled, compile_s[rule] = _common.compile_fn(fn, *args)
     calls[rule] = functools.partial(compiled, *args)
   timed = _common.in_turns(calls, repeats, f"kbeam_rules {problem}, {setting}: time")
   best = timed["best"][0] / steps
